@@ -1,0 +1,208 @@
+"""Backend registry: which implementation of an op runs for a given call.
+
+Four backends (DESIGN.md, "Backends"):
+
+    reference  plain PyTorch, any device, the ground truth
+    cpu        C++ kernels in seqkern._C, CPU tensors
+    triton     Triton kernels in seqkern.kernels, CUDA tensors (CPU only under TRITON_INTERPRET=1)
+    cuda       CUDA kernels in seqkern._C, CUDA tensors
+
+Each op family registers, per backend, a ``supports(*args, **kwargs) -> (ok, reason)``
+function with :func:`register`. :func:`select` resolves ``backend=None`` (the
+``SEQKERN_BACKEND`` environment variable, read at each call, else automatic
+choice) and raises :class:`BackendUnavailable` for an explicit backend that
+cannot serve the call.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from typing import Callable, Dict, Tuple
+
+import torch
+
+log = logging.getLogger("seqkern")
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+# Automatic choice, in order of preference, per device type of the inputs.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this call; the message says why."""
+
+
+Supports = Callable[..., Tuple[bool, str]]
+_SUPPORTS: Dict[str, Dict[str, Supports]] = {}
+_LAST: Dict[str, str] = {}
+
+
+def register(op: str, backend: str, supports: Supports) -> None:
+    """Declare that ``backend`` implements ``op``; ``supports`` says whether it can serve given inputs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _SUPPORTS.setdefault(op, {})[backend] = supports
+
+
+# ---------------------------------------------------------------------------
+# availability of each backend, independent of any op
+# ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _extension():
+    """(module or None, reason). A missing or broken extension never breaks `import seqkern`."""
+    try:
+        mod = importlib.import_module("seqkern._C")
+    except Exception as e:  # ImportError, OSError (undefined symbol), ...
+        return None, f"seqkern._C failed to import ({type(e).__name__}: {e}); reinstall with `pip install --no-build-isolation -e .`"
+    return mod, ""
+
+
+def extension():
+    """The compiled extension module, or None."""
+    return _extension()[0]
+
+
+def extension_has_cuda() -> bool:
+    mod = extension()
+    return bool(mod is not None and getattr(mod, "with_cuda", lambda: False)())
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import():
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return False, f"triton is not importable ({type(e).__name__}: {e})"
+    return True, ""
+
+
+def available(name: str) -> Tuple[bool, str]:
+    """Whether backend ``name`` can run at all on this machine, and why not."""
+    if name == "reference":
+        return True, ""
+    if name == "cpu":
+        mod, reason = _extension()
+        return (mod is not None), reason
+    if name == "cuda":
+        mod, reason = _extension()
+        if mod is None:
+            return False, reason
+        if not extension_has_cuda():
+            return False, "seqkern._C was built without CUDA kernels (no CUDA toolkit or CPU-only torch at build time; SEQKERN_CUDA=1 forces them)"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is visible to torch"
+        return True, ""
+    if name == "triton":
+        ok, reason = _triton_import()
+        if not ok:
+            return False, reason
+        if not (torch.cuda.is_available() or triton_interpreted()):
+            return False, "no CUDA device (Triton runs on CPU only under TRITON_INTERPRET=1)"
+        return True, ""
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def backends() -> Dict[str, Dict[str, object]]:
+    """For each backend: ``{"available": bool, "reason": str}``."""
+    out = {}
+    for name in BACKENDS:
+        ok, reason = available(name)
+        out[name] = {"available": ok, "reason": reason}
+    return out
+
+
+# ---------------------------------------------------------------------------
+# per-call selection
+# ---------------------------------------------------------------------------
+
+def _device_type(args, kwargs) -> str:
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+        if isinstance(a, (tuple, list)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    return b.device.type
+    return "cpu"
+
+
+def _can_serve(op: str, name: str, args, kwargs) -> Tuple[bool, str]:
+    ok, reason = available(name)
+    if not ok:
+        return False, reason
+    table = _SUPPORTS.get(op, {})
+    if name not in table:
+        return False, f"backend {name!r} has no implementation of {op}"
+    if name == "triton" and _device_type(args, kwargs) == "cpu" and not triton_interpreted():
+        return False, "inputs are on the CPU and TRITON_INTERPRET is not set"
+    return table[name](*args, **kwargs)
+
+
+def select(op: str, backend: str | None, *args, **kwargs) -> str:
+    """Name of the backend that runs ``op`` for these inputs.
+
+    ``backend`` (else ``SEQKERN_BACKEND``) names one explicitly: it must serve the
+    call or :class:`BackendUnavailable` is raised. Otherwise the first backend of
+    the automatic order for the inputs' device that supports them is chosen.
+    """
+    explicit = backend if backend is not None else (os.environ.get("SEQKERN_BACKEND") or None)
+    if explicit is not None:
+        if not isinstance(explicit, str) or explicit not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {explicit!r}")
+        ok, reason = _can_serve(op, explicit, args, kwargs)
+        if not ok:
+            raise BackendUnavailable(f"backend {explicit!r} cannot run {op}: {reason}")
+        chosen = explicit
+    else:
+        order = _AUTO_ORDER.get(_device_type(args, kwargs), ("reference",))
+        chosen = "reference"
+        tried = []
+        for name in order:
+            ok, reason = _can_serve(op, name, args, kwargs)
+            if ok:
+                chosen = name
+                break
+            tried.append(f"{name}: {reason}")
+        if tried and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: passed over %s", op, "; ".join(tried))
+    _LAST[op] = chosen
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s ran on backend %r", op, chosen)
+    return chosen
+
+
+def explain(op: str, *args, **kwargs) -> Dict[str, Tuple[bool, str]]:
+    """For each backend, whether it could serve ``op`` on these inputs and why not."""
+    return {name: _can_serve(op, name, args, kwargs) for name in BACKENDS}
+
+
+def last_backend(op: str) -> str | None:
+    """The backend that ran the last call of ``op`` in this process (None before the first)."""
+    return _LAST.get(op)
+
+
+# ---------------------------------------------------------------------------
+# small shared checks used by the families' supports() functions
+# ---------------------------------------------------------------------------
+
+def same_device_and_dtype(tensors, dtypes) -> Tuple[bool, str]:
+    ts = [t for t in tensors if t is not None]
+    if not ts:
+        return True, ""
+    dev, dt = ts[0].device, ts[0].dtype
+    for t in ts:
+        if t.device != dev:
+            return False, f"tensors on different devices ({dev} and {t.device})"
+        if t.dtype != dt:
+            return False, f"tensors of different dtypes ({dt} and {t.dtype})"
+    if dt not in dtypes:
+        return False, f"dtype {dt} not supported (supports {', '.join(str(d) for d in dtypes)})"
+    return True, ""

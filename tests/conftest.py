@@ -1,0 +1,34 @@
+"""Test harness.
+
+- Triton kernels run on the CPU under TRITON_INTERPRET=1, which must be set
+  before triton compiles anything: set here, before any test module imports
+  seqkern.kernels.
+- `cuda`-marked tests are skipped with a reason when no GPU is present.
+"""
+import os
+
+if os.environ.get("SEQKERN_TEST_NO_INTERPRET") != "1":
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
