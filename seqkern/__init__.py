@@ -13,7 +13,8 @@ _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_root, "setup.py")) and _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")):
     __path__.append(_root)  # noqa: F821  (makes seqkern.kernels resolve to <repo>/kernels)
 
-from .backends import BACKENDS, BackendUnavailable, backends, last_backend  # noqa: E402
+from . import backends  # noqa: E402  (a callable module: seqkern.backends() lists the backends)
+from .backends import BACKENDS, BackendUnavailable, last_backend  # noqa: E402
 from . import ops  # noqa: E402,F401
 from . import functional  # noqa: E402,F401
 from . import nn  # noqa: E402,F401

@@ -19,6 +19,8 @@ import functools
 import importlib
 import logging
 import os
+import sys
+import types
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -206,3 +208,13 @@ def same_device_and_dtype(tensors, dtypes) -> Tuple[bool, str]:
     if dt not in dtypes:
         return False, f"dtype {dt} not supported (supports {', '.join(str(d) for d in dtypes)})"
     return True, ""
+
+
+# `seqkern.backends()` (the function above) and `seqkern.backends` (this module, the
+# registry that ops import) share one name: make the module callable so both work.
+class _CallableModule(types.ModuleType):
+    def __call__(self):
+        return backends()
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,35 @@
+# The two commands of the README: `make test` and `make bench`.
+# Both create .venv if absent, install the pinned dependencies, build seqkern._C
+# in place and then run the tests / the speed report.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# ninja (from the venv) must be on PATH for torch's BuildExtension to find it.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+export MAX_JOBS
+
+.PHONY: setup build test bench test-fast clean
+
+$(VENV)/.deps: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.deps
+
+build: setup
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import seqkern, json; print(json.dumps(seqkern.backends(), indent=1))"
+
+# pytest's own exit code is kept in .pytest-rc (make itself exits 2 on any failure),
+# so that .ci/run can tell "no tests collected" (5) from failures (1).
+test: build
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15; rc=$$?; echo $$rc > .pytest-rc; exit $$rc
+
+bench: build
+	$(PY) -m seqkern.cli bench --family all
+
+clean:
+	rm -rf build *.egg-info seqkern/_C*.so
