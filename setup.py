@@ -32,7 +32,7 @@ def ext_modules_and_cmdclass():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     march = os.environ.get("SEQKERN_MARCH", "native")
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-Wall", "-Wno-unused-function"]
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
     if march:
         cxx.append(f"-march={march}")
     kwargs = dict(
@@ -47,7 +47,7 @@ def ext_modules_and_cmdclass():
         kwargs["define_macros"] = [("SEQKERN_WITH_CUDA", "1")]
         kwargs["extra_compile_args"]["cxx"].append("-DSEQKERN_WITH_CUDA=1")
         kwargs["extra_compile_args"]["nvcc"] = [
-            "-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+            "-O3", "--use_fast_math", "-lineinfo",
             "-gencode=arch=compute_80,code=sm_80",
             "-gencode=arch=compute_90,code=sm_90",
             "-DSEQKERN_WITH_CUDA=1",

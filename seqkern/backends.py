@@ -15,8 +15,8 @@ cannot serve the call.
 """
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -53,9 +53,7 @@ def register(op: str, backend: str, supports: Supports) -> None:
 # availability of each backend, independent of any op
 # ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _extension():
-    """(module or None, reason). A missing or broken extension never breaks `import seqkern`."""
+def _load_extension():
     try:
         mod = importlib.import_module("seqkern._C")
     except Exception as e:  # ImportError, OSError (undefined symbol), ...
@@ -63,27 +61,41 @@ def _extension():
     return mod, ""
 
 
+def _find_triton():
+    # find_spec, not import: importing triton costs a second and kernels import it lazily
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except Exception as e:  # noqa: BLE001
+        return False, f"triton lookup failed ({type(e).__name__}: {e})"
+    return found, ("" if found else "triton is not installed")
+
+
+# Loaded once, at import: a missing or broken extension never breaks `import seqkern`,
+# and select() stays traceable by torch.compile (no imports inside it).
+_EXT, _EXT_REASON = _load_extension()
+_EXT_CUDA = bool(_EXT is not None and _EXT.with_cuda())
+_TRITON_OK, _TRITON_REASON = _find_triton()
+
+
+def _extension():
+    return _EXT, _EXT_REASON
+
+
 def extension():
     """The compiled extension module, or None."""
-    return _extension()[0]
+    return _EXT
 
 
 def extension_has_cuda() -> bool:
-    mod = extension()
-    return bool(mod is not None and getattr(mod, "with_cuda", lambda: False)())
+    return _EXT_CUDA
 
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_import():
-    try:
-        import triton  # noqa: F401
-    except Exception as e:
-        return False, f"triton is not importable ({type(e).__name__}: {e})"
-    return True, ""
+    return _TRITON_OK, _TRITON_REASON
 
 
 def available(name: str) -> Tuple[bool, str]:
@@ -173,10 +185,10 @@ def select(op: str, backend: str | None, *args, **kwargs) -> str:
                 chosen = name
                 break
             tried.append(f"{name}: {reason}")
-        if tried and log.isEnabledFor(logging.DEBUG):
+        if tried and not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
             log.debug("%s: passed over %s", op, "; ".join(tried))
     _LAST[op] = chosen
-    if log.isEnabledFor(logging.DEBUG):
+    if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
         log.debug("%s ran on backend %r", op, chosen)
     return chosen
 
