@@ -9,7 +9,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 
-.PHONY: setup build test bench test-fast clean
+.PHONY: setup build test bench test-asan clean
 
 $(VENV)/.deps: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ test: build
 
 bench: build
 	$(PY) -m seqkern.cli bench --family all
+
+# The C++ kernels under AddressSanitizer (not in CI: slow). Rebuilds seqkern._C with
+# -fsanitize=address, runs the cpu-backend tests with libasan preloaded, then rebuilds normally.
+ASAN_LIB = $(shell $(CXX) -print-file-name=libasan.so)
+test-asan: setup
+	rm -rf build/asan && SEQKERN_ASAN=1 $(PY) setup.py build_ext --inplace --force --build-temp build/asan
+	LD_PRELOAD=$(ASAN_LIB) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+		$(PY) -m pytest tests -q -p no:cacheprovider -k "not triton and not nvcc and not example and not distributed"; \
+		rc=$$?; rm -rf build/asan; $(PY) setup.py build_ext --inplace --force >/dev/null; exit $$rc
 
 clean:
 	rm -rf build *.egg-info seqkern/_C*.so

@@ -35,12 +35,16 @@ def ext_modules_and_cmdclass():
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
     if march:
         cxx.append(f"-march={march}")
+    link = ["-fopenmp"]
+    if os.environ.get("SEQKERN_ASAN") == "1":  # `make test-asan`: AddressSanitizer build of the C++ kernels
+        cxx += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+        link += ["-fsanitize=address"]
     kwargs = dict(
         name="seqkern._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
     if _cuda_wanted(torch, CUDA_HOME):
         kwargs["sources"] += rel("csrc/cuda/*.cu")
