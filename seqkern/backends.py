@@ -203,6 +203,15 @@ def last_backend(op: str) -> str | None:
     return _LAST.get(op)
 
 
+def check_no_double_backward(op: str, backend: str) -> None:
+    """Called at the top of a fused backend's backward: that backward is a kernel, not a
+    graph of differentiable ops, so higher-order gradients must come from the reference."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"{op}: backend {backend!r} does not support double backward (its backward is a fused kernel); "
+            f"call it with backend='reference' for higher-order gradients")
+
+
 # ---------------------------------------------------------------------------
 # small shared checks used by the families' supports() functions
 # ---------------------------------------------------------------------------
