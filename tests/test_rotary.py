@@ -175,3 +175,14 @@ def test_gpu_backends(backend, dtype):
         w = torch.autograd.grad(qr.sum() + kr.square().sum(), (q, k), allow_unused=True)
         for a, b in zip(g, w):
             torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_compile_fullgraph(backend):
+    q, k = torch.randn(2, 3, 17, 32, device="cuda"), torch.randn(2, 3, 17, 32, device="cuda")
+    cos, sin = rotary_cos_sin(17, 32, device="cuda")
+    f = torch.compile(lambda a, b: SF.apply_rotary(a, b, cos, sin, backend=backend), fullgraph=True)
+    got, want = f(q, k), apply_rotary_reference(q, k, cos, sin)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
