@@ -13,7 +13,7 @@ from helpers import TOL, backend_param, require
 
 F64 = torch.float64
 # fused backends of this family that exist so far (cpu C++ and triton land next)
-FUSED = []
+FUSED = [backend_param("cpu")]
 REF_CPU = ["reference"] + FUSED[:1]
 
 
