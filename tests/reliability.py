@@ -157,6 +157,13 @@ def require_family(family: str):
         pytest.skip(f"seqkern.ops.{family} is still a placeholder")
 
 
+def require_layer(name: str):
+    from seqkern import nn as snn
+
+    if getattr(snn, name, None) is None:
+        pytest.skip(f"seqkern.nn.{name} is still a placeholder")
+
+
 def backends_for(op: str):
     """Backends that implement ``op`` and can run here on CPU tensors."""
     table = B._SUPPORTS.get(op, {})

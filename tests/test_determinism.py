@@ -4,7 +4,7 @@ dropout is reproducible under torch.manual_seed."""
 import pytest
 import torch
 
-from reliability import TYPICAL, backends_for, forward_backward, require_family
+from reliability import TYPICAL, backends_for, forward_backward, require_family, require_layer
 
 
 def assert_bitwise(run1, run2, who):
@@ -64,7 +64,7 @@ def test_attention_dropout_reproducible_under_manual_seed(backend):
 
 
 def test_rnn_layer_dropout_reproducible_under_manual_seed():
-    require_family("rnn")
+    require_layer("LSTM")
     from seqkern import nn as snn
 
     torch.manual_seed(0)
