@@ -115,7 +115,7 @@ def forward_backward(call, args: dict, backend: str, cotangent_seed: int = 1, co
         diff = [o for o in outs if o.requires_grad]
         if diff:
             gen = torch.Generator().manual_seed(cotangent_seed)
-            cot = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in diff]
+            cot = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in diff]
             got = torch.autograd.grad(diff, [t for _, t in lv], cot, allow_unused=True)
             gs = [torch.zeros_like(t) if g is None else g for g, (_, t) in zip(got, lv)]
     return [o.detach() for o in outs], gs
@@ -188,4 +188,30 @@ def _typical_rotary(dtype, device="cpu"):
     return "rotary", (lambda a, be: SF.apply_rotary(a["q"], a["k"], a["cos"], a["sin"], backend=be)), args
 
 
-TYPICAL = {"apply_rotary": _typical_rotary}
+def _typical_rnn(mode):
+    def make(dtype, device="cpu"):
+        from seqkern import functional as SF
+
+        G, T, Bsz, I, H = {"lstm": 4, "gru": 3, "rnn": 1}[mode], 17, 4, 16, 32
+        P = 8 if mode == "lstm" else H
+        r = lambda *s: torch.randn(*s, dtype=dtype, device=device) * H ** -0.5  # noqa: E731
+        args = dict(x=Arg(r(T, Bsz, I), grad=True), h0=Arg(r(Bsz, P), grad=True), w_ih=Arg(r(G * H, I), grad=True),
+                    w_hh=Arg(r(G * H, P), grad=True), b_ih=Arg(r(G * H), grad=True), b_hh=Arg(r(G * H), grad=True),
+                    lengths=Arg(torch.tensor([17, 3, 0, 9])))
+        if mode == "lstm":
+            args.update(c0=Arg(r(Bsz, H), grad=True), w_hr=Arg(r(P, H), grad=True))
+
+        def call(a, be):
+            w = (a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"])
+            kw = dict(lengths=a["lengths"], reverse=True, backend=be)
+            if mode == "lstm":
+                return SF.lstm(a["x"], (a["h0"], a["c0"]), *w, a["w_hr"], **kw)
+            if mode == "gru":
+                return SF.gru(a["x"], a["h0"], *w, **kw)
+            return SF.rnn(a["x"], a["h0"], *w, **kw)
+        return "rnn", call, args
+    return make
+
+
+TYPICAL = {"apply_rotary": _typical_rotary, "lstm": _typical_rnn("lstm"), "gru": _typical_rnn("gru"),
+           "rnn": _typical_rnn("rnn")}

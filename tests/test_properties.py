@@ -106,3 +106,106 @@ def test_parity_check_catches_wrong_values_grads_and_mutation():
         args = dict(x=Arg(torch.randn(4, 3, dtype=torch.float64), "offset", grad=True))
         with pytest.raises(AssertionError, match=match):
             assert_parity(bad, args, "cpu", torch.float64)
+
+
+# ---------------------------------------------------------------------------
+# rnn / lstm / gru and their cells
+# ---------------------------------------------------------------------------
+
+RNN_MODES = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def rnn_call(mode, reverse):
+    def call(a, be):
+        common = dict(lengths=a.get("lengths"), reverse=reverse, backend=be)
+        w = (a["w_ih"], a["w_hh"], a.get("b_ih"), a.get("b_hh"))
+        if mode == "lstm":
+            return SF.lstm(a["x"], (a.get("h0"), a.get("c0")), *w, a.get("w_hr"), **common)
+        if mode == "gru":
+            return SF.gru(a["x"], a.get("h0"), *w, **common)
+        return SF.rnn(a["x"], a.get("h0"), *w, nonlinearity=mode[4:], **common)
+    return call
+
+
+def rnn_weights(data, mode, I, H, P, dtype, layout):
+    G = GATES[mode]
+    s = H ** -0.5
+    args = dict(w_ih=Arg(torch.randn(G * H, I, dtype=dtype) * s, layout(), True),
+                w_hh=Arg(torch.randn(G * H, P, dtype=dtype) * s, layout(), True))
+    if data.draw(st.booleans(), label="bias"):
+        args["b_ih"] = Arg(torch.randn(G * H, dtype=dtype) * s, layout(), True)
+        args["b_hh"] = Arg(torch.randn(G * H, dtype=dtype) * s, layout(), True)
+    return args
+
+
+def rnn_ops():
+    return [pytest.param(m, be, id=f"{m}-{be}") for m in RNN_MODES for be in backends_for(m[:3] if m != "lstm"
+                                                                                        else "lstm")]
+
+
+@pytest.mark.parametrize("mode,backend", rnn_ops())
+@settings(max_examples=10, **SETTINGS)
+@given(data=st.data())
+def test_rnn_sequence(mode, backend, data):
+    require_family("rnn")
+    seed(data)
+    dtype = data.draw(DTYPES, label="dtype")
+    layout = lambda: data.draw(LAYOUT)  # noqa: E731
+    T = data.draw(st.sampled_from([0] + [s for s in SIZES if s <= cap(backend, 33, 5)]), label="T")
+    Bsz = data.draw(st.sampled_from([0, 1, 2, 3, 5]), label="B")
+    I, H = size(data, 1, cap(backend, 17, 5), "I"), size(data, 1, cap(backend, 17, 7), "H")
+    P = H
+    if mode == "lstm" and H > 1 and data.draw(st.booleans(), label="proj"):
+        P = data.draw(st.integers(1, H - 1), label="P")
+    args = dict(x=Arg(torch.randn(T, Bsz, I, dtype=dtype), layout(), True))
+    args.update(rnn_weights(data, mode, I, H, P, dtype, layout))
+    if P < H:
+        args["w_hr"] = Arg(torch.randn(P, H, dtype=dtype) * H ** -0.5, layout(), True)
+    if data.draw(st.booleans(), label="h0"):
+        args["h0"] = Arg(torch.randn(Bsz, P, dtype=dtype), layout(), True)
+    if mode == "lstm" and data.draw(st.booleans(), label="c0"):
+        args["c0"] = Arg(torch.randn(Bsz, H, dtype=dtype), layout(), True)
+    if data.draw(st.booleans(), label="lengths"):
+        lengths = data.draw(st.lists(st.integers(0, T), min_size=Bsz, max_size=Bsz), label="lengths")
+        args["lengths"] = Arg(torch.tensor(lengths, dtype=data.draw(st.sampled_from([torch.int64, torch.int32]))),
+                              layout())
+    reverse = data.draw(st.booleans(), label="reverse")
+    assert_parity(rnn_call(mode, reverse), args, backend, dtype, op=mode[:3] if mode != "lstm" else "lstm")
+
+
+def cell_call(mode):
+    def call(a, be):
+        w = (a["w_ih"], a["w_hh"], a.get("b_ih"), a.get("b_hh"))
+        if mode == "lstm":
+            hx = (a["h"], a["c"]) if "h" in a else None
+            return SF.lstm_cell(a["x"], hx, *w, backend=be)
+        if mode == "gru":
+            return SF.gru_cell(a["x"], a.get("h"), *w, backend=be)
+        return SF.rnn_cell(a["x"], a.get("h"), *w, nonlinearity=mode[4:], backend=be)
+    return call
+
+
+def cell_ops():
+    return [pytest.param(m, be, id=f"{m}-{be}") for m in RNN_MODES
+            for be in backends_for((m[:3] if m != "lstm" else "lstm") + "_cell")]
+
+
+@pytest.mark.parametrize("mode,backend", cell_ops())
+@settings(max_examples=6, **SETTINGS)
+@given(data=st.data())
+def test_rnn_cell(mode, backend, data):
+    require_family("rnn")
+    seed(data)
+    dtype = data.draw(DTYPES, label="dtype")
+    layout = lambda: data.draw(LAYOUT)  # noqa: E731
+    Bsz = data.draw(st.sampled_from([None, 0, 1, 3, 5]), label="B (None: unbatched)")
+    I, H = size(data, 1, cap(backend, 17, 5), "I"), size(data, 1, cap(backend, 17, 7), "H")
+    lead = () if Bsz is None else (Bsz,)
+    args = dict(x=Arg(torch.randn(*lead, I, dtype=dtype), layout(), True))
+    args.update(rnn_weights(data, mode, I, H, H, dtype, layout))
+    if data.draw(st.booleans(), label="state"):
+        args["h"] = Arg(torch.randn(*lead, H, dtype=dtype), layout(), True)
+        if mode == "lstm":
+            args["c"] = Arg(torch.randn(*lead, H, dtype=dtype), layout(), True)
+    assert_parity(cell_call(mode), args, backend, dtype, op=(mode[:3] if mode != "lstm" else "lstm") + "_cell")
