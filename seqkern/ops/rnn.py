@@ -153,11 +153,18 @@ def reference(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
     h, c = h0, c0
     outs = []
     for s in range(T):
-        gi, gh = gi_all[s], _linear(h, w_hh, b_hh)
+        gi, h_in, c_in = gi_all[s], h, c
+        if active is not None:
+            # rows past their end compute from zeros: the result is discarded, and a NaN in the
+            # state or in the padding must not leak into gradients through 0 * NaN
+            m = active[s, :, None]
+            gi, h_in = torch.where(m, gi, 0.0), torch.where(m, h, 0.0)
+            c_in = None if c is None else torch.where(m, c, 0.0)
+        gh = _linear(h_in, w_hh, b_hh)
         c_new = None
         if mode == "lstm":
             i, f, g, o = (gi + gh).chunk(4, dim=1)
-            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            c_new = torch.sigmoid(f) * c_in + torch.sigmoid(i) * torch.tanh(g)
             h_new = torch.sigmoid(o) * torch.tanh(c_new)
             if w_hr is not None:
                 h_new = h_new @ w_hr.t()
@@ -166,7 +173,7 @@ def reference(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
             hr, hz, hn = gh.chunk(3, dim=1)
             r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
             n = torch.tanh(in_ + r * hn)
-            h_new = (1 - z) * n + z * h
+            h_new = (1 - z) * n + z * h_in
         elif mode == "rnn_tanh":
             h_new = torch.tanh(gi + gh)
         else:
