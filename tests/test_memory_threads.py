@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from reliability import TYPICAL, backends_for, forward_backward, require_family, require_layer
+from reliability import TYPICAL, backends_for, forward_backward, landed, require_family, require_layer
 
 
 def peak_bytes(fn):
@@ -132,3 +132,19 @@ def test_threads_equal_serial(op, backend):
             for i, ((o1, g1), (o2, g2)) in enumerate(zip(serial, parallel)):
                 for a, b in zip(o1 + g1, o2 + g2):
                     assert torch.equal(a, b), f"{op}/{backend}: job {i} differs when run in threads"
+
+
+def test_every_op_in_threads_at_once_equals_serial():
+    """All ops and backends at the same time, each in its own thread, twice over."""
+    jobs = []
+    for op, make in TYPICAL.items():
+        family, call, args = make(torch.float64)
+        if not landed(family):
+            continue
+        jobs += [(call, args, be) for be in backends_for(op) if be != "triton"]
+    serial = [forward_backward(*j) for j in jobs]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        parallel = list(pool.map(lambda j: forward_backward(*j), jobs + jobs))
+    for i, ((o1, g1), (o2, g2)) in enumerate(zip(serial + serial, parallel)):
+        for a, b in zip(o1 + g1, o2 + g2):
+            assert torch.equal(a, b), f"job {i % len(jobs)} ({jobs[i % len(jobs)][2]}) differs when run in threads"
