@@ -213,5 +213,27 @@ def _typical_rnn(mode):
     return make
 
 
-TYPICAL = {"apply_rotary": _typical_rotary, "lstm": _typical_rnn("lstm"), "gru": _typical_rnn("gru"),
+def _typical_attention(dtype, device="cpu"):
+    from seqkern import functional as SF
+
+    r = lambda *s: torch.randn(*s, dtype=dtype, device=device)  # noqa: E731
+    mask = torch.rand(2, 1, 33, 40, device=device) < 0.8
+    args = dict(q=Arg(r(2, 4, 33, 16), grad=True), k=Arg(r(2, 2, 40, 16), grad=True), v=Arg(r(2, 2, 40, 16), grad=True),
+                attn_mask=Arg(mask))
+    return "attention", (lambda a, be: SF.scaled_dot_product_attention(
+        a["q"], a["k"], a["v"], attn_mask=a["attn_mask"], enable_gqa=True, backend=be)), args
+
+
+def _typical_wkv(dtype, device="cpu"):
+    from seqkern import functional as SF
+
+    r = lambda *s: torch.randn(*s, dtype=dtype, device=device)  # noqa: E731
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    state = torch.stack((r(2, 48), r(2, 48).abs() + 0.1, r(2, 48)), 1).to(acc)
+    args = dict(time_decay=Arg(r(48) - 1, grad=True), time_first=Arg(r(48), grad=True), k=Arg(r(2, 33, 48) * 5, grad=True),
+                v=Arg(r(2, 33, 48), grad=True), state=Arg(state, grad=True))
+    return "wkv", (lambda a, be: SF.wkv4(a["time_decay"], a["time_first"], a["k"], a["v"], a["state"], backend=be)), args
+
+
+TYPICAL = {"scaled_dot_product_attention": _typical_attention, "wkv4": _typical_wkv, "apply_rotary": _typical_rotary, "lstm": _typical_rnn("lstm"), "gru": _typical_rnn("gru"),
            "rnn": _typical_rnn("rnn")}

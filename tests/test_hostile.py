@@ -167,6 +167,121 @@ RNN_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("family,op,build,expect,backend", cases([("rotary", "apply_rotary", ROTARY), ("rnn", "lstm", RNN_ROWS)]))
+# ---------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------
+
+def _sdpa(q=None, k=None, v=None, mask=None, L=5, S=7, E=8, dtype=torch.float32, **kw):
+    q = torch.randn(2, 4, L, E, dtype=dtype) if q is None else q
+    k = torch.randn(2, 4, S, E, dtype=dtype) if k is None else k
+    v = torch.randn(2, 4, S, E, dtype=dtype) if v is None else v
+    args = dict(q=Arg(q, grad=q.is_floating_point()), k=Arg(k, grad=k.is_floating_point()),
+                v=Arg(v, grad=v.is_floating_point()))
+    if mask is not None:
+        args["attn_mask"] = Arg(mask)
+    return (lambda a, be: SF.scaled_dot_product_attention(a["q"], a["k"], a["v"], attn_mask=a.get("attn_mask"),
+                                                          backend=be, **kw)), args, dtype
+
+
+def _logits(scale, L=6, S=9, E=4):
+    """q.k of magnitude ~scale: softmax must not overflow."""
+    q = torch.randn(1, 2, L, E)
+    return _sdpa(q=q * scale ** 0.5, k=torch.randn(1, 2, S, E) * scale ** 0.5, v=torch.randn(1, 2, S, E), L=L, S=S,
+                 E=E)
+
+
+ATTENTION = [
+    ("rank-q", lambda: _sdpa(q=torch.randn(8)), "q"),
+    ("size-k-E", lambda: _sdpa(k=torch.randn(2, 4, 7, 6)), "k"),
+    ("size-v-S", lambda: _sdpa(v=torch.randn(2, 4, 6, 8)), "v"),
+    ("heads-gqa", lambda: _sdpa(k=torch.randn(2, 3, 7, 8), v=torch.randn(2, 3, 7, 8), enable_gqa=True), "k"),
+    ("mask-shape", lambda: _sdpa(mask=torch.ones(5, 6, dtype=torch.bool)), "attn_mask"),
+    ("mask-and-causal", lambda: _sdpa(mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True), "attn_mask"),
+    ("dtype-v", lambda: _sdpa(v=torch.randn(2, 4, 7, 8, dtype=torch.float64)), "v"),
+    ("int-q", lambda: _sdpa(q=torch.ones(2, 4, 5, 8, dtype=torch.int64)), "q"),
+    ("int-mask", lambda: _sdpa(mask=torch.ones(5, 7, dtype=torch.int64)), "attn_mask"),
+    ("device-k", lambda: _sdpa(k=torch.randn(2, 4, 7, 8, device="meta")), "k"),
+    ("dropout-p", lambda: _sdpa(dropout_p=1.5), "dropout_p"),
+    ("nan-q", lambda: _sdpa(q=poke(torch.randn(2, 4, 5, 8), float("nan"), 11)), "reference"),
+    ("inf-k", lambda: _sdpa(k=poke(torch.randn(2, 4, 7, 8), float("inf"), 5)), "reference"),
+    ("nan-mask", lambda: _sdpa(mask=poke(torch.zeros(5, 7), float("nan"), 3)), "reference"),
+    ("all-masked", lambda: _sdpa(mask=torch.zeros(5, 7, dtype=torch.bool)), "reference"),
+    ("all-minus-inf", lambda: _sdpa(mask=torch.full((2, 1, 5, 7), float("-inf"))), "reference"),
+    ("logits-1e4", lambda: _logits(1e4), "reference"),
+    ("logits-1e4-causal", lambda: _sdpa(q=torch.randn(1, 2, 9, 4) * 100, k=torch.randn(1, 2, 9, 4) * 100,
+                                        v=torch.randn(1, 2, 9, 4), is_causal=True), "reference"),
+    ("huge-v", lambda: _sdpa(v=torch.randn(2, 4, 7, 8) * 1e30), "reference"),
+    ("S1", lambda: _sdpa(S=1, L=1), "reference"),
+    ("L0", lambda: _sdpa(L=0), "reference"),
+    ("S0", lambda: _sdpa(S=0), "reference"),
+    ("causal-L>S", lambda: _sdpa(L=9, S=4, is_causal=True, dtype=torch.float64), "reference"),
+    ("N65-E65", lambda: _sdpa(L=65, S=65, E=65, is_causal=True, dtype=torch.float64), "reference"),
+    ("N129-E16", lambda: _sdpa(q=torch.randn(1, 1, 129, 16), k=torch.randn(1, 1, 129, 16),
+                               v=torch.randn(1, 1, 129, 16)), "reference"),
+]
+
+
+# ---------------------------------------------------------------------------
+# wkv4
+# ---------------------------------------------------------------------------
+
+def _wkv(Bsz=2, T=6, C=5, dtype=torch.float64, w=None, u=None, k=None, v=None, state="none"):
+    w = torch.randn(C, dtype=dtype) - 1 if w is None else w
+    u = torch.randn(C, dtype=dtype) if u is None else u
+    k = torch.randn(Bsz, T, C, dtype=dtype) if k is None else k
+    v = torch.randn(Bsz, T, C, dtype=dtype) if v is None else v
+    args = dict(time_decay=Arg(w, grad=w.is_floating_point()), time_first=Arg(u, grad=u.is_floating_point()),
+                k=Arg(k, grad=k.is_floating_point()), v=Arg(v, grad=v.is_floating_point()))
+    if isinstance(state, torch.Tensor):
+        args["state"] = Arg(state, grad=state.is_floating_point())
+    return (lambda a, be: SF.wkv4(a["time_decay"], a["time_first"], a["k"], a["v"], a.get("state"), backend=be)), \
+        args, dtype
+
+
+def _state(Bsz=2, C=5, dtype=torch.float64, pp=None):
+    st = torch.stack((torch.randn(Bsz, C), torch.rand(Bsz, C) + 0.1, torch.randn(Bsz, C)), 1).to(dtype)
+    if pp is not None:
+        st[:, 2] = pp
+    return st
+
+
+def _spiky_k(scale, T=40, dtype=torch.float32):
+    k = torch.randn(2, T, 5, dtype=dtype)
+    k[:, ::3] = scale
+    k[:, 1::3] = -scale
+    return k
+
+
+WKV = [
+    ("rank-k", lambda: _wkv(k=torch.randn(6, 5, dtype=torch.float64)), "k"),
+    ("size-v", lambda: _wkv(v=torch.randn(2, 5, 5, dtype=torch.float64)), "v"),
+    ("size-time_decay", lambda: _wkv(w=torch.randn(4, dtype=torch.float64)), "time_decay"),
+    ("size-time_first", lambda: _wkv(u=torch.randn(1, 5, dtype=torch.float64)), "time_first"),
+    ("size-state", lambda: _wkv(state=torch.randn(2, 2, 5, dtype=torch.float64)), "state"),
+    ("dtype-v", lambda: _wkv(v=torch.randn(2, 6, 5)), "v"),
+    ("int-k", lambda: _wkv(k=torch.ones(2, 6, 5, dtype=torch.int32)), "k"),
+    ("int-state", lambda: _wkv(state=torch.ones(2, 3, 5, dtype=torch.int64)), "state"),
+    ("device-v", lambda: _wkv(v=torch.randn(2, 6, 5, dtype=torch.float64, device="meta")), "v"),
+    ("nan-k", lambda: _wkv(k=poke(torch.randn(2, 6, 5, dtype=torch.float64), float("nan"), 12)), "reference"),
+    ("nan-state", lambda: _wkv(state=poke(_state(), float("nan"), 1)), "reference"),
+    ("inf-v", lambda: _wkv(v=poke(torch.randn(2, 6, 5, dtype=torch.float64), float("inf"), 7)), "reference"),
+    ("-inf-k", lambda: _wkv(k=poke(torch.randn(2, 6, 5, dtype=torch.float64), float("-inf"), 7)), "reference"),
+    ("k-1e4-fp32", lambda: _wkv(k=_spiky_k(1e4), v=torch.randn(2, 40, 5), T=40, dtype=torch.float32),
+     "reference"),
+    ("k-1e4-fp64-state", lambda: _wkv(k=_spiky_k(1e4, dtype=torch.float64), T=40,
+                                      state=_state(pp=torch.full((2, 5), 5e3, dtype=torch.float64))), "reference"),
+    ("decay-huge", lambda: _wkv(w=torch.full((5,), 50.0, dtype=torch.float64)), "reference"),
+    ("decay-none", lambda: _wkv(w=torch.full((5,), -1e4, dtype=torch.float64)), "reference"),
+    ("T0", lambda: _wkv(T=0, state=_state()), "reference"),
+    ("B0", lambda: _wkv(Bsz=0), "reference"),
+    ("T65-C65", lambda: _wkv(T=65, C=65, dtype=torch.float32), "reference"),
+]
+
+
+TABLE = cases([("rotary", "apply_rotary", ROTARY), ("rnn", "lstm", RNN_ROWS),
+               ("attention", "scaled_dot_product_attention", ATTENTION), ("wkv", "wkv4", WKV)])
+
+
+@pytest.mark.parametrize("family,op,build,expect,backend", TABLE)
 def test_hostile(family, op, build, expect, backend):
     run_case(family, op, build, expect, backend)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from reliability import TYPICAL, backends_for, forward_backward, require_family
+from reliability import TYPICAL, backends_for, forward_backward, landed, require_family, require_layer
 
 
 def peak_bytes(fn):
@@ -40,6 +40,74 @@ def test_peak_bytes_sees_a_quadratic_allocation():
     assert large / small > 3.5
 
 
+def attention_fwd_bwd(n, backend):
+    q, k, v = (torch.randn(1, 1, n, 32, requires_grad=True) for _ in range(3))
+    do = torch.randn(1, 1, n, 32)
+
+    def run():
+        from seqkern import functional as SF
+
+        o = SF.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
+        torch.autograd.grad(o, (q, k, v), do)
+    return run
+
+
+def test_attention_cpu_peak_memory_linear_in_sequence_length():
+    require_family("attention")
+    if "cpu" not in backends_for("scaled_dot_product_attention"):
+        pytest.fail("the cpu backend of attention is not available")
+    attention_fwd_bwd(64, "cpu")()  # warm up: one-time allocations stay out of the measurement
+    small, large = peak_bytes(attention_fwd_bwd(1024, "cpu")), peak_bytes(attention_fwd_bwd(2048, "cpu"))
+    # linear: x2 for twice the length; an N x N score matrix would make it x4 (and 16 MB at 2048)
+    assert large / small < 2.6, f"peak {small} B at N=1024, {large} B at N=2048: not linear"
+    assert large < 2048 * 2048 * 4, f"peak {large} B at N=2048 holds an N x N fp32 matrix"
+
+
+def step_peak(op_tokens):
+    """Peak live bytes while feeding ``op_tokens`` tokens one at a time through wkv4 with a state."""
+    from seqkern import functional as SF
+
+    C = 256
+    w, u = torch.randn(C) - 1, torch.randn(C)
+    ks, vs = torch.randn(1, op_tokens, C), torch.randn(1, op_tokens, C)
+
+    def run():
+        state = None
+        with torch.no_grad():
+            for t in range(op_tokens):
+                _, state = SF.wkv4(w, u, ks[:, t:t + 1], vs[:, t:t + 1], state, backend="cpu")
+    return peak_bytes(run)
+
+
+def test_wkv_step_mode_memory_constant_in_tokens():
+    require_family("wkv")
+    if "cpu" not in backends_for("wkv4"):
+        pytest.fail("the cpu backend of wkv4 is not available")
+    short, long = step_peak(16), step_peak(128)
+    assert long <= short + 4096, f"step mode: peak {short} B over 16 tokens, {long} B over 128"
+
+
+def test_rwkv_block_step_mode_memory_constant_in_tokens():
+    require_layer("RWKV4Block")
+    from seqkern import nn as snn
+
+    torch.manual_seed(0)
+    block = snn.RWKV4Block(64, 256, 0).eval()
+    x = torch.randn(1, 128, 64)
+
+    def steps(n):
+        def run():
+            state = None
+            with torch.no_grad():
+                for t in range(n):
+                    _, state = block(x[:, t:t + 1], state)
+        return run
+
+    steps(2)()
+    short, long = peak_bytes(steps(16)), peak_bytes(steps(128))
+    assert long <= short + 4096, f"RWKV4Block step mode: peak {short} B over 16 tokens, {long} B over 128"
+
+
 # ---------------------------------------------------------------------------
 # threads
 # ---------------------------------------------------------------------------
@@ -64,3 +132,19 @@ def test_threads_equal_serial(op, backend):
             for i, ((o1, g1), (o2, g2)) in enumerate(zip(serial, parallel)):
                 for a, b in zip(o1 + g1, o2 + g2):
                     assert torch.equal(a, b), f"{op}/{backend}: job {i} differs when run in threads"
+
+
+def test_every_op_in_threads_at_once_equals_serial():
+    """All ops and backends at the same time, each in its own thread, twice over."""
+    jobs = []
+    for op, make in TYPICAL.items():
+        family, call, args = make(torch.float64)
+        if not landed(family):
+            continue
+        jobs += [(call, args, be) for be in backends_for(op) if be != "triton"]
+    serial = [forward_backward(*j) for j in jobs]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        parallel = list(pool.map(lambda j: forward_backward(*j), jobs + jobs))
+    for i, ((o1, g1), (o2, g2)) in enumerate(zip(serial + serial, parallel)):
+        for a, b in zip(o1 + g1, o2 + g2):
+            assert torch.equal(a, b), f"job {i % len(jobs)} ({jobs[i % len(jobs)][2]}) differs when run in threads"

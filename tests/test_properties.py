@@ -209,3 +209,93 @@ def test_rnn_cell(mode, backend, data):
         if mode == "lstm":
             args["c"] = Arg(torch.randn(*lead, H, dtype=dtype), layout(), True)
     assert_parity(cell_call(mode), args, backend, dtype, op=(mode[:3] if mode != "lstm" else "lstm") + "_cell")
+
+
+# ---------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------
+
+def attention_mask(data, kind, lead, L, S, dtype):
+    """A bool or additive mask in one of the broadcastable shapes torch accepts, with
+    fully masked rows now and then."""
+    shape = data.draw(st.sampled_from(["LS", "1LS", "key-padding", "full"]), label="mask_shape")
+    if shape == "LS" or not lead:
+        mshape = (L, S)
+    elif shape == "1LS":
+        mshape = (1,) * len(lead) + (L, S)
+    elif shape == "key-padding":
+        mshape = (lead[0],) + (1,) * (len(lead) - 1) + (1, S) if len(lead) > 1 else (lead[0], 1, S)
+    else:
+        mshape = lead + (L, S)
+    keep = torch.rand(mshape) < 0.7
+    if data.draw(st.booleans(), label="fully_masked_row") and mshape[-2] > 0:
+        keep[..., mshape[-2] // 2, :] = False
+    if kind == "bool":
+        return keep
+    return torch.randn(mshape, dtype=dtype).masked_fill(~keep, float("-inf"))
+
+
+@pytest.mark.parametrize("backend", backends_for("scaled_dot_product_attention"))
+@settings(max_examples=25, **SETTINGS)
+@given(data=st.data())
+def test_attention(backend, data):
+    require_family("attention")
+    seed(data)
+    dtype = data.draw(DTYPES, label="dtype")
+    layout = lambda: data.draw(LAYOUT)  # noqa: E731
+    Hk = data.draw(st.sampled_from([1, 2, 3]), label="Hk")
+    gqa = data.draw(st.booleans(), label="enable_gqa")
+    Hq = Hk * data.draw(st.sampled_from([1, 2, 3]), label="group") if gqa else Hk
+    Bsz = data.draw(st.sampled_from([None, 0, 1, 2]), label="B (None: 3-d inputs)")
+    if Bsz is None and gqa:
+        Bsz = 1
+    L, S = size(data, 1, cap(backend, 65, 17), "L"), size(data, 1, cap(backend, 65, 17), "S")
+    E = data.draw(st.sampled_from([1, 3, 8, 16, 17, 40] if backend != "triton" else [1, 3, 8, 16]), label="E")
+    Ev = data.draw(st.sampled_from([E, 5]), label="Ev")
+    qlead = (Hq,) if Bsz is None else (Bsz, Hq)
+    klead = (Hk,) if Bsz is None else (Bsz, Hk)
+    args = dict(q=Arg(torch.randn(*qlead, L, E, dtype=dtype), layout(), True),
+                k=Arg(torch.randn(*klead, S, E, dtype=dtype), layout(), True),
+                v=Arg(torch.randn(*klead, S, Ev, dtype=dtype), layout(), True))
+    mask_kind = data.draw(st.sampled_from(["none", "bool", "float"]), label="mask")
+    causal = mask_kind == "none" and data.draw(st.booleans(), label="is_causal")
+    if mask_kind != "none":
+        mask = attention_mask(data, mask_kind, qlead, L, S, dtype)
+        args["attn_mask"] = Arg(mask, layout(), mask_kind == "float" and data.draw(st.booleans(), label="mask_grad"))
+    scale = data.draw(st.sampled_from([None, 0.3, 1.7]), label="scale")
+
+    def call(a, be):
+        return SF.scaled_dot_product_attention(a["q"], a["k"], a["v"], attn_mask=a.get("attn_mask"), is_causal=causal,
+                                               scale=scale, enable_gqa=gqa, backend=be)
+    assert_parity(call, args, backend, dtype, op="scaled_dot_product_attention")
+
+
+# ---------------------------------------------------------------------------
+# wkv4
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", backends_for("wkv4"))
+@settings(max_examples=20, **SETTINGS)
+@given(data=st.data())
+def test_wkv4(backend, data):
+    require_family("wkv")
+    seed(data)
+    dtype = data.draw(DTYPES, label="dtype")
+    layout = lambda: data.draw(LAYOUT)  # noqa: E731
+    Bsz = data.draw(st.sampled_from([0, 1, 2, 3]), label="B")
+    T = data.draw(st.sampled_from([0] + [s for s in SIZES if s <= cap(backend, 65, 17)]), label="T")
+    C = size(data, 1, cap(backend, 65, 17), "C")
+    kscale = data.draw(st.sampled_from([1.0, 8.0, 40.0]), label="k_scale")
+    args = dict(time_decay=Arg(torch.randn(C, dtype=dtype) - 1, layout(), True),
+                time_first=Arg(torch.randn(C, dtype=dtype), layout(), True),
+                k=Arg(torch.randn(Bsz, T, C, dtype=dtype) * kscale, layout(), True),
+                v=Arg(torch.randn(Bsz, T, C, dtype=dtype), layout(), True))
+    if data.draw(st.booleans(), label="state"):
+        # a state some earlier chunk could have produced: aa any, bb > 0, pp any
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        st0 = torch.stack((torch.randn(Bsz, C), torch.rand(Bsz, C) + 0.1, torch.randn(Bsz, C) * kscale), 1)
+        args["state"] = Arg(st0.to(acc), layout(), True)
+
+    def call(a, be):
+        return SF.wkv4(a["time_decay"], a["time_first"], a["k"], a["v"], a.get("state"), backend=be)
+    assert_parity(call, args, backend, dtype, op="wkv4")
