@@ -320,8 +320,8 @@ class _CellMixin:
             if s is None:
                 out.append(None)
                 continue
-            if s.dim() != x.dim():
-                raise RuntimeError(f"{name}: hidden{i} must have {x.dim()} dimension(s) like the "
+            if s.dim() != input.dim():
+                raise RuntimeError(f"{name}: hidden{i} must have {input.dim()} dimension(s) like the "
                                    f"{'batched' if batched else 'unbatched'} input, got shape {tuple(s.shape)}")
             s = s if batched else s.unsqueeze(0)
             if s.size(0) != x.size(0):
