@@ -36,7 +36,7 @@ bench: build
 ASAN_LIB = $(shell $(CXX) -print-file-name=libasan.so)
 test-asan: setup
 	rm -rf build/asan && SEQKERN_ASAN=1 $(PY) setup.py build_ext --inplace --force --build-temp build/asan
-	LD_PRELOAD=$(ASAN_LIB) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	LD_PRELOAD="$(ASAN_LIB) $(shell $(CXX) -print-file-name=libstdc++.so.6)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 		$(PY) -m pytest tests -q -p no:cacheprovider -k "not triton and not nvcc and not example and not distributed"; \
 		rc=$$?; rm -rf build/asan; $(PY) setup.py build_ext --inplace --force >/dev/null; exit $$rc
 

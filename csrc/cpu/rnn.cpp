@@ -1,0 +1,554 @@
+// RNN / LSTM / GRU on the CPU.
+//
+// Forward: the input half of every gate for all steps is one GEMM (biases folded in);
+// then per step one recurrent GEMM (BLAS straight into a preallocated buffer, no ATen
+// dispatch in the loop) and one fused gate kernel, parallel over batch rows.
+// Backward walks the steps in reverse: per step one fused gate-gradient kernel and one
+// GEMM back through W_hh; the weight and input gradients are then a few large GEMMs
+// over all steps, the bias gradients column sums (no atomics, deterministic).
+//
+// Step s of batch row b works on time index t(s, b) (reverse / lengths; see
+// seqkern/ops/rnn.py). Everything the backward needs is stored in step order, so each
+// step's rows are contiguous for the GEMMs; y and the input projection are in time order.
+#include "cpu/rnn.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+// MKL / OpenBLAS export the Fortran BLAS from libtorch_cpu on most builds. Weak, so an
+// extension loads everywhere; when absent the GEMMs go through ATen (slower per call).
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+namespace seqkern::cpu {
+namespace {
+
+// ---------------------------------------------------------------------------
+// GEMM on row-major raw pointers: C (MxN) = alpha * op(A) (MxK) @ op(B) (KxN) + beta * C
+// ---------------------------------------------------------------------------
+
+template <typename T>
+void gemm_aten(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+               int64_t ldb, T beta, T* C, int64_t ldc) {
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, int64_t r, int64_t c, int64_t ld) {
+    return at::from_blob(const_cast<T*>(p), {r, c}, {ld, 1}, opt);
+  };
+  at::Tensor a = ta ? view(A, K, M, lda).t() : view(A, M, K, lda);
+  at::Tensor b = tb ? view(B, N, K, ldb).t() : view(B, K, N, ldb);
+  at::Tensor c = view(C, M, N, ldc);
+  c.addmm_(a, b, beta, alpha);  // beta == 0 ignores C, NaNs included
+}
+
+template <typename T>
+void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const T* alpha, const T* a,
+               const int* lda, const T* b, const int* ldb, const T* beta, T* c, const int* ldc);
+template <>
+void blas_gemm<float>(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                      const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                      const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+template <>
+void blas_gemm<double>(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+                       const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+                       const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+template <typename T>
+bool have_blas() {
+  if constexpr (std::is_same_v<T, float>) return sgemm_ != nullptr;
+  return dgemm_ != nullptr;
+}
+
+template <typename T>
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb,
+          T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // empty sum: BLAS would still read A/B leading dimensions; do it by hand
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
+  const int64_t big = std::max({M, N, K, lda, ldb, ldc});
+  if (!have_blas<T>() || big > INT_MAX) {
+    gemm_aten(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  // row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  blas_gemm<T>(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+}
+
+// ---------------------------------------------------------------------------
+// activations that vectorise: fp32 uses a polynomial exp (Cephes, ~1 ulp) that the
+// compiler turns into SIMD code inside `omp simd` loops; fp64 keeps libm for accuracy.
+// ---------------------------------------------------------------------------
+
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  // round to nearest by adding 1.5 * 2^23: plain arithmetic, so the loop vectorises
+  // (std::floor keeps it scalar unless -fno-trapping-math)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return e * scale;
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+inline float tanh_(float x) { return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f); }
+inline double tanh_(double x) { return std::tanh(x); }
+
+// ---------------------------------------------------------------------------
+// shapes, step order, workspace layout
+// ---------------------------------------------------------------------------
+
+struct Shape {
+  Cell cell;
+  int64_t T, B, I, H, P, G;
+  bool proj() const { return P < H; }
+  int64_t GH() const { return G * H; }
+};
+
+inline int64_t time_of(int64_t s, int64_t L, bool reverse) { return (reverse && s < L) ? L - 1 - s : s; }
+
+// Pointers into the flat workspace (DESIGN of the layout: seqkern/ops/rnn.py workspace_numel).
+template <typename T>
+struct Workspace {
+  T* gates = nullptr;  // (T, B, G*H) after activation (lstm, gru)
+  T* c = nullptr;      // (T+1, B, H) lstm cell states
+  T* h = nullptr;      // (T+1, B, P) hidden states, h[0] = h0
+  T* hc = nullptr;     // (T, B, H) lstm o*tanh(c) when projecting
+  T* hn = nullptr;     // (T, B, H) gru W_hn h + b_hn
+  Workspace(const Shape& d, T* base) {
+    const int64_t TB = d.T * d.B, B = d.B;
+    T* p = base;
+    if (d.cell == Cell::kLSTM) {
+      gates = p; p += TB * 4 * d.H;
+      c = p; p += (d.T + 1) * B * d.H;
+      h = p; p += (d.T + 1) * B * d.P;
+      if (d.proj()) { hc = p; p += TB * d.H; }
+    } else if (d.cell == Cell::kGRU) {
+      gates = p; p += TB * 3 * d.H;
+      hn = p; p += TB * d.H;
+      h = p; p += (d.T + 1) * B * d.H;
+    } else {
+      h = p; p += (d.T + 1) * B * d.H;
+    }
+  }
+};
+
+int64_t numel_of(const Shape& d, bool save) {
+  if (!save) return 0;
+  const int64_t TB = d.T * d.B, T1B = (d.T + 1) * d.B;
+  if (d.cell == Cell::kLSTM) return TB * 4 * d.H + T1B * d.H + T1B * d.P + (d.proj() ? TB * d.H : 0);
+  if (d.cell == Cell::kGRU) return TB * 4 * d.H + T1B * d.H;
+  return T1B * d.H;
+}
+
+int64_t row_grain(const Shape& d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d.GH())); }
+
+template <typename T>
+inline void copy_row(T* dst, const T* src, int64_t n) { std::memcpy(dst, src, n * sizeof(T)); }
+template <typename T>
+inline void zero_row(T* dst, int64_t n) { std::memset(dst, 0, n * sizeof(T)); }
+
+// One GRU row: gates (in place, pre-activation in, activations out), W_hn h + b_hn, new h.
+// A free function with plain pointer arguments: inside the lambda gcc would not vectorise it.
+template <typename T>
+void gru_gates(T* __restrict gr, const T* __restrict xr, const T* __restrict hp, const T* __restrict b_hn,
+               T* __restrict hn_out, T* __restrict h_out, int64_t H) {
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const T r = sigmoid(gr[j] + xr[j]);
+    const T z = sigmoid(gr[H + j] + xr[H + j]);
+    const T hn = gr[2 * H + j] + b_hn[j];
+    const T n = tanh_(xr[2 * H + j] + r * hn);
+    gr[j] = r; gr[H + j] = z; gr[2 * H + j] = n;
+    hn_out[j] = hn;
+    h_out[j] = (T(1) - z) * n + z * hp[j];
+  }
+}
+
+// ---------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------
+
+// Per-step buffers: the workspace when saving, else small rolling buffers.
+template <typename T>
+struct StepBuffers {
+  const Shape& d;
+  bool save;
+  Workspace<T> ws;
+  at::Tensor own;  // rolling storage when not saving
+  T *g1 = nullptr, *hc1 = nullptr, *hn1 = nullptr, *h2 = nullptr, *c2 = nullptr;
+  StepBuffers(const Shape& d_, bool save_, T* base, const at::TensorOptions& opt)
+      : d(d_), save(save_), ws(d_, base) {
+    if (save) return;
+    const int64_t B = d.B, H = d.H;
+    own = at::empty({B * d.GH() + 2 * B * H + 2 * B * d.P + 2 * B * H}, opt);
+    T* p = own.data_ptr<T>();
+    g1 = p; p += B * d.GH();
+    hc1 = p; p += B * H;
+    hn1 = p; p += B * H;
+    h2 = p; p += 2 * B * d.P;
+    c2 = p;
+  }
+  T* gates(int64_t s) { return save ? ws.gates + s * d.B * d.GH() : g1; }
+  T* h(int64_t s) { return save ? ws.h + s * d.B * d.P : h2 + (s & 1) * d.B * d.P; }
+  T* c(int64_t s) { return save ? ws.c + s * d.B * d.H : c2 + (s & 1) * d.B * d.H; }
+  T* hc(int64_t s) { return save ? ws.hc + s * d.B * d.H : hc1; }
+  T* hn(int64_t s) { return save ? ws.hn + s * d.B * d.H : hn1; }
+};
+
+template <typename T>
+void forward_loop(const Shape& d, const T* xw, const T* w_hh, const T* b_hn, const T* w_hr, const int64_t* len,
+                  bool reverse, StepBuffers<T>& buf, T* y) {
+  const int64_t B = d.B, H = d.H, P = d.P, GH = d.GH(), Tn = d.T;
+  const bool proj = d.proj();
+  for (int64_t s = 0; s < Tn; ++s) {
+    T* hp = buf.h(s);
+    T* hx = buf.h(s + 1);
+    // recurrent half of the gates; the rnn writes it straight into the next state
+    T* g = d.cell == Cell::kLSTM || d.cell == Cell::kGRU ? buf.gates(s) : hx;
+    gemm<T>(false, true, B, GH, P, T(1), hp, P, w_hh, P, T(0), g, GH);
+    T* cp = d.cell == Cell::kLSTM ? buf.c(s) : nullptr;
+    T* cn = d.cell == Cell::kLSTM ? buf.c(s + 1) : nullptr;
+    T* hcs = proj ? buf.hc(s) : nullptr;
+    T* hns = d.cell == Cell::kGRU ? buf.hn(s) : nullptr;
+    at::parallel_for(0, B, row_grain(d), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t L = len ? len[b] : Tn;
+        const int64_t t = time_of(s, L, reverse);
+        T* yr = y + (t * B + b) * P;
+        if (s >= L) {  // past this sequence's end: state unchanged, output 0
+          if (cn) copy_row(cn + b * H, cp + b * H, H);
+          if (hcs) zero_row(hcs + b * H, H);  // the workspace is fully defined (and finite for the GEMMs)
+          if (hns) zero_row(hns + b * H, H);
+          copy_row(hx + b * P, hp + b * P, P);
+          zero_row(yr, P);
+          continue;
+        }
+        const T* xr = xw + (t * B + b) * GH;
+        T* gr = g + b * GH;
+        if (d.cell == Cell::kLSTM) {
+          const T* cpr = cp + b * H;
+          T* cnr = cn + b * H;
+          T* hout = proj ? hcs + b * H : hx + b * H;
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) {
+            const T i = sigmoid(gr[j] + xr[j]);
+            const T f = sigmoid(gr[H + j] + xr[H + j]);
+            const T gg = tanh_(gr[2 * H + j] + xr[2 * H + j]);
+            const T o = sigmoid(gr[3 * H + j] + xr[3 * H + j]);
+            const T c = f * cpr[j] + i * gg;
+            const T hv = o * tanh_(c);
+            gr[j] = i; gr[H + j] = f; gr[2 * H + j] = gg; gr[3 * H + j] = o;
+            cnr[j] = c;
+            hout[j] = hv;
+          }
+          if (!proj) copy_row(yr, hout, H);
+        } else if (d.cell == Cell::kGRU) {
+          const T* hpr = hp + b * H;
+          T* hxr = hx + b * H;
+          T* hnr = hns + b * H;
+          gru_gates(gr, xr, hpr, b_hn, hnr, hxr, H);
+          copy_row(yr, hxr, H);
+        } else {
+          T* hxr = hx + b * H;
+          if (d.cell == Cell::kRNNTanh) {
+#pragma omp simd
+            for (int64_t j = 0; j < H; ++j) hxr[j] = tanh_(hxr[j] + xr[j]);
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < H; ++j) hxr[j] = std::max(hxr[j] + xr[j], T(0));
+          }
+          copy_row(yr, hxr, H);
+        }
+      }
+    });
+    if (proj) {  // h = (o * tanh(c)) @ w_hr^T, then rows past their end keep their state
+      gemm<T>(false, true, B, P, H, T(1), hcs, H, w_hr, H, T(0), hx, P);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t L = len ? len[b] : Tn;
+        if (s < L) copy_row(y + (time_of(s, L, reverse) * B + b) * P, hx + b * P, P);
+        else copy_row(hx + b * P, hp + b * P, P);
+      }
+    }
+  }
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
+    const Shape& d, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& w_hr,
+    const at::Tensor& lengths, bool reverse, bool save) {
+  const auto opt = x.options();
+  const int64_t B = d.B, H = d.H, P = d.P;
+  // input projection of all steps, with every bias that is not inside r * (...) folded in
+  at::Tensor bias;
+  if (b_ih.defined()) bias = b_ih;
+  if (b_hh.defined()) {
+    at::Tensor bh = b_hh;
+    if (d.cell == Cell::kGRU) bh = at::cat({b_hh.narrow(0, 0, 2 * H), at::zeros({H}, opt)});
+    bias = bias.defined() ? bias + bh : bh;
+  }
+  const at::Tensor x2 = x.reshape({d.T * B, d.I});
+  at::Tensor xw = bias.defined() ? at::addmm(bias, x2, w_ih.t()) : at::mm(x2, w_ih.t());
+  xw = xw.contiguous();
+
+  at::Tensor ws = at::empty({numel_of(d, save)}, opt);
+  StepBuffers<T> buf(d, save, ws.data_ptr<T>(), opt);
+  copy_row(buf.h(0), h0.data_ptr<T>(), B * P);
+  if (d.cell == Cell::kLSTM) copy_row(buf.c(0), c0.data_ptr<T>(), B * H);
+  at::Tensor y = at::empty({d.T, B, P}, opt);
+  // b_hn sits inside r * (W_hn h + b_hn); a zero row when absent keeps the gate loop branch-free
+  const at::Tensor b_hn_t = (d.cell == Cell::kGRU && b_hh.defined()) ? b_hh.narrow(0, 2 * H, H) : at::zeros({H}, opt);
+  const T* b_hn = b_hn_t.data_ptr<T>();
+  forward_loop<T>(d, xw.data_ptr<T>(), w_hh.data_ptr<T>(), b_hn, w_hr.defined() ? w_hr.data_ptr<T>() : nullptr,
+                  lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr, reverse, buf, y.data_ptr<T>());
+  at::Tensor hT = at::empty({B, P}, opt);
+  copy_row(hT.data_ptr<T>(), buf.h(d.T), B * P);
+  at::Tensor cT = at::empty({d.cell == Cell::kLSTM ? B : 0, H}, opt);
+  if (d.cell == Cell::kLSTM) copy_row(cT.data_ptr<T>(), buf.c(d.T), B * H);
+  else cT = at::empty({0}, opt);
+  return {y, hT, cT, ws};
+}
+
+// ---------------------------------------------------------------------------
+// backward
+// ---------------------------------------------------------------------------
+
+// Column sums of a (rows, cols) matrix, parallel over columns: each column is summed in
+// row order by one thread, so the result does not depend on the thread count.
+template <typename T>
+void column_sum(const T* a, int64_t rows, int64_t cols, T* out) {
+  at::parallel_for(0, cols, 256, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) out[c] = T(0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* ar = a + r * cols;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) out[c] += ar[c];
+    }
+  });
+}
+
+template <typename T>
+std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, const at::Tensor& dhT,
+                                       const at::Tensor& dcT, const at::Tensor& x, const at::Tensor& w_ih,
+                                       const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh,
+                                       const at::Tensor& w_hr, const at::Tensor& lengths, bool reverse,
+                                       const at::Tensor& ws_t, const std::vector<bool>& need) {
+  const auto opt = x.options();
+  const int64_t Tn = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH(), TB = Tn * B;
+  const bool proj = d.proj(), lstm = d.cell == Cell::kLSTM, gru = d.cell == Cell::kGRU;
+  Workspace<T> ws(d, ws_t.data_ptr<T>());
+  const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  const T* dyp = dy.data_ptr<T>();
+  const T* dhTp = dhT.data_ptr<T>();
+
+  // gradients of the gates' pre-activations: step order (for W_hh) and time order (for
+  // W_ih and x); the same buffer unless they differ (gru's n gate, or reversed order)
+  at::Tensor dgh_t = at::empty({TB, GH}, opt);
+  at::Tensor dgi_t = (gru || reverse) ? at::empty({TB, GH}, opt) : dgh_t;
+  T* dgh = dgh_t.data_ptr<T>();
+  T* dgi = dgi_t.data_ptr<T>();
+  const bool separate = dgi != dgh;
+  at::Tensor dhh_t = at::zeros({B, P}, opt);  // gradient into h from the step after
+  T* dhh = dhh_t.data_ptr<T>();
+  at::Tensor dcc_t = lstm ? dcT.clone() : at::Tensor();
+  T* dcc = lstm ? dcc_t.data_ptr<T>() : nullptr;
+  at::Tensor dr_t = proj ? at::empty({TB, P}, opt) : at::Tensor();
+  at::Tensor dhc_t = proj ? at::empty({B, H}, opt) : at::Tensor();
+  const T* w_hr_p = proj ? w_hr.data_ptr<T>() : nullptr;
+  const at::Tensor zeros_t = at::zeros({H}, opt);
+  const T* zrow = zeros_t.data_ptr<T>();
+
+  for (int64_t s = Tn - 1; s >= 0; --s) {
+    T* dgs = dgh + s * B * GH;
+    T* drs = proj ? dr_t.data_ptr<T>() + s * B * P : nullptr;
+    if (proj) {  // gradient of h (the projection's output), then back through w_hr
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t L = len ? len[b] : Tn;
+        T* dr = drs + b * P;
+        if (s >= L) { zero_row(dr, P); continue; }
+        const T* din = (s + 1 < L ? dhh : dhTp) + b * P;
+        const T* dyr = dyp + (time_of(s, L, reverse) * B + b) * P;
+        for (int64_t j = 0; j < P; ++j) dr[j] = din[j] + dyr[j];
+      }
+      gemm<T>(false, false, B, H, P, T(1), drs, P, w_hr_p, H, T(0), dhc_t.data_ptr<T>(), H);
+    }
+    const T* dhc = proj ? dhc_t.data_ptr<T>() : nullptr;
+    at::parallel_for(0, B, row_grain(d), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t L = len ? len[b] : Tn;
+        T* dg = dgs + b * GH;
+        if (s >= L) {
+          zero_row(dg, GH);
+          if (separate) zero_row(dgi + (s * B + b) * GH, GH);
+          continue;
+        }
+        const int64_t t = time_of(s, L, reverse);
+        const T* din = (s + 1 < L ? dhh : dhTp) + b * P;
+        const T* dyr = dyp + (t * B + b) * P;
+        T* dgt = dgi + (t * B + b) * GH;
+        if (lstm) {
+          const T* gr = ws.gates + (s * B + b) * GH;
+          const T* cn = ws.c + ((s + 1) * B + b) * H;
+          const T* cp = ws.c + (s * B + b) * H;
+          T* dcr = dcc + b * H;
+          // dh = dhc (projected) or din + dy: two rows either way, so the loop has no branch
+          const T* da = proj ? dhc + b * H : din;
+          const T* db = proj ? zrow : dyr;
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) {
+            const T dhv = da[j] + db[j];
+            const T i = gr[j], f = gr[H + j], g = gr[2 * H + j], o = gr[3 * H + j];
+            const T tc = tanh_(cn[j]);
+            const T dc = dcr[j] + dhv * o * (T(1) - tc * tc);
+            dg[j] = dc * g * i * (T(1) - i);
+            dg[H + j] = dc * cp[j] * f * (T(1) - f);
+            dg[2 * H + j] = dc * i * (T(1) - g * g);
+            dg[3 * H + j] = dhv * tc * o * (T(1) - o);
+            dcr[j] = dc * f;
+          }
+          if (separate) copy_row(dgt, dg, GH);
+        } else if (gru) {
+          const T* gr = ws.gates + (s * B + b) * GH;
+          const T* hnr = ws.hn + (s * B + b) * H;
+          const T* hp = ws.h + (s * B + b) * H;
+          T* dnext = dhh + b * H;  // becomes dh * z here, then the GEMM adds dgh @ W_hh
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) {
+            const T dhv = din[j] + dyr[j];
+            const T r = gr[j], z = gr[H + j], n = gr[2 * H + j];
+            const T dn = dhv * (T(1) - z) * (T(1) - n * n);
+            const T dz = dhv * (hp[j] - n) * z * (T(1) - z);
+            const T dr = dn * hnr[j] * r * (T(1) - r);
+            dg[j] = dr; dg[H + j] = dz; dg[2 * H + j] = dn * r;
+            dgt[j] = dr; dgt[H + j] = dz; dgt[2 * H + j] = dn;
+            dnext[j] = dhv * z;
+          }
+        } else {
+          const T* hn = ws.h + ((s + 1) * B + b) * H;
+          if (d.cell == Cell::kRNNTanh) {
+#pragma omp simd
+            for (int64_t j = 0; j < H; ++j) dg[j] = (din[j] + dyr[j]) * (T(1) - hn[j] * hn[j]);
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < H; ++j) dg[j] = hn[j] > T(0) ? din[j] + dyr[j] : T(0);
+          }
+          if (separate) copy_row(dgt, dg, GH);
+        }
+      }
+    });
+    // gru keeps the direct term dh * z written above (beta = 1)
+    gemm<T>(false, false, B, P, GH, T(1), dgs, GH, w_hh.data_ptr<T>(), P, gru ? T(1) : T(0), dhh, P);
+  }
+
+  std::vector<at::Tensor> out(8);
+  for (auto& t : out) t = at::empty({0}, opt);  // distinct tensors: outputs of an op may not alias
+  if (need[0]) {
+    out[0] = at::empty({Tn, B, d.I}, opt);
+    gemm<T>(false, false, TB, d.I, GH, T(1), dgi, GH, w_ih.data_ptr<T>(), d.I, T(0), out[0].data_ptr<T>(), d.I);
+  }
+  if (need[1]) {  // rows whose sequence is empty pass dh_T straight through
+    out[1] = at::empty({B, P}, opt);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t L = len ? len[b] : Tn;
+      copy_row(out[1].data_ptr<T>() + b * P, (L > 0 ? dhh : dhTp) + b * P, P);
+    }
+  }
+  if (need[2] && lstm) out[2] = dcc_t;
+  if (need[3]) {
+    out[3] = at::empty({GH, d.I}, opt);
+    gemm<T>(true, false, GH, d.I, TB, T(1), dgi, GH, x.data_ptr<T>(), d.I, T(0), out[3].data_ptr<T>(), d.I);
+  }
+  if (need[4]) {
+    out[4] = at::empty({GH, P}, opt);
+    gemm<T>(true, false, GH, P, TB, T(1), dgh, GH, ws.h, P, T(0), out[4].data_ptr<T>(), P);
+  }
+  if (need[5] && b_ih.defined()) {
+    out[5] = at::empty({GH}, opt);
+    column_sum(dgi, TB, GH, out[5].data_ptr<T>());
+  }
+  if (need[6] && b_hh.defined()) {
+    out[6] = at::empty({GH}, opt);
+    if (!gru && need[5] && b_ih.defined()) out[6].copy_(out[5]);  // same values for lstm and rnn
+    else column_sum(dgh, TB, GH, out[6].data_ptr<T>());
+  }
+  if (need[7] && proj) {
+    out[7] = at::empty({P, H}, opt);
+    gemm<T>(true, false, P, H, TB, T(1), dr_t.data_ptr<T>(), P, ws.hc, H, T(0), out[7].data_ptr<T>(), H);
+  }
+  return out;
+}
+
+Shape shape_of(Cell cell, const at::Tensor& x, const at::Tensor& w_hh, const at::Tensor& h0) {
+  const int64_t G = cell == Cell::kLSTM ? 4 : cell == Cell::kGRU ? 3 : 1;
+  return Shape{cell, x.size(0), x.size(1), x.size(2), w_hh.size(0) / G, h0.size(1), G};
+}
+
+at::Tensor contig(const at::Tensor& t) { return t.defined() ? t.contiguous() : t; }
+
+}  // namespace
+
+int64_t workspace_numel(Cell cell, int64_t T, int64_t B, int64_t H, int64_t P, bool save) {
+  const int64_t G = cell == Cell::kLSTM ? 4 : cell == Cell::kGRU ? 3 : 1;
+  return numel_of(Shape{cell, T, B, 0, H, P, G}, save);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward(
+    Cell cell, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& w_hr,
+    const at::Tensor& lengths, bool reverse, bool save) {
+  const Shape d = shape_of(cell, x, w_hh, h0);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqkern_rnn_forward_cpu", [&] {
+    out = forward_typed<scalar_t>(d, x.contiguous(), h0.contiguous(), contig(c0), w_ih.contiguous(),
+                                  w_hh.contiguous(), contig(b_ih), contig(b_hh), contig(w_hr), contig(lengths),
+                                  reverse, save);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> rnn_backward(Cell cell, const at::Tensor& dy, const at::Tensor& dh, const at::Tensor& dc,
+                                     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
+                                     const at::Tensor& b_hh, const at::Tensor& w_hr, const at::Tensor& lengths,
+                                     bool reverse, const at::Tensor& ws, const std::vector<bool>& need) {
+  (void)c0;
+  const Shape d = shape_of(cell, x, w_hh, h0);
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqkern_rnn_backward_cpu", [&] {
+    out = backward_typed<scalar_t>(d, dy.contiguous(), dh.contiguous(), contig(dc), x.contiguous(),
+                                   w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh, contig(w_hr), contig(lengths),
+                                   reverse, ws.contiguous(), need);
+  });
+  return out;
+}
+
+}  // namespace seqkern::cpu

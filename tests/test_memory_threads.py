@@ -1,0 +1,150 @@
+"""Memory and threads.
+
+- Peak memory of attention forward+backward on the `cpu` backend grows linearly
+  with the sequence length: measured with the profiler's allocation events (every
+  ATen CPU allocation and free, in order) at two lengths.
+- Step-mode RWKV (one token at a time with a state) holds constant memory in the
+  number of tokens.
+- Several Python threads calling the ops at once get the results of serial calls.
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from reliability import TYPICAL, backends_for, forward_backward, landed, require_family, require_layer
+
+
+def peak_bytes(fn):
+    """Peak of live bytes allocated by ATen on the CPU while ``fn`` runs, above the start."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_peak_bytes_sees_a_quadratic_allocation():
+    # the measuring stick itself: the naive attention's N x N matrix must show up
+    def naive(n):
+        q = torch.randn(1, 1, n, 16, requires_grad=True)
+        return lambda: (torch.softmax(q @ q.transpose(-1, -2), -1) @ q).sum().backward()
+
+    small, large = peak_bytes(naive(512)), peak_bytes(naive(1024))
+    assert small >= 512 * 512 * 4
+    assert large / small > 3.5
+
+
+def attention_fwd_bwd(n, backend):
+    q, k, v = (torch.randn(1, 1, n, 32, requires_grad=True) for _ in range(3))
+    do = torch.randn(1, 1, n, 32)
+
+    def run():
+        from seqkern import functional as SF
+
+        o = SF.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
+        torch.autograd.grad(o, (q, k, v), do)
+    return run
+
+
+def test_attention_cpu_peak_memory_linear_in_sequence_length():
+    require_family("attention")
+    if "cpu" not in backends_for("scaled_dot_product_attention"):
+        pytest.fail("the cpu backend of attention is not available")
+    attention_fwd_bwd(64, "cpu")()  # warm up: one-time allocations stay out of the measurement
+    small, large = peak_bytes(attention_fwd_bwd(1024, "cpu")), peak_bytes(attention_fwd_bwd(2048, "cpu"))
+    # linear: x2 for twice the length; an N x N score matrix would make it x4 (and 16 MB at 2048)
+    assert large / small < 2.6, f"peak {small} B at N=1024, {large} B at N=2048: not linear"
+    assert large < 2048 * 2048 * 4, f"peak {large} B at N=2048 holds an N x N fp32 matrix"
+
+
+def step_peak(op_tokens):
+    """Peak live bytes while feeding ``op_tokens`` tokens one at a time through wkv4 with a state."""
+    from seqkern import functional as SF
+
+    C = 256
+    w, u = torch.randn(C) - 1, torch.randn(C)
+    ks, vs = torch.randn(1, op_tokens, C), torch.randn(1, op_tokens, C)
+
+    def run():
+        state = None
+        with torch.no_grad():
+            for t in range(op_tokens):
+                _, state = SF.wkv4(w, u, ks[:, t:t + 1], vs[:, t:t + 1], state, backend="cpu")
+    return peak_bytes(run)
+
+
+def test_wkv_step_mode_memory_constant_in_tokens():
+    require_family("wkv")
+    if "cpu" not in backends_for("wkv4"):
+        pytest.fail("the cpu backend of wkv4 is not available")
+    short, long = step_peak(16), step_peak(128)
+    assert long <= short + 4096, f"step mode: peak {short} B over 16 tokens, {long} B over 128"
+
+
+def test_rwkv_block_step_mode_memory_constant_in_tokens():
+    require_layer("RWKV4Block")
+    from seqkern import nn as snn
+
+    torch.manual_seed(0)
+    block = snn.RWKV4Block(64, 256, 0).eval()
+    x = torch.randn(1, 128, 64)
+
+    def steps(n):
+        def run():
+            state = None
+            with torch.no_grad():
+                for t in range(n):
+                    _, state = block(x[:, t:t + 1], state)
+        return run
+
+    steps(2)()
+    short, long = peak_bytes(steps(16)), peak_bytes(steps(128))
+    assert long <= short + 4096, f"RWKV4Block step mode: peak {short} B over 16 tokens, {long} B over 128"
+
+
+# ---------------------------------------------------------------------------
+# threads
+# ---------------------------------------------------------------------------
+
+def thread_cases():
+    return [pytest.param(op, be, id=f"{op}-{be}") for op in TYPICAL for be in backends_for(op) if be != "triton"]
+
+
+@pytest.mark.parametrize("op,backend", thread_cases())
+def test_threads_equal_serial(op, backend):
+    dtype = torch.float32
+    jobs = []
+    for i in range(6):
+        torch.manual_seed(100 + i)
+        family, call, args = TYPICAL[op](dtype)
+        jobs.append((call, args))
+    require_family(family)
+    serial = [forward_backward(call, args, backend) for call, args in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(2):
+            parallel = list(pool.map(lambda j: forward_backward(j[0], j[1], backend), jobs))
+            for i, ((o1, g1), (o2, g2)) in enumerate(zip(serial, parallel)):
+                for a, b in zip(o1 + g1, o2 + g2):
+                    assert torch.equal(a, b), f"{op}/{backend}: job {i} differs when run in threads"
+
+
+def test_every_op_in_threads_at_once_equals_serial():
+    """All ops and backends at the same time, each in its own thread, twice over."""
+    jobs = []
+    for op, make in TYPICAL.items():
+        family, call, args = make(torch.float64)
+        if not landed(family):
+            continue
+        jobs += [(call, args, be) for be in backends_for(op) if be != "triton"]
+    serial = [forward_backward(*j) for j in jobs]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        parallel = list(pool.map(lambda j: forward_backward(*j), jobs + jobs))
+    for i, ((o1, g1), (o2, g2)) in enumerate(zip(serial + serial, parallel)):
+        for a, b in zip(o1 + g1, o2 + g2):
+            assert torch.equal(a, b), f"job {i % len(jobs)} ({jobs[i % len(jobs)][2]}) differs when run in threads"

@@ -1,0 +1,374 @@
+"""Recurrent ops (rnn, lstm, gru and cells): the reference vs torch.nn with copied weights,
+every backend vs the reference (outputs, final states, every gradient), gradcheck,
+opcheck, lengths and reverse, errors."""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import seqkern
+from seqkern import functional as SF
+from seqkern.ops import rnn as R
+
+from helpers import TOL, backend_param, require
+
+F64 = torch.float64
+# fused backends of this family that exist so far (cpu C++ and triton land next)
+FUSED = [backend_param("cpu")]
+REF_CPU = ["reference"] + FUSED[:1]
+
+
+def layer_weights(mod, suffix):
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+    return [getattr(mod, f"{n}_l0{suffix}", None) for n in names]
+
+
+def call(kind, x, h0, c0, w, **kw):
+    """Runs SF.<kind> with the weights list [w_ih, w_hh, b_ih, b_hh, w_hr]; returns (y, h_T, c_T or None)."""
+    if kind == "lstm":
+        y, (h, c) = SF.lstm(x, (h0, c0), *w[:4], w[4], **kw)
+        return y, h, c
+    if kind == "gru":
+        y, h = SF.gru(x, h0, *w[:4], **kw)
+        return y, h, None
+    y, h = SF.rnn(x, h0, *w[:4], nonlinearity=kind.split("_")[1], **kw)
+    return y, h, None
+
+
+def torch_module(kind, I, H, **kw):
+    if kind == "lstm":
+        return torch.nn.LSTM(I, H, dtype=F64, **kw)
+    if kind == "gru":
+        return torch.nn.GRU(I, H, dtype=F64, **kw)
+    return torch.nn.RNN(I, H, nonlinearity=kind.split("_")[1], dtype=F64, **kw)
+
+
+KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+
+
+# ---------------------------------------------------------------------------
+# reference vs torch.nn
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,proj", [("lstm", 0), ("lstm", 3), ("gru", 0), ("rnn_tanh", 0), ("rnn_relu", 0)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_matches_torch_bidirectional(kind, proj, bias):
+    T, Bsz, I, H = 6, 3, 5, 7
+    kw = dict(proj_size=proj) if proj else {}
+    mod = torch_module(kind, I, H, bias=bias, bidirectional=True, **kw)
+    P = proj or H
+    x = torch.randn(T, Bsz, I, dtype=F64)
+    h0 = torch.randn(2, Bsz, P, dtype=F64)
+    c0 = torch.randn(2, Bsz, H, dtype=F64)
+    with torch.no_grad():
+        if kind == "lstm":
+            yt, (ht, ct) = mod(x, (h0, c0))
+        else:
+            yt, ht = mod(x, h0)
+        yf, hf, cf = call(kind, x, h0[0], c0[0], layer_weights(mod, ""), backend="reference")
+        yb, hb, cb = call(kind, x, h0[1], c0[1], layer_weights(mod, "_reverse"), reverse=True, backend="reference")
+    assert seqkern.last_backend(kind.split("_")[0]) == "reference"
+    torch.testing.assert_close(torch.cat((yf, yb), -1), yt)
+    torch.testing.assert_close(torch.stack((hf, hb)), ht)
+    if kind == "lstm":
+        torch.testing.assert_close(torch.stack((cf, cb)), ct)
+
+
+@pytest.mark.parametrize("kind,proj", [("lstm", 0), ("lstm", 2), ("gru", 0), ("rnn_tanh", 0)])
+@pytest.mark.parametrize("sorted_", [True, False])
+def test_reference_lengths_match_packed_sequence(kind, proj, sorted_):
+    T, I, H = 7, 4, 5
+    lengths = torch.tensor([7, 5, 5, 2, 1]) if sorted_ else torch.tensor([3, 7, 1, 5, 2])
+    Bsz = len(lengths)
+    kw = dict(proj_size=proj) if proj else {}
+    mod = torch_module(kind, I, H, bidirectional=True, **kw)
+    P = proj or H
+    x = torch.randn(T, Bsz, I, dtype=F64)
+    h0, c0 = torch.randn(2, Bsz, P, dtype=F64), torch.randn(2, Bsz, H, dtype=F64)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=sorted_)
+    with torch.no_grad():
+        out, hn = mod(packed, (h0, c0)) if kind == "lstm" else mod(packed, h0)
+        yt, _ = pad_packed_sequence(out, total_length=T)
+        yf, hf, cf = call(kind, x, h0[0], c0[0], layer_weights(mod, ""), lengths=lengths, backend="reference")
+        yb, hb, cb = call(kind, x, h0[1], c0[1], layer_weights(mod, "_reverse"), lengths=lengths, reverse=True,
+                          backend="reference")
+    torch.testing.assert_close(torch.cat((yf, yb), -1), yt)
+    if kind == "lstm":
+        hn, cn = hn
+        torch.testing.assert_close(torch.stack((cf, cb)), cn)
+    torch.testing.assert_close(torch.stack((hf, hb)), hn)
+
+
+@pytest.mark.parametrize("unbatched", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_reference_cells_match_torch(unbatched, with_state):
+    I, H, Bsz = 4, 6, 3
+    shape = (I,) if unbatched else (Bsz, I)
+    sshape = (H,) if unbatched else (Bsz, H)
+    x = torch.randn(shape, dtype=F64)
+    h, c = torch.randn(sshape, dtype=F64), torch.randn(sshape, dtype=F64)
+    lc, gc = torch.nn.LSTMCell(I, H, dtype=F64), torch.nn.GRUCell(I, H, dtype=F64)
+    with torch.no_grad():
+        w = lambda m: (m.weight_ih, m.weight_hh, m.bias_ih, m.bias_hh)  # noqa: E731
+        got = SF.lstm_cell(x, (h, c) if with_state else None, *w(lc), backend="reference")
+        want = lc(x, (h, c)) if with_state else lc(x)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(SF.gru_cell(x, h if with_state else None, *w(gc), backend="reference"),
+                                   gc(x, h) if with_state else gc(x))
+        for nl in ("tanh", "relu"):
+            rc = torch.nn.RNNCell(I, H, nonlinearity=nl, dtype=F64)
+            torch.testing.assert_close(
+                SF.rnn_cell(x, h if with_state else None, *w(rc), nonlinearity=nl, backend="reference"),
+                rc(x, h) if with_state else rc(x))
+    assert seqkern.last_backend("rnn_cell") == "reference"
+
+
+# ---------------------------------------------------------------------------
+# every backend against the reference
+# ---------------------------------------------------------------------------
+
+def make_inputs(kind, T, Bsz, I, H, proj=0, bias=True, dtype=F64, requires_grad=True, scale=0.5):
+    G = R._GATES[kind]
+    P = proj or H
+    g = lambda *s: (torch.randn(*s, dtype=dtype) * scale).requires_grad_(requires_grad)  # noqa: E731
+    x, h0 = g(T, Bsz, I), g(Bsz, P)
+    c0 = g(Bsz, H) if kind == "lstm" else None
+    w = [g(G * H, I), g(G * H, P), g(G * H) if bias else None, g(G * H) if bias else None,
+         g(P, H) if proj else None]
+    return x, h0, c0, w
+
+
+CASES = [  # kind, T, B, I, H, proj, bias, lengths, reverse
+    ("lstm", 5, 3, 4, 6, 0, True, None, False),
+    ("lstm", 6, 4, 3, 5, 0, False, [6, 2, 0, 4], True),
+    ("lstm", 4, 3, 5, 6, 2, True, [4, 1, 3], False),
+    ("lstm", 5, 2, 3, 7, 3, True, [2, 5], True),
+    ("gru", 5, 3, 4, 6, 0, True, None, True),
+    ("gru", 6, 4, 3, 5, 0, True, [6, 2, 0, 4], False),
+    ("gru", 4, 2, 5, 3, 0, False, [1, 4], True),
+    ("rnn_tanh", 5, 3, 4, 6, 0, True, [5, 3, 1], True),
+    ("rnn_relu", 6, 2, 3, 5, 0, True, None, False),
+    ("rnn_relu", 4, 3, 3, 4, 0, False, [2, 4, 3], True),
+]
+
+
+def run_all(kind, inputs, lengths, reverse, backend):
+    x, h0, c0, w = inputs
+    L = None if lengths is None else torch.tensor(lengths)
+    return call(kind, x, h0, c0, w, lengths=L, reverse=reverse, backend=backend)
+
+
+def leaves(inputs):
+    x, h0, c0, w = inputs
+    return [t for t in [x, h0, c0, *w] if t is not None]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-p{c[5]}-b{int(c[6])}-L{int(c[7] is not None)}-r{int(c[8])}")
+def test_backend_matches_reference_with_grads(backend, dtype, case):
+    require(backend)
+    kind, T, Bsz, I, H, proj, bias, lengths, reverse = case
+    inputs = make_inputs(kind, T, Bsz, I, H, proj, bias, dtype)
+    before = [t.detach().clone() for t in leaves(inputs)]
+    got = run_all(kind, inputs, lengths, reverse, backend)
+    assert seqkern.last_backend(kind.split("_")[0]) == backend
+    want = run_all(kind, inputs, lengths, reverse, "reference")
+    outs = [(a, b) for a, b in zip(got, want) if b is not None]
+    for a, b in outs:
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    cots = [torch.randn_like(b) for _, b in outs]
+    ls = leaves(inputs)
+    g1 = torch.autograd.grad([a for a, _ in outs], ls, cots)
+    g2 = torch.autograd.grad([b for _, b in outs], ls, cots)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    for b, a in zip(before, leaves(inputs)):
+        assert torch.equal(b, a.detach()), "an input was modified"
+
+
+@pytest.mark.parametrize("backend", REF_CPU)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5], CASES[7], CASES[9]],
+                         ids=lambda c: f"{c[0]}-p{c[5]}")
+def test_gradcheck_fp64(backend, case):
+    require(backend)
+    kind, T, Bsz, I, H, proj, bias, lengths, reverse = case
+    inputs = make_inputs(kind, T, Bsz, I, H, proj, bias)
+    n = len(leaves(inputs))
+    x, h0, c0, w = inputs
+
+    def f(*ts):
+        ts = list(ts)
+        xx, hh = ts.pop(0), ts.pop(0)
+        cc = ts.pop(0) if kind == "lstm" else None
+        ww = [None if t is None else ts.pop(0) for t in w]
+        return tuple(o for o in run_all(kind, (xx, hh, cc, ww), lengths, reverse, backend) if o is not None)
+
+    assert len(leaves(inputs)) == n
+    assert torch.autograd.gradcheck(f, tuple(leaves(inputs)))
+
+
+@pytest.mark.parametrize("backend", REF_CPU)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cells_match_one_step_of_the_sequence_op(backend, kind):
+    require(backend)
+    x, h0, c0, w = make_inputs(kind, 1, 3, 4, 5, dtype=F64, requires_grad=False)
+    y, h, c = call(kind, x, h0, c0, w, backend="reference")
+    if kind == "lstm":
+        hc, cc = SF.lstm_cell(x[0], (h0, c0), *w[:4], backend=backend)
+        torch.testing.assert_close(cc, c)
+    elif kind == "gru":
+        hc = SF.gru_cell(x[0], h0, *w[:4], backend=backend)
+    else:
+        hc = SF.rnn_cell(x[0], h0, *w[:4], nonlinearity=kind[4:], backend=backend)
+    torch.testing.assert_close(hc, h)
+    torch.testing.assert_close(y[0], h)
+    assert seqkern.last_backend(kind.split("_")[0] + "_cell") == backend
+
+
+def test_initial_state_none_means_zeros():
+    x, h0, c0, w = make_inputs("lstm", 4, 2, 3, 5, proj=2, requires_grad=False)
+    a = SF.lstm(x, None, *w[:4], w[4], backend="reference")
+    b = SF.lstm(x, (torch.zeros_like(h0), torch.zeros_like(c0)), *w[:4], w[4], backend="reference")
+    c = SF.lstm(x, (None, torch.zeros_like(c0)), *w[:4], w[4], backend="reference")
+    for u, v in ((a, b), (a, c)):
+        torch.testing.assert_close(u[0], v[0])
+        torch.testing.assert_close(u[1][0], v[1][0])
+        torch.testing.assert_close(u[1][1], v[1][1])
+    x, h0, _, w = make_inputs("gru", 4, 2, 3, 5, requires_grad=False)
+    torch.testing.assert_close(SF.gru(x, None, *w[:4])[0], SF.gru(x, torch.zeros_like(h0), *w[:4])[0])
+
+
+@pytest.mark.parametrize("backend", REF_CPU)
+def test_lengths_semantics_and_empty(backend):
+    require(backend)
+    x, h0, c0, w = make_inputs("lstm", 5, 3, 2, 4, requires_grad=False)
+    L = torch.tensor([0, 5, 2])
+    for rev in (False, True):
+        y, (h, c) = SF.lstm(x, (h0, c0), *w[:4], lengths=L, reverse=rev, backend=backend)
+        torch.testing.assert_close(h[0], h0[0])  # length 0: the state passes through
+        torch.testing.assert_close(c[0], c0[0])
+        assert torch.all(y[:, 0] == 0) and torch.all(y[2:, 2] == 0)
+        # a sequence of length 2 equals the first 2 steps on their own
+        y2, (h2, _) = SF.lstm(x[:2, 2:], (h0[2:], c0[2:]), *w[:4], reverse=rev, backend=backend)
+        torch.testing.assert_close(y[:2, 2:], y2)
+        torch.testing.assert_close(h[2:], h2)
+    y, h = SF.gru(x[:0], h0, *make_inputs("gru", 1, 3, 2, 4)[3][:4], backend=backend)
+    assert y.shape == (0, 3, 4)
+    torch.testing.assert_close(h, h0)
+
+
+def test_reverse_equals_flipped_forward():
+    x, h0, _, w = make_inputs("gru", 6, 2, 3, 4, requires_grad=False)
+    yr, hr = SF.gru(x, h0, *w[:4], reverse=True, backend="reference")
+    yf, hf = SF.gru(x.flip(0), h0, *w[:4], backend="reference")
+    torch.testing.assert_close(yr, yf.flip(0))
+    torch.testing.assert_close(hr, hf)
+
+
+# ---------------------------------------------------------------------------
+# registration: opcheck, compile
+# ---------------------------------------------------------------------------
+
+def op_args(kind, backend, save, lengths=None, reverse=False, proj=0, dtype=F64):
+    x, h0, c0, w = make_inputs(kind, 4, 3, 3, 5, proj=proj, dtype=dtype, requires_grad=save)
+    L = None if lengths is None else torch.tensor(lengths)
+    return (kind, x, h0, c0, *w, L, reverse, save, backend)
+
+
+@pytest.mark.parametrize("backend", REF_CPU)
+@pytest.mark.parametrize("kind,proj,lengths,reverse", [
+    ("lstm", 0, None, False), ("lstm", 2, [4, 0, 2], True), ("gru", 0, [1, 4, 3], False), ("rnn_relu", 0, None, True)])
+def test_opcheck(backend, kind, proj, lengths, reverse):
+    require(backend)
+    for save in (True, False):
+        torch.library.opcheck(torch.ops.seqkern.rnn_forward.default,
+                              op_args(kind, backend, save, lengths, reverse, proj))
+    if backend == "reference":
+        return  # the reference's backward is autograd of its loop, not an op
+    args = op_args(kind, backend, True, lengths, reverse, proj)
+    y, h, c, ws = torch.ops.seqkern.rnn_forward(*args)
+    _, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, L, rev, _, _ = args
+    dc = torch.randn_like(c) if kind == "lstm" else None
+    need = [True, True, kind == "lstm", True, True, True, True, proj > 0]
+    bargs = (kind, torch.randn_like(y), torch.randn_like(h), dc, x.detach(), h0.detach(),
+             None if c0 is None else c0.detach(), w_ih.detach(), w_hh.detach(), b_ih.detach(), b_hh.detach(),
+             None if w_hr is None else w_hr.detach(), L, rev, y.detach(), ws.detach(), need, backend)
+    torch.library.opcheck(torch.ops.seqkern.rnn_backward.default, bargs)
+
+
+@pytest.mark.parametrize("backend", REF_CPU)
+def test_compile_fullgraph(backend):
+    require(backend)
+    x, h0, c0, w = make_inputs("lstm", 5, 2, 3, 4, dtype=torch.float32)
+    L = torch.tensor([5, 3])
+
+    def f(x, h0, c0, *w):
+        y, (h, c) = SF.lstm(x, (h0, c0), *w, lengths=L, reverse=True, backend=backend)
+        return y.sum() + h.square().sum() + c.sum()
+
+    args = (x, h0, c0, *w[:4])
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    want = f(*args)
+    torch.testing.assert_close(got, want)
+    g1 = torch.autograd.grad(got, args)
+    g2 = torch.autograd.grad(want, args)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------
+
+def _lstm_bad(**over):
+    x, h0, c0, w = make_inputs("lstm", 3, 2, 4, 5, requires_grad=False)
+    args = dict(x=x, h0=h0, c0=c0, w_ih=w[0], w_hh=w[1], b_ih=w[2], b_hh=w[3], w_hr=None, lengths=None)
+    args.update(over)
+    return lambda: SF.lstm(args["x"], (args["h0"], args["c0"]), args["w_ih"], args["w_hh"], args["b_ih"],
+                           args["b_hh"], args["w_hr"], lengths=args["lengths"])
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(x=torch.randn(2, 4)), ValueError, "x must have shape"),
+    (dict(x=torch.randn(3, 2, 3, dtype=F64)), ValueError, "w_ih"),
+    (dict(h0=torch.randn(2, 4, dtype=F64)), ValueError, "h0"),
+    (dict(h0=torch.randn(1, 2, 5, dtype=F64)), ValueError, "h0"),
+    (dict(c0=torch.randn(3, 5, dtype=F64)), ValueError, "c0"),
+    (dict(w_hh=torch.randn(19, 5, dtype=F64)), ValueError, "w_hh"),
+    (dict(b_ih=torch.randn(7, dtype=F64)), ValueError, "b_ih"),
+    (dict(b_hh=torch.randn(20)), TypeError, "b_hh"),
+    (dict(x=torch.randn(3, 2, 4)), TypeError, "dtype"),
+    (dict(x=torch.ones(3, 2, 4, dtype=torch.long)), TypeError, "x"),
+    (dict(w_hr=torch.randn(5, 5, dtype=F64)), ValueError, "w_hr"),
+    (dict(lengths=torch.tensor([1.0, 2.0])), TypeError, "lengths"),
+    (dict(lengths=torch.tensor([1, 2, 3])), ValueError, "lengths"),
+    (dict(lengths=torch.tensor([1, 4])), ValueError, "lengths"),
+    (dict(lengths=torch.tensor([-1, 2])), ValueError, "lengths"),
+    (dict(h0=torch.randn(2, 5, dtype=F64, device="meta")), ValueError, "h0"),
+])
+def test_bad_input_names_the_argument(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _lstm_bad(**over)()
+
+
+def test_bad_cell_and_mode_inputs():
+    x, h0, _, w = make_inputs("gru", 1, 2, 4, 5, requires_grad=False)
+    with pytest.raises(ValueError, match="x"):
+        SF.gru_cell(x, h0, *w[:4])  # 3-d input to a cell
+    with pytest.raises(ValueError, match="h"):
+        SF.gru_cell(x[0, 0], h0, *w[:4])  # unbatched x with a batched state
+    with pytest.raises(ValueError, match="nonlinearity"):
+        SF.rnn(x, None, *make_inputs("rnn_tanh", 1, 2, 4, 5)[3][:4], nonlinearity="sigmoid")
+    with pytest.raises(TypeError, match="hx"):
+        SF.lstm(x, torch.zeros(2, 5, dtype=F64), *make_inputs("lstm", 1, 2, 4, 5)[3][:4])
+    with pytest.raises(ValueError, match="backend"):
+        SF.gru(x, h0, *w[:4], backend="nope")
+
+
+def test_explicit_backend_that_cannot_serve_raises():
+    x, h0, _, w = make_inputs("gru", 2, 2, 4, 5, dtype=torch.float16, requires_grad=False)
+    with pytest.raises(seqkern.BackendUnavailable, match="cpu"):
+        SF.gru(x, h0, *w[:4], backend="cpu")
+    y, _ = SF.gru(x, h0, *w[:4])  # automatic choice falls through to the reference
+    assert seqkern.last_backend("gru") == "reference" and y.dtype == torch.float16
