@@ -99,7 +99,9 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
 
 inline float exp_approx(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // round to nearest by adding 1.5 * 2^23: plain arithmetic, so the loop vectorises
+  // (std::floor keeps it scalar unless -fno-trapping-math)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -173,6 +175,23 @@ template <typename T>
 inline void copy_row(T* dst, const T* src, int64_t n) { std::memcpy(dst, src, n * sizeof(T)); }
 template <typename T>
 inline void zero_row(T* dst, int64_t n) { std::memset(dst, 0, n * sizeof(T)); }
+
+// One GRU row: gates (in place, pre-activation in, activations out), W_hn h + b_hn, new h.
+// A free function with plain pointer arguments: inside the lambda gcc would not vectorise it.
+template <typename T>
+void gru_gates(T* __restrict gr, const T* __restrict xr, const T* __restrict hp, const T* __restrict b_hn,
+               T* __restrict hn_out, T* __restrict h_out, int64_t H) {
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const T r = sigmoid(gr[j] + xr[j]);
+    const T z = sigmoid(gr[H + j] + xr[H + j]);
+    const T hn = gr[2 * H + j] + b_hn[j];
+    const T n = tanh_(xr[2 * H + j] + r * hn);
+    gr[j] = r; gr[H + j] = z; gr[2 * H + j] = n;
+    hn_out[j] = hn;
+    h_out[j] = (T(1) - z) * n + z * hp[j];
+  }
+}
 
 // ---------------------------------------------------------------------------
 // forward
@@ -256,17 +275,7 @@ void forward_loop(const Shape& d, const T* xw, const T* w_hh, const T* b_hn, con
           const T* hpr = hp + b * H;
           T* hxr = hx + b * H;
           T* hnr = hns + b * H;
-#pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            const T r = sigmoid(gr[j] + xr[j]);
-            const T z = sigmoid(gr[H + j] + xr[H + j]);
-            const T hn = gr[2 * H + j] + (b_hn ? b_hn[j] : T(0));
-            const T n = tanh_(xr[2 * H + j] + r * hn);
-            const T hv = (T(1) - z) * n + z * hpr[j];
-            gr[j] = r; gr[H + j] = z; gr[2 * H + j] = n;
-            hnr[j] = hn;
-            hxr[j] = hv;
-          }
+          gru_gates(gr, xr, hpr, b_hn, hnr, hxr, H);
           copy_row(yr, hxr, H);
         } else {
           T* hxr = hx + b * H;
@@ -316,7 +325,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
   copy_row(buf.h(0), h0.data_ptr<T>(), B * P);
   if (d.cell == Cell::kLSTM) copy_row(buf.c(0), c0.data_ptr<T>(), B * H);
   at::Tensor y = at::empty({d.T, B, P}, opt);
-  const T* b_hn = (d.cell == Cell::kGRU && b_hh.defined()) ? b_hh.data_ptr<T>() + 2 * H : nullptr;
+  // b_hn sits inside r * (W_hn h + b_hn); a zero row when absent keeps the gate loop branch-free
+  const at::Tensor b_hn_t = (d.cell == Cell::kGRU && b_hh.defined()) ? b_hh.narrow(0, 2 * H, H) : at::zeros({H}, opt);
+  const T* b_hn = b_hn_t.data_ptr<T>();
   forward_loop<T>(d, xw.data_ptr<T>(), w_hh.data_ptr<T>(), b_hn, w_hr.defined() ? w_hr.data_ptr<T>() : nullptr,
                   lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr, reverse, buf, y.data_ptr<T>());
   at::Tensor hT = at::empty({B, P}, opt);
@@ -373,6 +384,8 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
   at::Tensor dr_t = proj ? at::empty({TB, P}, opt) : at::Tensor();
   at::Tensor dhc_t = proj ? at::empty({B, H}, opt) : at::Tensor();
   const T* w_hr_p = proj ? w_hr.data_ptr<T>() : nullptr;
+  const at::Tensor zeros_t = at::zeros({H}, opt);
+  const T* zrow = zeros_t.data_ptr<T>();
 
   for (int64_t s = Tn - 1; s >= 0; --s) {
     T* dgs = dgh + s * B * GH;
@@ -407,10 +420,12 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
           const T* cn = ws.c + ((s + 1) * B + b) * H;
           const T* cp = ws.c + (s * B + b) * H;
           T* dcr = dcc + b * H;
-          const T* dhcr = proj ? dhc + b * H : nullptr;
+          // dh = dhc (projected) or din + dy: two rows either way, so the loop has no branch
+          const T* da = proj ? dhc + b * H : din;
+          const T* db = proj ? zrow : dyr;
 #pragma omp simd
           for (int64_t j = 0; j < H; ++j) {
-            const T dhv = proj ? dhcr[j] : din[j] + dyr[j];
+            const T dhv = da[j] + db[j];
             const T i = gr[j], f = gr[H + j], g = gr[2 * H + j], o = gr[3 * H + j];
             const T tc = tanh_(cn[j]);
             const T dc = dcr[j] + dhv * o * (T(1) - tc * tc);
