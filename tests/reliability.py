@@ -165,18 +165,19 @@ def require_layer(name: str):
         pytest.skip(f"seqkern.nn.{name} is still a placeholder")
 
 
-# the family module of each op: its C++ ops are seqkern_C::<family>*, its Triton kernels seqkern.kernels.<family>
-_FAMILY_OF = {"apply_rotary": "rotary", "scaled_dot_product_attention": "attention", "wkv4": "wkv"}
+# per op: (prefix of its C++ ops in seqkern_C, its Triton module in seqkern.kernels)
+_KERNELS_OF = {"apply_rotary": ("rotary", "rotary"), "scaled_dot_product_attention": ("sdpa", "attention"),
+               "wkv4": ("wkv4", "wkv")}
 
 
 def _kernels_exist(op: str, backend: str) -> bool:
     """Whether a registered backend's kernels have been written yet: a family registers its
     backends with its reference, before the C++ and Triton kernels land."""
-    family = _FAMILY_OF.get(op, "rnn")
+    c_prefix, triton_module = _KERNELS_OF.get(op, ("rnn", "rnn"))
     if backend == "cpu":
-        return any(n.startswith(f"seqkern_C::{family}") for n in torch._C._dispatch_get_all_op_names())
+        return any(n.startswith(f"seqkern_C::{c_prefix}") for n in torch._C._dispatch_get_all_op_names())
     if backend == "triton":
-        return importlib.util.find_spec(f"seqkern.kernels.{family}") is not None
+        return importlib.util.find_spec(f"seqkern.kernels.{triton_module}") is not None
     return True
 
 

@@ -191,16 +191,16 @@ def _logits(scale, L=6, S=9, E=4):
 
 
 ATTENTION = [
-    ("rank-q", lambda: _sdpa(q=torch.randn(8)), "q"),
-    ("size-k-E", lambda: _sdpa(k=torch.randn(2, 4, 7, 6)), "k"),
-    ("size-v-S", lambda: _sdpa(v=torch.randn(2, 4, 6, 8)), "v"),
-    ("heads-gqa", lambda: _sdpa(k=torch.randn(2, 3, 7, 8), v=torch.randn(2, 3, 7, 8), enable_gqa=True), "k"),
+    ("rank-q", lambda: _sdpa(q=torch.randn(8)), "query"),
+    ("size-k-E", lambda: _sdpa(k=torch.randn(2, 4, 7, 6)), "key"),
+    ("size-v-S", lambda: _sdpa(v=torch.randn(2, 4, 6, 8)), "value"),
+    ("heads-gqa", lambda: _sdpa(k=torch.randn(2, 3, 7, 8), v=torch.randn(2, 3, 7, 8), enable_gqa=True), "key"),
     ("mask-shape", lambda: _sdpa(mask=torch.ones(5, 6, dtype=torch.bool)), "attn_mask"),
     ("mask-and-causal", lambda: _sdpa(mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True), "attn_mask"),
-    ("dtype-v", lambda: _sdpa(v=torch.randn(2, 4, 7, 8, dtype=torch.float64)), "v"),
-    ("int-q", lambda: _sdpa(q=torch.ones(2, 4, 5, 8, dtype=torch.int64)), "q"),
+    ("dtype-v", lambda: _sdpa(v=torch.randn(2, 4, 7, 8, dtype=torch.float64)), "value"),
+    ("int-q", lambda: _sdpa(q=torch.ones(2, 4, 5, 8, dtype=torch.int64)), "query"),
     ("int-mask", lambda: _sdpa(mask=torch.ones(5, 7, dtype=torch.int64)), "attn_mask"),
-    ("device-k", lambda: _sdpa(k=torch.randn(2, 4, 7, 8, device="meta")), "k"),
+    ("device-k", lambda: _sdpa(k=torch.randn(2, 4, 7, 8, device="meta")), "key"),
     ("dropout-p", lambda: _sdpa(dropout_p=1.5), "dropout_p"),
     ("nan-q", lambda: _sdpa(q=poke(torch.randn(2, 4, 5, 8), float("nan"), 11)), "reference"),
     ("inf-k", lambda: _sdpa(k=poke(torch.randn(2, 4, 7, 8), float("inf"), 5)), "reference"),
