@@ -64,7 +64,7 @@ def pytest_generate_tests(metafunc):
 def pytest_benchmark_update_machine_info(config, machine_info):
     st = config._seqkern_bench
     info = harness.machine_description(st["device"])
-    info.update(size=st["size"], peaks=st["peaks"], skipped=list(harness.SKIPPED))
+    info.update(size=st["size"], peaks=st["peaks"], skipped=list(harness.SKIPPED), failed=list(harness.FAILED))
     machine_info["seqkern"] = info
 
 

@@ -297,6 +297,7 @@ class _Cache:
 
 _CACHE = _Cache()
 SKIPPED: List[dict] = []      # (case, impl, reason) of every skip, for the report
+FAILED: List[dict] = []       # likewise for implementations that raised: a bug, shown in the report
 
 
 def _with_grad(inp: dict, keys: Sequence[str], mode: str) -> dict:
@@ -373,6 +374,8 @@ def run(benchmark, family, case: Case, impl: str, config=None) -> None:
             _skip(case, impl, f"torch cannot run this case with this SDPA backend ({str(e).splitlines()[0][:160]})")
         if isinstance(e, torch.cuda.OutOfMemoryError if torch.cuda.is_available() else MemoryError):
             _skip(case, impl, "out of memory")
+        FAILED.append({"group": case.group, "family": case.family, "impl": impl,
+                       "reason": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"})
         raise
     if case.mode == "fwdbwd" and _CACHE.grad_outputs is None:
         _CACHE.grad_outputs = call.state["gy"]
@@ -386,7 +389,12 @@ def run(benchmark, family, case: Case, impl: str, config=None) -> None:
         extra["err_note"] = ref
     else:
         (ref_vals, ref_impl) = ref
-        extra["err_abs"], extra["err_rel"] = max_error(got, ref_vals)
+        try:
+            extra["err_abs"], extra["err_rel"] = max_error(got, ref_vals)
+        except Exception as e:  # noqa: BLE001  (outputs that cannot be compared are a bug: fail, reported)
+            FAILED.append({"group": case.group, "family": case.family, "impl": impl,
+                           "reason": f"against the reference: {type(e).__name__}: {e}"[:240]})
+            raise
         extra["err_ref"] = f"{ref_impl} fp64"
     del got
     extra["peak_mem_bytes"] = peak_memory(call, case.device)

@@ -223,6 +223,11 @@ def markdown(cases: List[dict], metas: List[dict]) -> str:
             seen.add(key)
             lines.append(f"- {s['family']} / {s['impl']}: {s['reason']}")
         lines.append("")
+    failed = [f for m in metas for f in (m.get("failed") or [])]
+    if failed:
+        lines += ["## Failed", ""]
+        lines += [f"- {f['group']} / {f['impl']}: {f['reason']}" for f in failed]
+        lines.append("")
     notes = sorted({e["err_note"] for c in cases for e in c["impls"] if e.get("err_note")})
     if notes:
         lines += ["Errors not measured where: " + "; ".join(notes), ""]
