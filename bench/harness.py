@@ -261,7 +261,11 @@ def machine_description(device: str) -> dict:
     import platform
 
     d = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-         "cpu": platform.processor() or platform.machine()}
+         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    try:  # other processes' load skews CPU timings: the report says how busy the machine was
+        d["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
         d.update(gpu=p.name, cuda=torch.version.cuda, sm=f"{p.major}{p.minor}", sms=p.multi_processor_count)
