@@ -43,13 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     pb = sub.add_parser("bench", help="run the speed report (bench/report.py); extra arguments pass through",
                         add_help=False)
     pb.add_argument("rest", nargs=argparse.REMAINDER)
-    args, extra = parser.parse_known_args(argv)
-    if args.cmd == "info":
-        return _info()
-    if args.cmd == "bench":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        # Everything after `bench` goes to seqkern.bench in its own order: argparse's REMAINDER
+        # splits `--family all` into unknown `--family` and rest `all`, and rejoining them reorders.
         from seqkern import bench
 
-        return bench.main(list(args.rest) + list(extra))
+        return bench.main(argv[1:])
+    args = parser.parse_args(argv)
+    if args.cmd == "info":
+        return _info()
     return 2
 
 

@@ -1,3 +1,442 @@
-"""Placeholder: being written (see issues)."""
-def scaled_dot_product_attention(*a, **k):
-    raise NotImplementedError
+"""Scaled dot-product attention with torch's signature and semantics.
+
+    o = scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                     scale=None, enable_gqa=False, *, backend=None)
+
+q: (..., Hq, L, E), k: (..., Hk, S, E), v: (..., Hk, S, Ev); leading dims broadcast as in
+torch. ``attn_mask``: bool (True = takes part) or additive float of q's dtype, broadcastable
+to (..., Hq, L, S). ``is_causal``: query i sees keys j <= i (top-left alignment when L != S,
+as torch). ``enable_gqa``: Hq a multiple of Hk, query head h reads key/value head h // (Hq/Hk).
+
+Differences from torch, on purpose (DESIGN.md "Numerics"): a row that every mask entry
+excludes gives output 0 and gradient 0 (torch gives NaN).
+
+Every backend computes the same thing: the log-sum-exp form of softmax, which never
+overflows for large logits,
+
+    lse_i = m_i + log sum_j exp(s_ij - m_i),  P_ij = exp(s_ij - lse_i),  O = (P * Z) V
+
+where Z is the dropout mask scaled by 1/(1-p). Z is not drawn with torch's RNG but from a
+counter-based hash of (seed, row, column) (:func:`dropout_keep`) that every backend evaluates
+identically, so the backward regenerates the forward's mask bit for bit and backends agree.
+The fused backends save only O and lse; their backward recomputes P from lse and uses
+rowsum(dO * O) = rowsum(P * dP) (FlashAttention-2).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends as B
+
+OP = "scaled_dot_product_attention"
+_CPU_DTYPES = (torch.float32, torch.float64)
+_GPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256  # Triton/CUDA tile limit (cpu and reference have none)
+
+# ---------------------------------------------------------------------------
+# dropout mask shared by every backend
+# ---------------------------------------------------------------------------
+# The hash is lowbias32 (C. Wellons); constants and the keep rule are part of the contract
+# between backends: csrc/cpu/attention.cpp, csrc/cuda/attention.cu and kernels/attention.py
+# evaluate exactly these integer operations.
+_M32 = 0xFFFFFFFF
+HASH_C1 = 0x7FEB352D
+HASH_C2 = 0x846CA68B
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    # (x * c) mod 2**32 for x < 2**32 in int64 without signed overflow: split c in 16-bit halves
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, HASH_C1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, HASH_C2)
+    return x ^ (x >> 16)
+
+
+def dropout_threshold(p: float) -> int:
+    """A 24-bit draw u = hash >> 8 keeps its element when u >= this threshold."""
+    return min(1 << 24, int(round(p * (1 << 24))))
+
+
+def dropout_keep(seed: int, BH: int, L: int, S: int, device=None) -> Tensor:
+    """Bool keep-mask (BH, L, S) of the element (row r = bh * L + i, column j):
+    hash = mix32(mix32((r mod 2**32) ^ seed) ^ j); keep when (hash >> 8) >= dropout_threshold(p)
+    -- returned here as the 24-bit draw so that callers compare with their threshold."""
+    rows = torch.arange(BH * L, dtype=torch.int64, device=device) & _M32
+    rh = _mix32(rows ^ (seed & _M32)).view(BH, L, 1)
+    cols = torch.arange(S, dtype=torch.int64, device=device).view(1, 1, S)
+    return _mix32(rh ^ cols) >> 8
+
+
+# ---------------------------------------------------------------------------
+# validation and canonical form (B, H, L, E)
+# ---------------------------------------------------------------------------
+
+def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., L, E) with at least 2 dims, got {tuple(t.shape)}")
+    for name, t in (("key", k), ("value", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but query has dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {q.device}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"key must have the embedding size E={q.shape[-1]} of query, got {tuple(k.shape)}")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"value must have the sequence length S={k.shape[-2]} of key, got {tuple(v.shape)}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            raise TypeError(f"attn_mask must be bool or have query's dtype {q.dtype}, got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {q.device}")
+        if is_causal:
+            raise ValueError("attn_mask and is_causal cannot both be set (as in torch): pass one of them")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+
+
+def _canonical(q, k, v, attn_mask, enable_gqa):
+    """Views (Bf, Hq, L, E), (Bf, Hk, S, E), (Bf, Hk, S, Ev), the mask as a 4-D additive tensor whose
+    dims are 1 or full (or None), and the output's shape."""
+    L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    q3, k3, v3 = (t if t.dim() >= 3 else t.unsqueeze(0) for t in (q, k, v))
+    try:
+        batch = torch.broadcast_shapes(q3.shape[:-3], k3.shape[:-3], v3.shape[:-3])
+    except RuntimeError:
+        raise ValueError(f"the batch dims of query {tuple(q.shape)}, key {tuple(k.shape)} and value "
+                         f"{tuple(v.shape)} do not broadcast") from None
+    Hq, Hk, Hv = q3.shape[-3], k3.shape[-3], v3.shape[-3]
+    if enable_gqa:
+        if Hk != Hv:
+            raise ValueError(f"enable_gqa: key and value must have the same number of heads, got {Hk} and {Hv}")
+        if Hk == 0 or Hq % Hk:
+            raise ValueError(f"enable_gqa: query heads {Hq} must be a multiple of key/value heads {Hk}")
+    else:
+        try:
+            H = torch.broadcast_shapes((Hq,), (Hk,), (Hv,))[0]
+        except RuntimeError:
+            raise ValueError(f"the head dims of query ({Hq}), key ({Hk}) and value ({Hv}) differ "
+                             "(pass enable_gqa=True for grouped-query attention)") from None
+        Hq = Hk = H
+    Bf = math.prod(batch)
+    qc = q3.expand(*batch, Hq, L, E).reshape(Bf, Hq, L, E)
+    kc = k3.expand(*batch, Hk, S, E).reshape(Bf, Hk, S, E)
+    vc = v3.expand(*batch, Hk, S, Ev).reshape(Bf, Hk, S, Ev)
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2] if not enable_gqa else q.shape[:-2],
+                                  v.shape[:-2] if not enable_gqa else q.shape[:-2])
+    out_shape = (*lead, L, Ev)
+    mask = None
+    if attn_mask is not None:
+        full = (*batch, Hq, L, S)
+        try:
+            torch.broadcast_shapes(attn_mask.shape, full)
+            if len(attn_mask.shape) > len(full):
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"(..., L, S) = {full}") from None
+        m = attn_mask
+        if m.dtype == torch.bool:
+            m = torch.where(m, torch.zeros((), dtype=q.dtype, device=q.device),
+                            torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+        m = m.reshape((1,) * (len(full) - m.dim()) + tuple(m.shape))
+        if all(d == 1 for d in m.shape[:-3]):
+            mask = m.reshape(1, *m.shape[-3:])
+        else:
+            mask = m.expand(*batch, *m.shape[-3:]).reshape(Bf, *m.shape[-3:])
+    return qc, kc, vc, mask, out_shape
+
+
+# ---------------------------------------------------------------------------
+# reference (plain PyTorch from the equations)
+# ---------------------------------------------------------------------------
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scores(q, k, mask, is_causal, scale):
+    """s (B, Hq, L, S) in the accumulation dtype, -inf where excluded; GQA by repeating k heads."""
+    acc = _acc_dtype(q.dtype)
+    G = q.shape[1] // max(k.shape[1], 1)
+    kk = k.to(acc).repeat_interleave(G, dim=1) if G > 1 else k.to(acc)
+    s = torch.matmul(q.to(acc), kk.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask.to(acc)
+    if is_causal:
+        L, S = s.shape[-2], s.shape[-1]
+        allowed = torch.ones(L, S, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~allowed, float("-inf"))
+    return s
+
+
+def _dropout_scale(shape, dropout_p, seed, device, dtype):
+    """Z = keep / (1 - p) of shape (B, H, L, S), or None without dropout."""
+    if dropout_p <= 0.0:
+        return None
+    Bf, H, L, S = shape
+    if dropout_p >= 1.0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    keep = dropout_keep(seed, Bf * H, L, S, device) >= dropout_threshold(dropout_p)
+    return keep.view(shape).to(dtype) / (1.0 - dropout_p)
+
+
+def _softmax_lse(s):
+    """P and lse of scores s; rows with no finite score give P = 0 and lse = -inf."""
+    if s.shape[-1] == 0:  # no keys (S = 0): every row is fully masked
+        return torch.zeros_like(s), s.new_full(s.shape[:-1], float("-inf")).detach()
+    m = s.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    P = p / torch.where(l > 0, l, torch.ones_like(l))
+    lse = (m + torch.log(l)).squeeze(-1)
+    return P, lse
+
+
+def sdpa_reference_canonical(q, k, v, mask, dropout_p, is_causal, scale, seed):
+    """Canonical-form reference: returns (O in q's dtype, lse in the accumulation dtype)."""
+    acc = _acc_dtype(q.dtype)
+    s = _scores(q, k, mask, is_causal, scale)
+    P, lse = _softmax_lse(s)
+    Z = _dropout_scale(P.shape, dropout_p, seed, q.device, acc)
+    if Z is not None:
+        P = P * Z
+    G = q.shape[1] // max(k.shape[1], 1)
+    vv = v.to(acc).repeat_interleave(G, dim=1) if G > 1 else v.to(acc)
+    return torch.matmul(P, vv).to(q.dtype), lse
+
+
+def sdpa_reference_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, need_dmask=False):
+    """The backward from the equations, P recomputed from lse (what the fused kernels do)."""
+    acc = _acc_dtype(q.dtype)
+    s = _scores(q, k, mask, is_causal, scale)
+    lse_ = lse.to(acc).unsqueeze(-1)
+    P = torch.where(torch.isfinite(lse_), torch.exp(s - torch.where(torch.isfinite(lse_), lse_, 0)), 0)
+    Bf, Hk = k.shape[0], k.shape[1]
+    Hq = q.shape[1]
+    G = Hq // max(Hk, 1)
+    kk = k.to(acc).repeat_interleave(G, dim=1) if G > 1 else k.to(acc)
+    vv = v.to(acc).repeat_interleave(G, dim=1) if G > 1 else v.to(acc)
+    do = dout.to(acc)
+    Z = _dropout_scale(P.shape, dropout_p, seed, q.device, acc)
+    dP = torch.matmul(do, vv.transpose(-1, -2))
+    Pd = P
+    if Z is not None:
+        dP = dP * Z
+        Pd = P * Z
+    Drow = (do * out.to(acc)).sum(-1, keepdim=True)
+    dS = P * (dP - Drow)
+    dq = torch.matmul(dS, kk) * scale
+    dk = torch.matmul(dS.transpose(-1, -2), q.to(acc)) * scale
+    dv = torch.matmul(Pd.transpose(-1, -2), do)
+    if G > 1:
+        dk = dk.view(Bf, Hk, G, *dk.shape[2:]).sum(2)
+        dv = dv.view(Bf, Hk, G, *dv.shape[2:]).sum(2)
+    dmask = None
+    if need_dmask:
+        dims = [d for d in range(4) if mask.shape[d] == 1 and dS.shape[d] != 1]
+        dmask = (dS.sum(dims, keepdim=True) if dims else dS).to(mask.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
+
+
+def _draw_seed(dropout_p) -> int:
+    if dropout_p <= 0.0:
+        return 0
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+def scaled_dot_product_attention_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                           scale=None, enable_gqa=False, *, seed: Optional[int] = None) -> Tensor:
+    """Plain PyTorch from the equations (differentiable in every argument, twice)."""
+    _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    q, k, v, mask, out_shape = _canonical(query, key, value, attn_mask, enable_gqa)
+    sc = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    seed = _draw_seed(dropout_p) if seed is None else seed
+    out, _ = sdpa_reference_canonical(q, k, v, mask, float(dropout_p), is_causal, sc, seed)
+    return out.reshape(out_shape)
+
+
+# ---------------------------------------------------------------------------
+# backend kernels: forward -> (O, lse), backward -> (dq, dk, dv)
+# ---------------------------------------------------------------------------
+
+def _cpu_fwd(q, k, v, mask, dropout_p, is_causal, scale, seed):
+    return torch.ops.seqkern_C.sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, seed)
+
+
+def _cpu_bwd(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed):
+    return torch.ops.seqkern_C.sdpa_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed)
+
+
+def _triton_fwd(q, k, v, mask, dropout_p, is_causal, scale, seed):
+    from seqkern.kernels import attention as K
+
+    return K.attention_forward(q, k, v, mask, dropout_p, is_causal, scale, seed)
+
+
+def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed):
+    from seqkern.kernels import attention as K
+
+    return K.attention_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed)
+
+
+def _ref_fwd(q, k, v, mask, dropout_p, is_causal, scale, seed):
+    out, lse = sdpa_reference_canonical(q, k, v, mask, dropout_p, is_causal, scale, seed)
+    return out.contiguous(), lse.contiguous()
+
+
+def _ref_bwd(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed):
+    dq, dk, dv, _ = sdpa_reference_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+_FWD = {"reference": _ref_fwd, "cpu": _cpu_fwd, "cuda": _cpu_fwd, "triton": _triton_fwd}
+_BWD = {"reference": _ref_bwd, "cpu": _cpu_bwd, "cuda": _cpu_bwd, "triton": _triton_bwd}
+
+
+@torch.library.custom_op("seqkern::sdpa_forward", mutates_args=())
+def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+                  scale: float, seed: int, backend: str) -> Tuple[Tensor, Tensor]:
+    out, lse = _FWD[backend](q, k, v, mask, dropout_p, is_causal, scale, seed)
+    return out, lse
+
+
+@_sdpa_forward.register_fake
+def _(q, k, v, mask, dropout_p, is_causal, scale, seed, backend):
+    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=_acc_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("seqkern::sdpa_backward", mutates_args=())
+def _sdpa_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
+                   dropout_p: float, is_causal: bool, scale: float, seed: int,
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _BWD[backend](dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed)
+    return dq, dk, dv
+
+
+@_sdpa_backward.register_fake
+def _(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, backend):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, dropout_p, is_causal, scale, seed, backend = inputs
+    out, lse = output
+    ctx.args = (dropout_p, is_causal, scale, seed, backend)
+    ctx.save_for_backward(q, k, v, mask, out, lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, mask, out, lse = ctx.saved_tensors
+    dropout_p, is_causal, scale, seed, backend = ctx.args
+    if backend != "reference":
+        B.check_no_double_backward(OP, backend)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _sdpa_backward(dout.contiguous(), q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed,
+                                backend)
+    dmask = None
+    if mask is not None and ctx.needs_input_grad[3]:
+        # the fused kernels never form dS; the rare gradient w.r.t. an additive mask comes from the equations
+        dmask = sdpa_reference_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed,
+                                        need_dmask=True)[3]
+    return dq, dk, dv, dmask, None, None, None, None, None
+
+
+_sdpa_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# what each backend supports (called with the canonical tensors)
+# ---------------------------------------------------------------------------
+
+def _ext_has_op() -> Tuple[bool, str]:
+    # checked once at import (selection must stay traceable): an extension built before the
+    # attention kernels existed has no such op
+    try:
+        return (B.extension() is not None and hasattr(torch.ops.seqkern_C, "sdpa_forward")), \
+            "seqkern._C has no sdpa_forward (rebuild the extension)"
+    except Exception as e:  # noqa: BLE001
+        return False, f"seqkern._C lookup failed: {e}"
+
+
+_EXT_OP, _EXT_OP_REASON = _ext_has_op()
+
+
+def _supports_cpu(q, k, v, mask, dropout_p=0.0, is_causal=False):
+    if not _EXT_OP:
+        return False, _EXT_OP_REASON
+    if q.device.type != "cpu":
+        return False, f"inputs are on {q.device.type}, this backend runs on cpu"
+    if q.dtype not in _CPU_DTYPES:
+        return False, f"dtype {q.dtype} not supported (supports float32, float64)"
+    return True, ""
+
+
+def _supports_gpu(device_types):
+    def supports(q, k, v, mask, dropout_p=0.0, is_causal=False):
+        if q.device.type not in device_types:
+            return False, f"inputs are on {q.device.type}, this backend runs on {'/'.join(device_types)}"
+        if "cpu" not in device_types and not _EXT_OP:
+            return False, _EXT_OP_REASON
+        if q.dtype not in _GPU_DTYPES:
+            return False, f"dtype {q.dtype} not supported"
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            return False, "bf16 is computed wrongly by the Triton interpreter"
+        if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+            return False, f"head dim {max(q.shape[-1], v.shape[-1])} over the limit {MAX_HEAD_DIM}"
+        return True, ""
+    return supports
+
+
+B.register(OP, "reference", lambda *a, **kw: (True, ""))
+B.register(OP, "cpu", _supports_cpu)
+B.register(OP, "triton", _supports_gpu(("cuda", "cpu")))
+B.register(OP, "cuda", _supports_gpu(("cuda",)))
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention on a seqkern backend (see the module docstring)."""
+    _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    q, k, v, mask, out_shape = _canonical(query, key, value, attn_mask, enable_gqa)
+    sc = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    name = B.select(OP, backend, q, k, v, mask, dropout_p, is_causal)
+    seed = _draw_seed(dropout_p)
+    if name == "reference":
+        out, _ = sdpa_reference_canonical(q, k, v, mask, dropout_p, is_causal, sc, seed)
+    else:
+        out, _ = _sdpa_forward(q, k, v, mask, dropout_p, is_causal, sc, seed, name)
+    return out.reshape(out_shape)
