@@ -123,6 +123,26 @@ def test_compile_recurrent_layers_and_cells(backend):
     assert seqkern.last_backend("lstm") == backend
 
 
+def test_compile_after_replace_modules_where_torch_graph_breaks():
+    """torch.compile(fullgraph=True) refuses torch's own RNN modules (Dynamo: "Attempted to
+    wrap RNN, GRU, or LSTM"); the same model after seqkern.replace_modules compiles."""
+    need_layers()
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"lstm": torch.nn.LSTM(4, 4, batch_first=True),
+                                 "mha": torch.nn.MultiheadAttention(4, 2, batch_first=True)}).double()
+
+    def fn(x):
+        y, _ = model["lstm"](x)
+        return model["mha"](y, y, y, need_weights=False)[0]
+
+    x = rand(2, 3, 4)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_rnn=False), pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(fn, fullgraph=True, backend="eager")(x)
+    seqkern.replace_modules(model)
+    check_compiled(fn, (x,), model.parameters())
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_compile_packed_sequence(backend):
     need_layers()
