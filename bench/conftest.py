@@ -45,6 +45,8 @@ def pytest_configure(config):
 def pytest_sessionstart(session):
     cfg = session.config
     st = cfg._seqkern_bench
+    if hasattr(os, "getloadavg"):
+        st["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     if cfg.getoption("collectonly") or cfg.getoption("bench_no_peaks"):
         return
     if st["device"] == "cuda":
@@ -64,7 +66,7 @@ def pytest_generate_tests(metafunc):
 def pytest_benchmark_update_machine_info(config, machine_info):
     st = config._seqkern_bench
     info = harness.machine_description(st["device"])
-    info.update(size=st["size"], peaks=st["peaks"], skipped=list(harness.SKIPPED))
+    info.update(size=st["size"], peaks=st["peaks"], loadavg_start=st.get("loadavg_start"), skipped=list(harness.SKIPPED), failed=list(harness.FAILED))
     machine_info["seqkern"] = info
 
 

@@ -177,7 +177,10 @@ def _peaks_line(metas: List[dict]) -> str:
 def markdown(cases: List[dict], metas: List[dict]) -> str:
     m0 = metas[0] if metas else {}
     when = m0.get("datetime") or _dt.datetime.now(_dt.timezone.utc).isoformat()
-    dev = m0.get("gpu") or f"CPU ({m0.get('cpu', '?')}, {m0.get('threads', '?')} threads)"
+    dev = m0.get("gpu") or f"CPU ({m0.get('cpu', '?')}, {m0.get('cores', '?')} cores, {m0.get('threads', '?')} threads)"
+    if m0.get("loadavg"):
+        start = (m0.get("loadavg_start") or [None])[0]
+        dev += f"; load average {start} at the start of the run, {m0['loadavg'][0]} at the end"
     lines = [f"# seqkern speed report: {m0.get('device', '?')}", "",
              f"- device: {dev}; torch {m0.get('torch', '?')}" + (f", CUDA {m0['cuda']}" if m0.get("cuda") else ""),
              f"- run: {when}" + (f", commit {m0['commit'][:10]}" if m0.get("commit") else "")
@@ -222,6 +225,11 @@ def markdown(cases: List[dict], metas: List[dict]) -> str:
                 continue
             seen.add(key)
             lines.append(f"- {s['family']} / {s['impl']}: {s['reason']}")
+        lines.append("")
+    failed = [f for m in metas for f in (m.get("failed") or [])]
+    if failed:
+        lines += ["## Failed", ""]
+        lines += [f"- {f['group']} / {f['impl']}: {f['reason']}" for f in failed]
         lines.append("")
     notes = sorted({e["err_note"] for c in cases for e in c["impls"] if e.get("err_note")})
     if notes:

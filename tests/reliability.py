@@ -5,6 +5,7 @@ and one typical call per op."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import pytest
 import torch
@@ -164,14 +165,32 @@ def require_layer(name: str):
         pytest.skip(f"seqkern.nn.{name} is still a placeholder")
 
 
+# per op: (prefix of its C++ ops in seqkern_C, its Triton module in seqkern.kernels)
+_KERNELS_OF = {"apply_rotary": ("rotary", "rotary"), "scaled_dot_product_attention": ("sdpa", "attention"),
+               "wkv4": ("wkv4", "wkv")}
+
+
+def _kernels_exist(op: str, backend: str) -> bool:
+    """Whether a registered backend's kernels have been written yet: a family registers its
+    backends with its reference, before the C++ and Triton kernels land."""
+    c_prefix, triton_module = _KERNELS_OF.get(op, ("rnn", "rnn"))
+    if backend == "cpu":
+        return any(n.startswith(f"seqkern_C::{c_prefix}") for n in torch._C._dispatch_get_all_op_names())
+    if backend == "triton":
+        return importlib.util.find_spec(f"seqkern.kernels.{triton_module}") is not None
+    return True
+
+
+def require_backend(op: str, backend: str):
+    if backend not in backends_for(op):
+        pytest.skip(f"backend {backend} of {op} cannot run here or its kernels have not landed")
+
+
 def backends_for(op: str):
     """Backends that implement ``op`` and can run here on CPU tensors."""
     table = B._SUPPORTS.get(op, {})
-    names = []
-    for n in ("reference", "cpu", "triton"):
-        if n in table and B.available(n)[0]:
-            names.append(n)
-    return names
+    return [n for n in ("reference", "cpu", "triton")
+            if n in table and B.available(n)[0] and _kernels_exist(op, n)]
 
 
 # ---------------------------------------------------------------------------

@@ -4,7 +4,7 @@ dropout is reproducible under torch.manual_seed."""
 import pytest
 import torch
 
-from reliability import TYPICAL, backends_for, forward_backward, require_family, require_layer
+from reliability import TYPICAL, backends_for, forward_backward, require_backend, require_family, require_layer
 
 
 def assert_bitwise(run1, run2, who):
@@ -63,12 +63,14 @@ def test_attention_dropout_reproducible_under_manual_seed(backend):
     assert not torch.allclose(first[0], plain), "dropout_p=0.4 dropped nothing"
 
 
-def test_rnn_layer_dropout_reproducible_under_manual_seed():
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_rnn_layer_dropout_reproducible_under_manual_seed(backend):
     require_layer("LSTM")
+    require_backend("lstm", backend)
     from seqkern import nn as snn
 
     torch.manual_seed(0)
-    lstm = snn.LSTM(5, 6, num_layers=3, dropout=0.5).double().train()
+    lstm = snn.LSTM(5, 6, num_layers=3, dropout=0.5, backend=backend).double().train()
     x = torch.randn(7, 3, 5, dtype=torch.float64)
 
     def run(seed):

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from reliability import TYPICAL, backends_for, forward_backward, landed, require_family, require_layer
+from reliability import (TYPICAL, backends_for, forward_backward, landed, require_backend, require_family,
+                         require_layer)
 
 
 def peak_bytes(fn):
@@ -54,8 +55,7 @@ def attention_fwd_bwd(n, backend):
 
 def test_attention_cpu_peak_memory_linear_in_sequence_length():
     require_family("attention")
-    if "cpu" not in backends_for("scaled_dot_product_attention"):
-        pytest.fail("the cpu backend of attention is not available")
+    require_backend("scaled_dot_product_attention", "cpu")
     attention_fwd_bwd(64, "cpu")()  # warm up: one-time allocations stay out of the measurement
     small, large = peak_bytes(attention_fwd_bwd(1024, "cpu")), peak_bytes(attention_fwd_bwd(2048, "cpu"))
     # linear: x2 for twice the length; an N x N score matrix would make it x4 (and 16 MB at 2048)
@@ -63,7 +63,7 @@ def test_attention_cpu_peak_memory_linear_in_sequence_length():
     assert large < 2048 * 2048 * 4, f"peak {large} B at N=2048 holds an N x N fp32 matrix"
 
 
-def step_peak(op_tokens):
+def step_peak(op_tokens, backend):
     """Peak live bytes while feeding ``op_tokens`` tokens one at a time through wkv4 with a state."""
     from seqkern import functional as SF
 
@@ -75,15 +75,15 @@ def step_peak(op_tokens):
         state = None
         with torch.no_grad():
             for t in range(op_tokens):
-                _, state = SF.wkv4(w, u, ks[:, t:t + 1], vs[:, t:t + 1], state, backend="cpu")
+                _, state = SF.wkv4(w, u, ks[:, t:t + 1], vs[:, t:t + 1], state, backend=backend)
     return peak_bytes(run)
 
 
-def test_wkv_step_mode_memory_constant_in_tokens():
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_wkv_step_mode_memory_constant_in_tokens(backend):
     require_family("wkv")
-    if "cpu" not in backends_for("wkv4"):
-        pytest.fail("the cpu backend of wkv4 is not available")
-    short, long = step_peak(16), step_peak(128)
+    require_backend("wkv4", backend)
+    short, long = step_peak(16, backend), step_peak(128, backend)
     assert long <= short + 4096, f"step mode: peak {short} B over 16 tokens, {long} B over 128"
 
 
@@ -113,18 +113,20 @@ def test_rwkv_block_step_mode_memory_constant_in_tokens():
 # ---------------------------------------------------------------------------
 
 def thread_cases():
-    return [pytest.param(op, be, id=f"{op}-{be}") for op in TYPICAL for be in backends_for(op) if be != "triton"]
+    # the kernels: the reference is plain PyTorch (it runs in the all-at-once test below)
+    return [pytest.param(op, "cpu", id=f"{op}-cpu") for op in TYPICAL]
 
 
 @pytest.mark.parametrize("op,backend", thread_cases())
 def test_threads_equal_serial(op, backend):
     dtype = torch.float32
     jobs = []
-    for i in range(6):
+    for i in range(4):
         torch.manual_seed(100 + i)
         family, call, args = TYPICAL[op](dtype)
         jobs.append((call, args))
     require_family(family)
+    require_backend(op, backend)
     serial = [forward_backward(call, args, backend) for call, args in jobs]
     with ThreadPoolExecutor(max_workers=4) as pool:
         for _ in range(2):

@@ -10,7 +10,8 @@ from seqkern.ops.wkv import EMPTY_PP, wkv4_initial_state, wkv4_reference
 
 from helpers import TOL, assert_unchanged, backend_param
 
-BACKENDS = [backend_param(b) for b in ("reference",)]
+BACKENDS = [backend_param(b) for b in ("reference", "cpu", "triton")]
+LONG = [backend_param(b) for b in ("reference", "cpu")]  # the Triton interpreter is too slow for long loops
 F64 = torch.float64
 
 
@@ -71,7 +72,7 @@ def test_empty_state_is_none_and_zero_length_sequence():
     td, tf, k, v, _ = make(2, 5, 3)
     init = wkv4_initial_state(2, 3, dtype=F64)
     assert torch.equal(init[:, 2], torch.full((2, 3), EMPTY_PP, dtype=F64)) and not init[:, :2].any()
-    for backend in ("reference",):
+    for backend in ("reference", "cpu"):
         y0, s0 = SF.wkv4(td, tf, k, v, backend=backend)
         y1, s1 = SF.wkv4(td, tf, k, v, init, backend=backend)
         assert torch.equal(y0, y1) and torch.equal(s0, s1)
@@ -120,7 +121,7 @@ def test_chunked_calls_equal_one_call(backend):
         torch.testing.assert_close(a, b, **TOL[F64])
 
 
-@pytest.mark.parametrize("backend", ["reference"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_gradcheck_fp64_including_state(backend):
     ins = make(2, 5, 3, grad=True, state=True)
     assert torch.autograd.gradcheck(lambda *a: SF.wkv4(*a, backend=backend), ins)
@@ -135,7 +136,7 @@ def test_gradcheck_custom_op_reference_backend():
     assert torch.autograd.gradcheck(lambda *a: op(*a, "reference"), ins)
 
 
-@pytest.mark.parametrize("backend", ["reference"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_opcheck_registered_ops(backend):
     td, tf, k, v, st = make(2, 5, 4, dtype=torch.float32, state=True)
     torch.library.opcheck(torch.ops.seqkern.wkv4.default, (td, tf, k, v, st, backend))
@@ -143,7 +144,7 @@ def test_opcheck_registered_ops(backend):
     torch.library.opcheck(torch.ops.seqkern.wkv4_backward.default, (td, tf, k, v, st, gy, gs, backend))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LONG)
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 def test_no_overflow_huge_k_long_sequence(backend, dtype):
     # y is invariant to adding a constant to every k (with the empty state): with k ~ 1e4
@@ -185,3 +186,56 @@ def test_bad_input_names_the_argument(bad, match):
     td, tf, k, v, s = make(2, 5, 4, dtype=torch.float32, state=True)
     with pytest.raises((ValueError, TypeError), match=match):
         SF.wkv4(*bad(td, tf, k, v, s))
+
+
+@pytest.mark.parametrize("backend", LONG[1:])
+def test_fp32_long_sequence_accuracy_against_fp64(backend):
+    td, tf, k, v, _ = make(2, 3000, 5, dtype=F64)
+    td = td - 2  # slow decay: the whole history matters
+    y64, s64 = wkv4_reference(td, tf, k, v)
+    y, s = SF.wkv4(td.float(), tf.float(), k.float(), v.float(), backend=backend)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s[:, 2].double(), s64[:, 2], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", LONG[1:])
+def test_long_sequence_gradients_match_reference(backend):
+    # more than one checkpoint chunk in the fused backward, and a channel count with a SIMD tail
+    ins = make(2, 150, 37, grad=True, state=True)
+    y, s = SF.wkv4(*ins, backend=backend)
+    y_r, s_r = wkv4_reference(*ins)
+    gy, gs = torch.randn_like(y), torch.randn_like(s)
+    got = torch.autograd.grad((y * gy).sum() + (s * gs).sum(), ins)
+    want = torch.autograd.grad((y_r * gy).sum() + (s_r * gs).sum(), ins)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[F64])
+
+
+def test_cpu_backward_refuses_double_backward_and_reference_allows_it():
+    ins = make(1, 3, 2, grad=True)
+    y, _ = SF.wkv4(*ins[:4], backend="cpu")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), ins[2], create_graph=True)
+    assert torch.autograd.gradgradcheck(lambda *a: SF.wkv4(*a, backend="reference")[0], ins[:4])
+
+
+def test_backend_unavailable_and_automatic_choice():
+    td, tf, k, v, _ = make(1, 3, 2, dtype=torch.float16)
+    with pytest.raises(seqkern.BackendUnavailable, match="cpu"):
+        SF.wkv4(td, tf, k, v, backend="cpu")
+    y, s = SF.wkv4(td, tf, k, v)
+    assert seqkern.last_backend("wkv4") == "reference" and y.dtype == torch.float16 and s.dtype == torch.float32
+    SF.wkv4(*make(1, 3, 2)[:4])
+    assert seqkern.last_backend("wkv4") == "cpu"
+
+
+def test_compile_fullgraph_cpu_forward_and_backward():
+    ins = make(2, 6, 5, dtype=torch.float32, grad=True, state=True)
+    f = torch.compile(lambda *a: SF.wkv4(*a, backend="cpu"), fullgraph=True)
+    y, s = f(*ins)
+    y_r, s_r = wkv4_reference(*ins)
+    torch.testing.assert_close(y, y_r)
+    got = torch.autograd.grad(y.sum() + s.sum(), ins)
+    want = torch.autograd.grad(y_r.sum() + s_r.sum(), ins)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

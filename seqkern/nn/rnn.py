@@ -1,3 +1,386 @@
-"""Placeholder: being written."""
+"""Drop-in ``torch.nn`` recurrent layers and cells running on seqkern's fused kernels.
+
+``RNN``, ``LSTM``, ``GRU``, ``RNNCell``, ``LSTMCell`` and ``GRUCell`` subclass the torch
+modules of the same name: constructor, parameters (names, shapes, registration order,
+init), ``flatten_parameters()``, ``extra_repr``, pickling and ``state_dict`` are torch's
+own, so weights move both ways with ``load_state_dict``. Only ``forward`` is replaced,
+and one keyword is added: ``backend=None`` (also an attribute, changeable later), passed
+to every op call (see ``seqkern.backends``).
+
+Forward takes every input torch's modules take (batched, unbatched, ``batch_first``,
+``PackedSequence``, initial state given or not) and returns the same shapes and dtypes.
+Each layer and direction is one call of ``seqkern.functional.{rnn,lstm,gru}``; a
+``PackedSequence`` is unpacked to a padded (T, B, I) tensor and its lengths go to the op
+(``lengths=``), which keeps finished rows' states and reverses each row within its own
+length, so no per-step slicing happens here. Inter-layer dropout is ``F.dropout`` on the
+whole layer output, like torch.
+
+Autocast: with autocast enabled on the input's device, the layer computes in the autocast
+dtype (input, state and weights are cast; fp64 stays fp64), as torch does for cuDNN RNNs
+and for its cells on CUDA.
+
+``torch.compile`` and ``isinstance``: Dynamo refuses every module that is an instance of
+``nn.RNN``, ``nn.GRU`` or ``nn.LSTM`` (a check on the class, not on ``forward``) unless the
+global ``torch._dynamo.config.allow_rnn`` is set, and setting it breaks the compiled
+training of torch's own LSTM on CPU (measured, torch 2.13: aot_eager and inductor both
+fail). So the layers derive from ``nn.RNNBase``, which holds all of torch's parameter
+machinery (names, order, init, ``flatten_parameters``, ``extra_repr``, ``_apply``,
+pickling), and take the few LSTM-specific helper methods from ``nn.LSTM``: models using
+them compile with ``fullgraph=True`` with no configuration, and
+``isinstance(m, torch.nn.RNNBase)`` holds but ``isinstance(m, torch.nn.LSTM)`` does not.
+The cells subclass torch's cells directly (Dynamo has no rule for them).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Tuple
+
 import torch
-RNN = LSTM = GRU = RNNCell = LSTMCell = GRUCell = None
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from .. import backends as B
+from ..ops.rnn import gru, gru_cell, lstm, lstm_cell, rnn, rnn_cell
+
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
+
+
+def _check_backend(backend):
+    if backend is not None and backend not in B.BACKENDS:
+        raise ValueError(f"backend must be one of {B.BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+# ---------------------------------------------------------------------------
+# autocast
+# ---------------------------------------------------------------------------
+
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _cast(t, dtype):
+    # autocast's eligibility rule: floating tensors other than fp64 are cast
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+        return t
+    return t.to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# PackedSequence <-> padded (T, B, *) with lengths, in static shapes (traceable)
+# ---------------------------------------------------------------------------
+
+def _unpack(data: Tensor, batch_sizes: Tensor, Bsz: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Packed rows (N, I) -> padded (T, B, I) (zero padding), lengths (B,), and for each
+    packed row its index in the flattened (T*B) padded tensor."""
+    T = batch_sizes.shape[0]
+    bs = batch_sizes.to(device=data.device, dtype=torch.int64)
+    start = torch.cumsum(bs, 0) - bs  # first packed row of each step
+    cols = torch.arange(Bsz, device=data.device)
+    valid = cols[None, :] < bs[:, None]  # (T, B)
+    src = torch.where(valid, start[:, None] + cols[None, :], 0).reshape(-1)
+    x = data.index_select(0, src).reshape(T, Bsz, data.shape[-1])
+    x = torch.where(valid[..., None], x, 0)
+    lengths = valid.sum(0)
+    # packed row n sits at step t = #{steps whose rows all lie before n} and column n - start[t]
+    n = torch.arange(data.shape[0], device=data.device)
+    t = torch.searchsorted(start + bs, n, right=True)
+    flat = t * Bsz + (n - start.gather(0, t))
+    return x, lengths, flat
+
+
+def _pack(y: Tensor, flat: Tensor) -> Tensor:
+    return y.reshape(-1, y.shape[-1]).index_select(0, flat)
+
+
+# ---------------------------------------------------------------------------
+# layers
+# ---------------------------------------------------------------------------
+
+class _SeqMixin:
+    """forward() shared by RNN, LSTM and GRU; placed before the torch class in the MRO."""
+
+    backend: Optional[str] = None  # class default: modules unpickled from older versions
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.backend is None else f"{s}, backend={self.backend!r}"
+
+    # --- checks, with torch's messages and exception types -------------------
+
+    def _check_input(self, x: Tensor, w_dtype: torch.dtype, ac_dtype, expected_dim: int) -> None:
+        if ac_dtype is None and x.dtype != w_dtype:
+            raise ValueError(
+                f"RNN input dtype ({x.dtype}) does not match weight dtype ({w_dtype}). "
+                f"Convert input: input.to({w_dtype}), or convert model: model.to({x.dtype})")
+        if x.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {x.dim()}")
+        if x.size(-1) != self.input_size:
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.size(-1)}")
+
+    @staticmethod
+    def _check_size(t: Tensor, expected, msg: str) -> None:
+        if tuple(t.shape) != tuple(expected):
+            raise RuntimeError(msg.format(tuple(expected), list(t.shape)))
+
+    def _weights(self, layer: int, direction: int):
+        sfx = f"l{layer}" + ("_reverse" if direction else "")
+        w_ih, w_hh = getattr(self, "weight_ih_" + sfx), getattr(self, "weight_hh_" + sfx)
+        b_ih = getattr(self, "bias_ih_" + sfx) if self.bias else None
+        b_hh = getattr(self, "bias_hh_" + sfx) if self.bias else None
+        w_hr = getattr(self, "weight_hr_" + sfx) if self.proj_size > 0 else None
+        return w_ih, w_hh, b_ih, b_hh, w_hr
+
+    def _run_layer(self, x, h0, c0, weights, lengths, reverse):
+        w_ih, w_hh, b_ih, b_hh, w_hr = weights
+        if self.mode == "LSTM":
+            hx = None if h0 is None else (h0, c0)
+            y, (h, c) = lstm(x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=lengths, reverse=reverse,
+                             backend=self.backend)
+            return y, h, c
+        if self.mode == "GRU":
+            y, h = gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse, backend=self.backend)
+        else:
+            y, h = rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity=self.nonlinearity, lengths=lengths,
+                       reverse=reverse, backend=self.backend)
+        return y, h, None
+
+    # --- forward -------------------------------------------------------------
+
+    def forward(self, input, hx=None):
+        is_lstm = self.mode == "LSTM"
+        name = {"LSTM": "LSTM", "GRU": "GRU"}.get(self.mode, "RNN")
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
+        packed = isinstance(input, PackedSequence)
+        ac = _autocast_dtype(input.data if packed else input)
+        w_dtype = self.weight_ih_l0.dtype
+
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            self._check_input(data, w_dtype, ac, 2)
+            # the batch size from a shape when there is one: int(batch_sizes[0]) is data-dependent
+            Bsz = sorted_indices.shape[0] if sorted_indices is not None else int(batch_sizes[0])
+            x, lengths, flat = _unpack(data, batch_sizes, Bsz)
+            batched = True
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+            batched = input.dim() == 3
+            x = input if batched else input.unsqueeze(1)
+            if batched and self.batch_first:
+                x = x.transpose(0, 1)
+            self._check_input(x, w_dtype, ac, 3)
+            if x.shape[0] == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            lengths = sorted_indices = unsorted_indices = None
+            Bsz = x.shape[1]
+
+        h0 = c0 = None
+        if hx is not None:
+            if is_lstm:
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0) of tensors, got {type(hx).__name__}")
+                h0, c0 = hx
+                want = 3 if batched else 2
+                if not packed and (h0.dim() != want or c0.dim() != want):
+                    kind = "batched 3-D" if batched else "unbatched 2-D"
+                    raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                                       f"({h0.dim()}-D, {c0.dim()}-D) tensors")
+            else:
+                h0 = hx
+                want = 3 if batched else 2
+                if not packed and h0.dim() != want:
+                    kind = "batched 3-D" if batched else "unbatched 2-D"
+                    raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {h0.dim()}-D tensor")
+            if not batched:
+                h0 = h0.unsqueeze(1)
+                c0 = None if c0 is None else c0.unsqueeze(1)
+            L = self.num_layers * D
+            self._check_size(h0, (L, Bsz, P), "Expected hidden[0] size {}, got {}" if is_lstm
+                             else "Expected hidden size {}, got {}")
+            if is_lstm:
+                self._check_size(c0, (L, Bsz, self.hidden_size), "Expected hidden[1] size {}, got {}")
+            if sorted_indices is not None:
+                h0 = h0.index_select(1, sorted_indices)
+                c0 = None if c0 is None else c0.index_select(1, sorted_indices)
+
+        dropout = self.dropout if self.training else 0.0
+        with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
+            x, h0, c0 = _cast(x, ac), _cast(h0, ac), _cast(c0, ac)
+            h_n: List[Tensor] = []
+            c_n: List[Tensor] = []
+            layer_in = x
+            for layer in range(self.num_layers):
+                outs = []
+                for d in range(D):
+                    k = layer * D + d
+                    weights = tuple(_cast(w, ac) for w in self._weights(layer, d))
+                    y, h, c = self._run_layer(layer_in, None if h0 is None else h0[k], None if c0 is None else c0[k],
+                                              weights, lengths, d == 1)
+                    outs.append(y)
+                    h_n.append(h)
+                    if c is not None:
+                        c_n.append(c)
+                layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
+                if dropout > 0 and layer + 1 < self.num_layers:
+                    layer_in = F.dropout(layer_in, dropout, True)
+        out = layer_in
+        h_T = torch.stack(h_n, 0)
+        c_T = torch.stack(c_n, 0) if is_lstm else None
+        if unsorted_indices is not None:
+            h_T = h_T.index_select(1, unsorted_indices)
+            c_T = None if c_T is None else c_T.index_select(1, unsorted_indices)
+
+        if packed:
+            out = PackedSequence(_pack(out, flat), batch_sizes, sorted_indices, unsorted_indices)
+        elif not batched:
+            out = out.squeeze(1)
+            h_T = h_T.squeeze(1)
+            c_T = None if c_T is None else c_T.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return (out, (h_T, c_T)) if is_lstm else (out, h_T)
+
+
+_NO_PROJ = "proj_size argument is only supported for LSTM, not RNN or GRU"
+
+
+class RNN(_SeqMixin, torch.nn.RNNBase):
+    """``torch.nn.RNN`` (tanh or relu) on seqkern kernels; ``backend=None`` picks one per call.
+    Same arguments as torch's, positional ones included (nonlinearity is the 4th)."""
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError(_NO_PROJ)
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__("RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU", *args, **kwargs)
+        self.backend = _check_backend(backend)
+
+
+class LSTM(_SeqMixin, torch.nn.RNNBase):
+    """``torch.nn.LSTM`` (with ``proj_size``) on seqkern kernels; ``backend=None`` picks one per call."""
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+        self.backend = _check_backend(backend)
+
+    # torch's LSTM-specific helpers (public, sometimes called by user code)
+    get_expected_cell_size = torch.nn.LSTM.get_expected_cell_size
+    check_forward_args = torch.nn.LSTM.check_forward_args
+    permute_hidden = torch.nn.LSTM.permute_hidden
+
+
+class GRU(_SeqMixin, torch.nn.RNNBase):
+    """``torch.nn.GRU`` on seqkern kernels; ``backend=None`` picks one per call."""
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError(_NO_PROJ)
+        super().__init__("GRU", *args, **kwargs)
+        self.backend = _check_backend(backend)
+
+
+# ---------------------------------------------------------------------------
+# cells
+# ---------------------------------------------------------------------------
+
+class _CellMixin:
+    backend: Optional[str] = None
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.backend is None else f"{s}, backend={self.backend!r}"
+
+    def _prepare(self, input, states, name):
+        """Checks as torch's cells do (same messages); returns (x, states, batched, autocast dtype)."""
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        for i, s in enumerate(states):
+            if s is not None and s.dim() not in (1, 2):
+                what = f"hx[{i}]" if name == "LSTMCell" else "hidden"
+                raise ValueError(f"{name}: Expected {what} to be 1D or 2D, got {s.dim()}D instead")
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        if x.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {x.size(1)} expected {self.input_size}")
+        out = []
+        for i, s in enumerate(states):
+            if s is None:
+                out.append(None)
+                continue
+            if s.dim() != input.dim():
+                raise RuntimeError(f"{name}: hidden{i} must have {input.dim()} dimension(s) like the "
+                                   f"{'batched' if batched else 'unbatched'} input, got shape {tuple(s.shape)}")
+            s = s if batched else s.unsqueeze(0)
+            if s.size(0) != x.size(0):
+                raise RuntimeError(f"Input batch size {x.size(0)} doesn't match hidden{i} batch size {s.size(0)}")
+            if s.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {s.size(1)}, "
+                                   f"expected {self.hidden_size}")
+            out.append(s)
+        ac = _autocast_dtype(x)
+        if ac is None:
+            for t, what in ((x, "input"), *((s, f"hidden{i}") for i, s in enumerate(out))):
+                if t is not None and t.dtype != self.weight_ih.dtype:
+                    raise TypeError(f"{name}: {what} dtype ({t.dtype}) does not match weight dtype "
+                                    f"({self.weight_ih.dtype})")
+        return _cast(x, ac), [_cast(s, ac) for s in out], batched, ac
+
+    def _params(self, ac):
+        return tuple(_cast(w, ac) for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh))
+
+
+class RNNCell(_CellMixin, torch.nn.RNNCell):
+    """``torch.nn.RNNCell`` on seqkern kernels."""
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        x, (h,), batched, ac = self._prepare(input, (hx,), "RNNCell")
+        with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
+            out = rnn_cell(x, h, *self._params(ac), nonlinearity=self.nonlinearity, backend=self.backend)
+        return out if batched else out.squeeze(0)
+
+
+class LSTMCell(_CellMixin, torch.nn.LSTMCell):
+    """``torch.nn.LSTMCell`` on seqkern kernels."""
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            raise TypeError(f"LSTMCell: hx must be a tuple (h, c) of tensors, got {type(hx).__name__}")
+        x, (h, c), batched, ac = self._prepare(input, (None, None) if hx is None else tuple(hx), "LSTMCell")
+        with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
+            h1, c1 = lstm_cell(x, None if h is None else (h, c), *self._params(ac), backend=self.backend)
+        return (h1, c1) if batched else (h1.squeeze(0), c1.squeeze(0))
+
+
+class GRUCell(_CellMixin, torch.nn.GRUCell):
+    """``torch.nn.GRUCell`` on seqkern kernels."""
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        x, (h,), batched, ac = self._prepare(input, (hx,), "GRUCell")
+        with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
+            out = gru_cell(x, h, *self._params(ac), backend=self.backend)
+        return out if batched else out.squeeze(0)

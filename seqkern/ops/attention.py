@@ -208,6 +208,8 @@ def _dropout_scale(shape, dropout_p, seed, device, dtype):
 
 def _softmax_lse(s):
     """P and lse of scores s; rows with no finite score give P = 0 and lse = -inf."""
+    if s.shape[-1] == 0:  # no keys (S = 0): every row is fully masked
+        return torch.zeros_like(s), s.new_full(s.shape[:-1], float("-inf")).detach()
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)

@@ -1,0 +1,251 @@
+// RWKV-4 WKV on the CPU. Tasks are (batch, block of W channels); inside a task the time
+// loop is sequential and the W channels are SIMD lanes (channels are contiguous in
+// (B, T, C)). Every exponential has a non-positive argument (x - max), and of each pair
+// e^{a - max(a, b)}, e^{b - max(a, b)} one is 1, so a step costs one exp per pair.
+// Backward: the forward again storing a checkpoint every kChunk steps, then chunks in
+// reverse: recompute the chunk's states, sweep them backwards (see seqkern/ops/wkv.py,
+// _reference_backward, for the equations).
+#include "cpu/wkv.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <cstdint>
+#include <vector>
+
+// float->int conversion and floor in fast_exp only vectorise without trapping-math;
+// nothing here relies on FP exceptions. After the includes so torch code is untouched.
+#pragma GCC optimize("no-trapping-math")
+
+namespace seqkern::cpu {
+namespace {
+
+constexpr int64_t kChunk = 64;
+
+// exp for float, vectorisable (Cody-Waite reduction + degree-6 polynomial, ~1 ulp);
+// 0 below -87 (where float exp is subnormal or 0), NaN stays NaN.
+inline float fast_exp(float x) {
+  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float fx = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - fx * 0.693359375f + fx * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t n = static_cast<int32_t>(fx);
+  const float out = p * __builtin_bit_cast(float, (n + 127) << 23);
+  return x != x ? x : (x < -87.0f ? 0.0f : out);
+}
+inline double fast_exp(double x) { return std::exp(x); }
+
+template <typename T> inline T neg_abs(T x) { return x < T(0) ? x : -x; }
+
+// Per-lane state of one task.
+template <typename T, int W>
+struct Lanes {
+  T aa[W], bb[W], pp[W];
+};
+
+// One forward step of W lanes: y (may be null) and the state update.
+template <typename T, int W, bool kY>
+inline void step_forward(Lanes<T, W>& s, const T* kt, const T* vt, T* yt, const T* u, const T* negw) {
+#pragma omp simd
+  for (int j = 0; j < W; ++j) {
+    const T kk = kt[j], vv = vt[j], a = s.aa[j], b = s.bb[j], p = s.pp[j];
+    if constexpr (kY) {
+      const T d = p - (u[j] + kk);
+      const T e = fast_exp(neg_abs(d));
+      const T e1 = d >= T(0) ? T(1) : e, e2 = d >= T(0) ? e : T(1);
+      yt[j] = (e1 * a + e2 * vv) / (e1 * b + e2);
+    }
+    const T ww = p + negw[j];
+    const T d = ww - kk;  // the new max is k when k > ww (the reference's torch.maximum agrees off ties)
+    const T e = fast_exp(neg_abs(d));
+    const T e1 = d >= T(0) ? T(1) : e, e2 = d >= T(0) ? e : T(1);
+    s.aa[j] = e1 * a + e2 * vv;
+    s.bb[j] = e1 * b + e2;
+    s.pp[j] = d >= T(0) ? ww : kk;
+  }
+}
+
+template <typename T, int W>
+inline void load_state(Lanes<T, W>& s, const T* st, int64_t C) {
+  for (int j = 0; j < W; ++j) {
+    s.aa[j] = st[j];
+    s.bb[j] = st[C + j];
+    s.pp[j] = st[2 * C + j];
+  }
+}
+
+template <typename T, int W>
+inline void store_state(const Lanes<T, W>& s, T* st, int64_t C) {
+  for (int j = 0; j < W; ++j) {
+    st[j] = s.aa[j];
+    st[C + j] = s.bb[j];
+    st[2 * C + j] = s.pp[j];
+  }
+}
+
+// k, v, y point at [b, 0, c0]; st, st_out at [b, 0, c0]; u, negw at [c0].
+template <typename T, int W>
+void forward_task(const T* k, const T* v, T* y, const T* st, T* st_out, const T* u, const T* negw, int64_t T_,
+                  int64_t C) {
+  Lanes<T, W> s;
+  load_state(s, st, C);
+  for (int64_t t = 0; t < T_; ++t) step_forward<T, W, true>(s, k + t * C, v + t * C, y + t * C, u, negw);
+  store_state(s, st_out, C);
+}
+
+// Gradient outputs of one task; gw, gu per (b, c), summed over b by the caller.
+template <typename T, int W>
+void backward_task(const T* k, const T* v, const T* gy, const T* st, const T* gst, T* gk, T* gv, T* gst_out, T* gw_bc,
+                   T* gu_bc, const T* u, const T* negw, int64_t T_, int64_t C) {
+  const int64_t n_chunks = (T_ + kChunk - 1) / kChunk;
+  std::vector<Lanes<T, W>> ck(static_cast<size_t>(n_chunks + 1));
+  std::vector<Lanes<T, W>> buf(static_cast<size_t>(kChunk));
+  Lanes<T, W> s;
+  load_state(s, st, C);
+  for (int64_t t = 0; t < T_; ++t) {
+    if (t % kChunk == 0) ck[t / kChunk] = s;
+    step_forward<T, W, false>(s, k + t * C, v + t * C, nullptr, u, negw);
+  }
+  // terminal adjoints: returned (aa, bb, pp) = (A e^{-pp}, B e^{-pp}, pp)
+  T ga[W], gb[W], gq[W], gp[W], gw[W], gu[W];
+  for (int j = 0; j < W; ++j) {
+    const T gaa = gst[j], gbb = gst[C + j], gpp = gst[2 * C + j];
+    ga[j] = gaa;
+    gb[j] = gbb;
+    gq[j] = -s.pp[j];
+    gp[j] = gpp - gaa * s.aa[j] - gbb * s.bb[j];
+    gw[j] = T(0);
+    gu[j] = T(0);
+  }
+  for (int64_t c = n_chunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * kChunk, t1 = std::min(T_, t0 + kChunk);
+    Lanes<T, W> r = ck[c];
+    for (int64_t t = t0; t < t1; ++t) {
+      buf[t - t0] = r;
+      if (t + 1 < t1) step_forward<T, W, false>(r, k + t * C, v + t * C, nullptr, u, negw);
+    }
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const Lanes<T, W>& b4 = buf[t - t0];
+      const T *kt = k + t * C, *vt = v + t * C, *gyt = gy + t * C;
+      T *gkt = gk + t * C, *gvt = gv + t * C;
+#pragma omp simd
+      for (int j = 0; j < W; ++j) {
+        const T kk = kt[j], vv = vt[j], a = b4.aa[j], b = b4.bb[j], p = b4.pp[j];
+        const T uk = u[j] + kk;
+        const T d = p - uk;
+        const T e = fast_exp(neg_abs(d));
+        const T e1 = d >= T(0) ? T(1) : e, e2 = d >= T(0) ? e : T(1);
+        const T m = d >= T(0) ? p : uk;
+        const T den = e1 * b + e2;
+        const T yy = (e1 * a + e2 * vv) / den;
+        const T gyd = gyt[j] / den;
+        const T gcur = gyd * e2 * (vv - yy);
+        gu[j] += gcur;
+        const T f = fast_exp(kk + gq[j]);  // e^{k_t} alpha_{t+1} = ga f; the exponent is <= 0
+        const bool take_k = kk > p + negw[j];
+        const T gpk = take_k ? gp[j] : T(0);
+        gkt[j] = gcur + f * (ga[j] * vv + gb[j]) + gpk;
+        gvt[j] = gyd * e2 + f * ga[j];
+        gw[j] -= fast_exp(gq[j] + p + negw[j]) * (ga[j] * a + gb[j] * b) + (take_k ? T(0) : gp[j]);
+        gp[j] = take_k ? T(0) : gp[j];
+        // alpha_t = gy_t / D_t + e^{-w} alpha_{t+1}, in running-max form
+        const T x1 = gq[j] + negw[j], x2 = -m, dd = x1 - x2;
+        const T sx = fast_exp(neg_abs(dd));
+        const T s1 = dd >= T(0) ? T(1) : sx, s2 = dd >= T(0) ? sx : T(1);
+        ga[j] = s1 * ga[j] + s2 * gyd;
+        gb[j] = s1 * gb[j] - s2 * gyd * yy;
+        gq[j] = dd >= T(0) ? x1 : x2;
+      }
+    }
+  }
+  for (int j = 0; j < W; ++j) {
+    const T aa0 = st[j], bb0 = st[C + j], pp0 = st[2 * C + j];
+    const T sc = fast_exp(gq[j] + pp0);
+    gst_out[j] = ga[j] * sc;
+    gst_out[C + j] = gb[j] * sc;
+    gst_out[2 * C + j] = sc * (ga[j] * aa0 + gb[j] * bb0) + gp[j];
+    gw_bc[j] = gw[j];
+    gu_bc[j] = gu[j];
+  }
+}
+
+// Tasks: for each b, full blocks of W channels, then the remaining channels one by one.
+template <int W, typename F>
+void for_tasks(int64_t Bn, int64_t C, int64_t work_per_task, const F& f) {
+  const int64_t full = C / W, tail = C - full * W, per_b = full + tail;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_task, 1));
+  at::parallel_for(0, Bn * per_b, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / per_b, r = i % per_b;
+      if (r < full)
+        f(b, r * W, std::integral_constant<int, W>());
+      else
+        f(b, full * W + (r - full), std::integral_constant<int, 1>());
+    }
+  });
+}
+
+template <typename T> constexpr int lanes() { return sizeof(T) == 4 ? 32 : 16; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> wkv4_forward(const at::Tensor& time_decay, const at::Tensor& time_first,
+                                                const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& state_) {
+  const at::Tensor k = k_.contiguous(), v = v_.contiguous(), state = state_.contiguous();
+  const int64_t Bn = k.size(0), T_ = k.size(1), C = k.size(2);
+  at::Tensor y = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor st_out = at::empty_like(state, at::MemoryFormat::Contiguous);
+  const at::Tensor negw = time_decay.exp().neg().contiguous(), u = time_first.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "seqkern_wkv4_forward_cpu", [&] {
+    using T = scalar_t;
+    const T *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *sp = state.data_ptr<T>();
+    const T *up = u.data_ptr<T>(), *wp = negw.data_ptr<T>();
+    T *yp = y.data_ptr<T>(), *so = st_out.data_ptr<T>();
+    for_tasks<lanes<T>()>(Bn, C, T_ * lanes<T>(), [&](int64_t b, int64_t c0, auto w) {
+      constexpr int W = decltype(w)::value;
+      forward_task<T, W>(kp + b * T_ * C + c0, vp + b * T_ * C + c0, yp + b * T_ * C + c0, sp + b * 3 * C + c0,
+                         so + b * 3 * C + c0, up + c0, wp + c0, T_, C);
+    });
+  });
+  return {y, st_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_backward(
+    const at::Tensor& time_decay, const at::Tensor& time_first, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& state_, const at::Tensor& gy_, const at::Tensor& gstate_) {
+  const at::Tensor k = k_.contiguous(), v = v_.contiguous(), state = state_.contiguous();
+  const at::Tensor gy = gy_.contiguous(), gstate = gstate_.contiguous();
+  const int64_t Bn = k.size(0), T_ = k.size(1), C = k.size(2);
+  at::Tensor gk = at::empty_like(k, at::MemoryFormat::Contiguous), gv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  at::Tensor gst = at::empty_like(state, at::MemoryFormat::Contiguous);
+  at::Tensor gw_bc = at::empty({Bn, C}, k.options()), gu_bc = at::empty({Bn, C}, k.options());
+  const at::Tensor w = time_decay.exp().contiguous();
+  const at::Tensor negw = w.neg(), u = time_first.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "seqkern_wkv4_backward_cpu", [&] {
+    using T = scalar_t;
+    const T *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *sp = state.data_ptr<T>();
+    const T *gyp = gy.data_ptr<T>(), *gsp = gstate.data_ptr<T>();
+    const T *up = u.data_ptr<T>(), *wp = negw.data_ptr<T>();
+    T *gkp = gk.data_ptr<T>(), *gvp = gv.data_ptr<T>(), *gso = gst.data_ptr<T>();
+    T *gwp = gw_bc.data_ptr<T>(), *gup = gu_bc.data_ptr<T>();
+    for_tasks<lanes<T>()>(Bn, C, 3 * T_ * lanes<T>(), [&](int64_t b, int64_t c0, auto lanes_c) {
+      constexpr int W = decltype(lanes_c)::value;
+      const int64_t o = b * T_ * C + c0, os = b * 3 * C + c0;
+      backward_task<T, W>(kp + o, vp + o, gyp + o, sp + os, gsp + os, gkp + o, gvp + o, gso + os, gwp + b * C + c0,
+                          gup + b * C + c0, up + c0, wp + c0, T_, C);
+    });
+  });
+  // d/dtime_decay = d/dw * w; the sum over the batch is a separate, deterministic reduction
+  return {gw_bc.sum(0) * w, gu_bc.sum(0), gk, gv, gst};
+}
+
+}  // namespace seqkern::cpu
