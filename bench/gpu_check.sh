@@ -120,9 +120,9 @@ bench() {  # bench NAME MAX RESERVE FAMILY [extra seqkern-bench args]
     --max-time "${GPU_CHECK_MAX_TIME:-0.05}" --min-rounds 2 --no-report --out /tmp/seqkern_bench_$name \
     --json "$OUT/bench_$name.json" "$@"
 }
-bench attention_d128 70 95 attention -k D128
-bench rnn 50 60 rnn
-bench wkv 40 45 wkv
+bench attention_d128 70 105 attention -k D128
+bench rnn 50 70 rnn
+bench wkv 50 45 wkv
 bench attention_d64 35 25 attention -k D64
 bench rotary 25 5 rotary
 

@@ -29,7 +29,15 @@ def _seq_backends():
 
 
 BACKENDS = _seq_backends()
-TRITON_OK = B.explain("lstm", torch.zeros(1, 1, 1), None, None, torch.zeros(1, 1), torch.zeros(1, 1))["triton"]
+# the interpreted Triton backend is slow: it runs one representative case of each test
+EAGER = [p for p in BACKENDS if p.id != "triton"]
+
+
+def cases(first, rest):
+    """(backend, *case) params: every case on the eager CPU backends, the first one on triton."""
+    return ([pytest.param(p.values[0], *c, marks=p.marks, id=f"{p.id}-{i}") for p in EAGER
+             for i, c in enumerate([first] + rest)]
+            + [pytest.param(p.values[0], *first, marks=p.marks, id=f"{p.id}-0") for p in BACKENDS if p.id == "triton"])
 
 # (seqkern class, torch class, extra constructor kwargs)
 MODES = {
@@ -190,15 +198,16 @@ def test_pickle_deepcopy_to_and_functional_call():
 # layers vs torch.nn: every constructor combination, batched input
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# every combination of the constructor flags, initial state given in half of them; the
+# interpreted Triton backend (slow) gets one combination that has every feature on
+FLAGS = [(n, b, f, d, (n == 2) != d) for n, b, f, d in itertools.product((1, 2), (True, False), (False, True),
+                                                                         (False, True))]
+LAYER_CASES = cases((2, True, True, True, True), [f for f in FLAGS if f != (2, True, True, True, True)])
+
+
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("num_layers,bias,batch_first,bidirectional,with_hx",
-                         # every combination of the constructor flags; initial state given in half of them
-                         [(n, b, f, d, (n == 2) != d) for n, b, f, d in
-                          itertools.product((1, 2), (True, False), (False, True), (False, True))])
+@pytest.mark.parametrize("backend,num_layers,bias,batch_first,bidirectional,with_hx", LAYER_CASES)
 def test_layer_matches_torch_fp64(backend, mode, num_layers, bias, batch_first, bidirectional, with_hx):
-    if backend == "triton" and (num_layers, bias, batch_first, bidirectional) != (2, True, True, True):
-        pytest.skip("interpreted triton: one combination per mode (tiny shapes)")
     m, t = pair(mode, backend, num_layers=num_layers, bias=bias, batch_first=batch_first,
                 bidirectional=bidirectional)
     T, Bsz = 5, 3
@@ -215,7 +224,7 @@ def test_layer_matches_torch_fp64(backend, mode, num_layers, bias, batch_first, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", ["lstm_proj", "gru", "rnn_relu"])
 def test_layer_matches_torch_fp32(backend, mode):
     m, t = pair(mode, backend, torch.float32, num_layers=2, bidirectional=True)
     x = torch.randn(7, 4, I, requires_grad=True)
@@ -227,7 +236,7 @@ def test_layer_matches_torch_fp32(backend, mode):
 # other input forms: unbatched, PackedSequence
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", EAGER)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("batch_first,with_hx", [(False, False), (True, True), (False, True)])
 def test_unbatched_input(backend, mode, batch_first, with_hx):
@@ -239,10 +248,9 @@ def test_unbatched_input(backend, mode, batch_first, with_hx):
     compare(m, t, args, args2, [x] + hx_leaves(hx), [x2] + hx_leaves(hx2), TOL[F64])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("enforce_sorted,with_hx,bidirectional", [(True, False, True), (False, True, True),
-                                                                   (False, False, False)])
+@pytest.mark.parametrize("backend,enforce_sorted,with_hx,bidirectional",
+                         cases((False, True, True), [(True, False, True), (False, False, False)]))
 def test_packed_sequence(backend, mode, enforce_sorted, with_hx, bidirectional):
     m, t = pair(mode, backend, num_layers=2, bidirectional=bidirectional, batch_first=True)
     lengths = torch.tensor([6, 4, 4, 1]) if enforce_sorted else torch.tensor([2, 6, 1, 4])
@@ -318,10 +326,9 @@ def test_dropout_packed_is_deterministic_and_drops():
 # cells
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", list(CELLS))
-@pytest.mark.parametrize("batched,with_hx,bias", [(True, True, True), (True, False, False), (False, True, True),
-                                                  (False, False, True)])
+@pytest.mark.parametrize("backend,batched,with_hx,bias",
+                         cases((True, True, True), [(True, False, False), (False, True, True), (False, False, True)]))
 def test_cell_matches_torch(backend, mode, batched, with_hx, bias):
     m, t = pair(mode, backend, bias=bias, cell=True)
     x = torch.randn(*((3,) if batched else ()), I, dtype=F64, requires_grad=True)
@@ -449,11 +456,14 @@ def test_compile_fullgraph_matches_eager(backend):
     """Dynamo traces the layers without graph breaks (fullgraph) and with no configuration;
     aot_eager runs the fake kernels and the autograd formulas (inductor adds only codegen time)."""
     torch._dynamo.reset()
+    # no Dynamo configuration needed (allow_rnn stays off: seqkern's layers are not nn.LSTM instances)
     # the reference backend traces its Python loop step by step: a shorter model
     model = _Model(backend, 2 if backend == "cpu" else 1)
     x, h0 = torch.randn(2, 4 if backend == "cpu" else 2, I), torch.randn(1, 2, H)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    got, want = compiled(x, h0), model(x, h0)
+    with torch._dynamo.config.patch(allow_rnn=False):
+        got = compiled(x, h0)
+    want = model(x, h0)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
     g1 = torch.autograd.grad(sum(o.sum() for o in got), list(model.parameters()))
@@ -474,3 +484,40 @@ def test_compile_fullgraph_packed_sequence():
     got, want = torch.compile(f, fullgraph=True, backend="aot_eager")(p), f(p)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------
+# GPU: against cuDNN, and CUDA fp16 autocast
+# ---------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cuda_layer_matches_cudnn(mode):
+    m, t = pair(mode, None, torch.float32, num_layers=2, bidirectional=True, batch_first=True)
+    m, t = m.cuda(), t.cuda()
+    x = torch.randn(4, 9, I, device="cuda", requires_grad=True)
+    x2 = clone_leaves(x)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        compare(m, t, (x,), (x2,), [x], [x2], dict(rtol=1e-4, atol=1e-5))
+        p = pack_padded_sequence(x.detach(), torch.tensor([9, 2, 5, 1]), batch_first=True, enforce_sorted=False)
+        for a, b in zip(flat(m(p)), flat(t(p))):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        with torch.autocast("cuda", dtype=torch.float16):
+            got, want = flat(m(x)), flat(t(x))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float16
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_cuda_cell_matches_torch(mode):
+    m, t = pair(mode, None, torch.float32, cell=True)
+    m, t = m.cuda(), t.cuda()
+    x = torch.randn(3, I, device="cuda", requires_grad=True)
+    x2 = clone_leaves(x)
+    compare(m, t, (x,), (x2,), [x], [x2], dict(rtol=1e-4, atol=1e-5))
+    with torch.autocast("cuda", dtype=torch.float16):
+        got, want = flat(m(x)), flat(t(x))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float16
