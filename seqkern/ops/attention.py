@@ -34,7 +34,7 @@ from .. import backends as B
 
 OP = "scaled_dot_product_attention"
 _CPU_DTYPES = (torch.float32, torch.float64)
-_GPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp32 accumulation: no fp64
 MAX_HEAD_DIM = 256  # Triton/CUDA tile limit (cpu and reference have none)
 
 # ---------------------------------------------------------------------------
@@ -410,7 +410,7 @@ def _supports_gpu(device_types):
         if "cpu" not in device_types and not _EXT_OP:
             return False, _EXT_OP_REASON
         if q.dtype not in _GPU_DTYPES:
-            return False, f"dtype {q.dtype} not supported"
+            return False, f"dtype {q.dtype} not supported (supports float32, float16, bfloat16)"
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
             return False, "bf16 is computed wrongly by the Triton interpreter"
         if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:

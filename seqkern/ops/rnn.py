@@ -188,7 +188,17 @@ def reference(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
             out = torch.where(m, h_new, torch.zeros_like(h_new))
         outs.append(out)
         h, c = h_new, c_new
-    y = torch.stack(outs) if outs else x.new_zeros(0, Bsz, h0.shape[1])
+    if outs:
+        y = torch.stack(outs)
+    else:
+        # no step: the outputs still hang off every input (through sums over empty tensors,
+        # exactly 0), so they require grad exactly when the fused backends' outputs do
+        tie = gi_all.sum() + _linear(h0[:0], w_hh, b_hh).sum()
+        if w_hr is not None:
+            tie = tie + (h0.new_zeros(0, w_hr.shape[1]) @ w_hr.t()).sum()
+        y = x.new_zeros(0, Bsz, h0.shape[1]) + tie
+        h = h0 + tie
+        c = None if c is None else c + tie
     if tidx is not None:
         y = y.gather(0, tidx[..., None].expand_as(y))  # the step -> time map is its own inverse
     back = lambda t: None if t is None else t.to(out_dtype)  # noqa: E731
@@ -300,7 +310,9 @@ def _bwd_op(mode: str, dy: Tensor, dh: Tensor, dc: Optional[Tensor], x: Tensor, 
 @_bwd_op.register_fake
 def _(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, need, backend):
     ins = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    return tuple(torch.empty_like(t) if (n and t is not None) else x.new_empty(0) for t, n in zip(ins, need))
+    # the kernels return contiguous gradients whatever the inputs' strides (e.g. batch_first x)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if (n and t is not None)
+                 else x.new_empty(0) for t, n in zip(ins, need))
 
 
 def _setup_context(ctx, inputs, output):
@@ -366,6 +378,8 @@ def _register_backends():
         B.register(op, "reference", lambda *a, **kw: (True, ""))
         if _has_cpu_kernels():
             B.register(op, "cpu", _supports(_CPU_DTYPES, "cpu"))
+            B.register(op, "cuda", _supports(_GPU_DTYPES, "cuda"))
+        B.register(op, "triton", _triton_supports)
 
 
 _register_backends()
@@ -383,7 +397,7 @@ def _run(op, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ba
     if mode == "lstm" and c0 is None:
         c0 = x.new_zeros(Bsz, H)
     if lengths is not None:
-        lengths = lengths.to(device=x.device, dtype=torch.int64)
+        lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
     if name == "reference":
         return reference(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)

@@ -1,0 +1,34 @@
+// CUDA attention kernels: raw pointers, no torch headers.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace seqkern::cuda {
+enum class AttnDType { kFloat32, kFloat16, kBFloat16 };
+constexpr int64_t kAttnMaxHeadDim = 256;
+
+// Canonical contiguous q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), Hq % Hk == 0. The additive mask
+// (same dtype, or null) is read at mask + b*mask_sb + h*mask_sh + i*mask_sl + j*mask_ss (strides 0 along
+// broadcast dims). Dropout: keep element (row = (b*Hq + h)*L + i, j) when
+// (mix32(mix32(row ^ seed) ^ j) >> 8) >= threshold, scaled by inv_keep (seqkern/ops/attention.py).
+struct AttnParams {
+  AttnDType dtype;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* mask;
+  int64_t mask_sb, mask_sh, mask_sl, mask_ss;
+  int64_t B, Hq, Hk, L, S, E, Ev;
+  float scale;
+  bool causal;
+  bool dropout;
+  uint32_t seed, threshold;
+  float inv_keep;
+};
+
+// out (B, Hq, L, Ev) in the input dtype; lse (B, Hq, L) fp32, natural log, -inf for fully masked rows.
+cudaError_t attention_forward(const AttnParams& p, void* out, float* lse, cudaStream_t stream);
+// delta: fp32 workspace of B*Hq*L; dq, dk, dv in the input dtype, every element written.
+cudaError_t attention_backward(const AttnParams& p, const void* dout, const void* out, const float* lse,
+                               float* delta, void* dq, void* dk, void* dv, cudaStream_t stream);
+}  // namespace seqkern::cuda
