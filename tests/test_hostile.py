@@ -49,10 +49,9 @@ def run_case(family, op, build, expect, backend):
 
 
 # (op, case, backend) -> why it fails today
-KNOWN = {
-    ("wkv4", "nan-k", "cpu"): "cpu wkv4 (csrc/cpu/wkv.cpp step_forward): a NaN k makes the state's max-exponent pp "
-                              "NaN for one step only, `pp = d >= 0 ? ww : kk` then takes the next finite k; the "
-                              "reference's torch.maximum (and triton) keep it NaN",
+KNOWN: dict = {
+    # fixed in csrc/cpu/wkv.cpp after this suite found it: ("wkv4", "nan-k", "cpu") -- a NaN k left the
+    # state's max-exponent pp NaN for one step only where the reference keeps it NaN
 }
 
 
