@@ -200,8 +200,8 @@ def test_fp32_long_sequence_accuracy_against_fp64(backend):
 
 @pytest.mark.parametrize("backend", LONG[1:])
 def test_long_sequence_gradients_match_reference(backend):
-    # more than one checkpoint chunk in the fused backward, and a channel count with a SIMD tail
-    ins = make(2, 150, 37, grad=True, state=True)
+    # more than one checkpoint chunk in the fused backward, full SIMD blocks (64 fp32 / 32 fp64 lanes) and a tail
+    ins = make(2, 150, 70, grad=True, state=True)
     y, s = SF.wkv4(*ins, backend=backend)
     y_r, s_r = wkv4_reference(*ins)
     gy, gs = torch.randn_like(y), torch.randn_like(s)
@@ -284,3 +284,16 @@ def test_gpu_compile_fullgraph_cuda():
     y, s = f(*ins)
     y_r, _ = wkv4_reference(*ins)
     torch.testing.assert_close(y, y_r)
+
+
+def test_cpu_fp32_simd_blocks_match_reference():
+    # C = 64 + 6: one full 64-lane fp32 block (the vectorised path) and a scalar tail
+    ins = make(2, 80, 70, dtype=torch.float32, grad=True, state=True)
+    y, s = SF.wkv4(*ins, backend="cpu")
+    y_r, s_r = wkv4_reference(*ins)
+    torch.testing.assert_close(y, y_r, **TOL[torch.float32])
+    torch.testing.assert_close(s, s_r, **TOL[torch.float32])
+    got = torch.autograd.grad(y.sum() + s[:, :2].sum(), ins)
+    want = torch.autograd.grad(y_r.sum() + s_r[:, :2].sum(), ins)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
