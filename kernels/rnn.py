@@ -220,6 +220,108 @@ def _bwd_step(dgs_ptr, dgi_ptr, dhh_ptr, dhT_ptr, dy_ptr, dhc_ptr, dcc_ptr, len_
             tl.store(dtrow, dpre.to(ty), mask=m)
 
 
+@triton.jit
+def _persistent_fwd(xw_ptr, w_ptr, bhn_ptr, len_ptr, h0_ptr, c0_ptr, y_ptr, hT_ptr, cT_ptr,
+                    gates_ptr, c_ptr, h_ptr, hn_ptr, Tn, B, H,
+                    MODE: tl.constexpr, G: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+                    SAVE: tl.constexpr, F64: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The whole forward for BLOCK_B batch rows: h and c stay in registers over all steps,
+    W_hh is re-read every step from the cache (loop-invariant, it stays on chip), and the
+    recurrent GEMM of a step is a tl.dot per gate. No other program touches these rows,
+    so the steps need no grid-wide synchronisation."""
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    j = tl.arange(0, BLOCK_H)
+    bm = rb < B
+    jm = j < H
+    m = bm[:, None] & jm[None, :]
+    wm = jm[:, None] & jm[None, :]
+    rb64 = rb.to(tl.int64)[:, None]
+    jj = j[None, :]
+    ty = y_ptr.dtype.element_ty
+    # W_k^T tile: rows p (input unit), columns j (output unit) of gate k
+    wt = w_ptr + j[None, :] * H + j[:, None]
+    h = tl.load(h0_ptr + rb64 * H + jj, mask=m, other=0.0).to(ACC)
+    c = tl.zeros([BLOCK_B, BLOCK_H], ACC)
+    if MODE == 0:
+        c = tl.load(c0_ptr + rb64 * H + jj, mask=m, other=0.0).to(ACC)
+    if SAVE:
+        tl.store(h_ptr + rb64 * H + jj, h.to(ty), mask=m)
+        if MODE == 0:
+            tl.store(c_ptr + rb64 * H + jj, c.to(ty), mask=m)
+    if HAS_LEN:
+        L = tl.load(len_ptr + rb, mask=bm, other=0).to(tl.int64)
+    else:
+        L = tl.zeros([BLOCK_B], tl.int64) + Tn
+    bhn = tl.load(bhn_ptr + j, mask=jm, other=0.0).to(ACC)
+    for s in range(0, Tn):
+        act = s < L
+        if REVERSE:
+            t = tl.where(act, L - 1 - s, s)
+        else:
+            t = tl.zeros_like(L) + s
+        a = act[:, None]
+        xrow = xw_ptr + (t[:, None] * B + rb64) * (G * H) + jj
+        hd = h.to(ACC)
+        if F64:
+            r0 = tl.dot(hd, tl.load(wt, mask=wm, other=0.0).to(ACC), out_dtype=tl.float64)
+        else:
+            r0 = tl.dot(hd, tl.load(wt, mask=wm, other=0.0).to(ACC), input_precision="ieee")
+        x0 = tl.load(xrow, mask=m, other=0.0).to(ACC)
+        srow = (s * B + rb64) * (G * H) + jj
+        if MODE == 0:
+            if F64:
+                r1 = tl.dot(hd, tl.load(wt + H * H, mask=wm, other=0.0).to(ACC), out_dtype=tl.float64)
+                r2 = tl.dot(hd, tl.load(wt + 2 * H * H, mask=wm, other=0.0).to(ACC), out_dtype=tl.float64)
+                r3 = tl.dot(hd, tl.load(wt + 3 * H * H, mask=wm, other=0.0).to(ACC), out_dtype=tl.float64)
+            else:
+                r1 = tl.dot(hd, tl.load(wt + H * H, mask=wm, other=0.0).to(ACC), input_precision="ieee")
+                r2 = tl.dot(hd, tl.load(wt + 2 * H * H, mask=wm, other=0.0).to(ACC), input_precision="ieee")
+                r3 = tl.dot(hd, tl.load(wt + 3 * H * H, mask=wm, other=0.0).to(ACC), input_precision="ieee")
+            i = _sigmoid(r0 + x0)
+            f = _sigmoid(r1 + tl.load(xrow + H, mask=m, other=0.0).to(ACC))
+            g = _tanh(r2 + tl.load(xrow + 2 * H, mask=m, other=0.0).to(ACC))
+            o = _sigmoid(r3 + tl.load(xrow + 3 * H, mask=m, other=0.0).to(ACC))
+            cn = f * c + i * g
+            hn_ = o * _tanh(cn)
+            if SAVE:
+                tl.store(gates_ptr + srow, i.to(ty), mask=m)
+                tl.store(gates_ptr + srow + H, f.to(ty), mask=m)
+                tl.store(gates_ptr + srow + 2 * H, g.to(ty), mask=m)
+                tl.store(gates_ptr + srow + 3 * H, o.to(ty), mask=m)
+            c = tl.where(a, cn, c)
+            if SAVE:
+                tl.store(c_ptr + ((s + 1) * B + rb64) * H + jj, c.to(ty), mask=m)
+        elif MODE == 1:
+            if F64:
+                r1 = tl.dot(hd, tl.load(wt + H * H, mask=wm, other=0.0).to(ACC), out_dtype=tl.float64)
+                r2 = tl.dot(hd, tl.load(wt + 2 * H * H, mask=wm, other=0.0).to(ACC), out_dtype=tl.float64)
+            else:
+                r1 = tl.dot(hd, tl.load(wt + H * H, mask=wm, other=0.0).to(ACC), input_precision="ieee")
+                r2 = tl.dot(hd, tl.load(wt + 2 * H * H, mask=wm, other=0.0).to(ACC), input_precision="ieee")
+            r = _sigmoid(r0 + x0)
+            z = _sigmoid(r1 + tl.load(xrow + H, mask=m, other=0.0).to(ACC))
+            hh = r2 + bhn[None, :]
+            n = _tanh(tl.load(xrow + 2 * H, mask=m, other=0.0).to(ACC) + r * hh)
+            hn_ = (1.0 - z) * n + z * h
+            if SAVE:
+                tl.store(gates_ptr + srow, r.to(ty), mask=m)
+                tl.store(gates_ptr + srow + H, z.to(ty), mask=m)
+                tl.store(gates_ptr + srow + 2 * H, n.to(ty), mask=m)
+                tl.store(hn_ptr + (s * B + rb64) * H + jj, tl.where(a, hh, 0.0).to(ty), mask=m)
+        elif MODE == 2:
+            hn_ = _tanh(r0 + x0)
+        else:
+            hn_ = tl.maximum(r0 + x0, 0.0)
+        tl.store(y_ptr + (t[:, None] * B + rb64) * H + jj, tl.where(a, hn_, 0.0).to(ty), mask=m)
+        h = tl.where(a, hn_, h)
+        if SAVE:
+            tl.store(h_ptr + ((s + 1) * B + rb64) * H + jj, h.to(ty), mask=m)
+    tl.store(hT_ptr + rb64 * H + jj, h.to(ty), mask=m)
+    if MODE == 0:
+        tl.store(cT_ptr + rb64 * H + jj, c.to(ty), mask=m)
+
+
 # ---------------------------------------------------------------------------
 # drivers
 # ---------------------------------------------------------------------------
@@ -269,6 +371,33 @@ def _numel(mode, T, B, H, P):
     return (T + 1) * B * H
 
 
+# the persistent forward serves hidden sizes up to this (the whole row of h per program)
+PERSISTENT_MAX_H = 256
+
+
+def _persistent_forward(mode, x, xw, h0, c0, w_hh, b_hn, lengths, reverse, save):
+    G = _GATES[mode]
+    T, B, _ = x.shape
+    H = w_hh.shape[0] // G
+    ws = x.new_empty(_numel(mode, T, B, H, H) if save else 0)
+    v = _views(mode, ws, T, B, H, H, True) if save else {}
+    y = x.new_empty(T, B, H)
+    hT = x.new_empty(B, H)
+    cT = x.new_empty(B, H) if mode == "lstm" else x.new_empty(0)
+    if B == 0:
+        return y, hT, cT, ws
+    dummy = y
+    block_h = max(16, triton.next_power_of_2(H))
+    block_b = 16  # tl.dot needs at least 16 rows
+    lens = lengths if lengths is not None else x.new_zeros(1, dtype=torch.int64)
+    _persistent_fwd[(triton.cdiv(B, block_b),)](
+        xw, w_hh.contiguous(), b_hn, lens, h0.contiguous(), c0.contiguous() if c0 is not None else dummy, y, hT,
+        cT if mode == "lstm" else dummy, v.get("gates", dummy), v.get("c", dummy), v.get("h", dummy),
+        v.get("hn", dummy), T, B, H, MODE=_MODE[mode], G=G, HAS_LEN=lengths is not None, REVERSE=reverse,
+        SAVE=save, F64=x.dtype == torch.float64, ACC=_acc(x.dtype), BLOCK_B=block_b, BLOCK_H=block_h)
+    return y, hT, cT, ws
+
+
 def rnn_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
     """(y, h_T, c_T or empty, workspace or empty); see seqkern/ops/rnn.py."""
     G = _GATES[mode]
@@ -286,6 +415,8 @@ def rnn_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
     x2 = x.reshape(T * B, I)
     xw = (torch.addmm(bias, x2, w_ih.t()) if bias is not None else x2 @ w_ih.t()).contiguous()
     b_hn = b_hh[2 * H:].contiguous() if (mode == "gru" and b_hh is not None) else x.new_zeros(H)
+    if not proj and H <= PERSISTENT_MAX_H:
+        return _persistent_forward(mode, x, xw, h0, c0, w_hh, b_hn, lengths, reverse, save)
     w_hh_t = w_hh.t()
     w_hr_t = w_hr.t() if proj else None
     if save:

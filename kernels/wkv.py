@@ -34,12 +34,12 @@ def _wkv4_fwd_kernel(negw_ptr, u_ptr, k_ptr, v_ptr, s_ptr, y_ptr, so_ptr, save_p
         kk = tl.load(k_ptr + off, mask=mask, other=0.0).to(ACC)
         vv = tl.load(v_ptr + off, mask=mask, other=0.0).to(ACC)
         ww = u + kk
-        p = tl.maximum(pp, ww)
+        p = tl.maximum(pp, ww, propagate_nan=tl.PropagateNan.ALL)
         e1 = tl.exp(pp - p)
         e2 = tl.exp(ww - p)
         tl.store(y_ptr + off, ((e1 * aa + e2 * vv) / (e1 * bb + e2)).to(y_ptr.dtype.element_ty), mask=mask)
         ww = pp + negw
-        p = tl.maximum(ww, kk)
+        p = tl.maximum(ww, kk, propagate_nan=tl.PropagateNan.ALL)
         e1 = tl.exp(ww - p)
         e2 = tl.exp(kk - p)
         aa = e1 * aa + e2 * vv
@@ -82,7 +82,7 @@ def _wkv4_bwd_kernel(negw_ptr, u_ptr, k_ptr, v_ptr, s_ptr, save_ptr, sT_ptr, gy_
         vv = tl.load(v_ptr + off, mask=mask, other=0.0).to(ACC)
         gyt = tl.load(gy_ptr + off, mask=mask, other=0.0).to(ACC)
         ww = u + kk
-        m = tl.maximum(p, ww)
+        m = tl.maximum(p, ww, propagate_nan=tl.PropagateNan.ALL)
         e1 = tl.exp(p - m)
         e2 = tl.exp(ww - m)
         d = e1 * bt + e2
@@ -99,7 +99,7 @@ def _wkv4_bwd_kernel(negw_ptr, u_ptr, k_ptr, v_ptr, s_ptr, save_ptr, sT_ptr, gy_
         gw -= tl.exp(gq + p + negw) * (ga * a + gb * bt) + tl.where(take_k, 0.0, gp)
         gp = tl.where(take_k, 0.0, gp)
         x1 = gq + negw
-        q = tl.maximum(x1, -m)
+        q = tl.maximum(x1, -m, propagate_nan=tl.PropagateNan.ALL)
         s1 = tl.exp(x1 - q)
         s2 = tl.exp(-m - q)
         ga = s1 * ga + s2 * gyd

@@ -460,3 +460,25 @@ def test_cuda_compile_fullgraph():
     args = (cuda(x), cuda(h0), cuda(c0), *[cuda(t) for t in w[:4]])
     f = torch.compile(lambda x, h, c, *w: SF.lstm(x, (h, c), *w, backend="cuda")[0], fullgraph=True)
     torch.testing.assert_close(f(*args), SF.lstm(args[0], args[1:3], *args[3:], backend="reference")[0])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[7], CASES[8]], ids=lambda c: c[0])
+def test_triton_per_step_path_matches_reference(case, monkeypatch):
+    """The per-step gate kernels (taken for H > PERSISTENT_MAX_H; forced here)."""
+    require("triton")
+    from seqkern.kernels import rnn as K
+
+    monkeypatch.setattr(K, "PERSISTENT_MAX_H", 0)
+    kind, T, Bsz, I, H, proj, bias, lengths, reverse = case
+    inputs = make_inputs(kind, T, Bsz, I, H, proj, bias, F64)
+    got = run_all(kind, inputs, lengths, reverse, "triton")
+    want = run_all(kind, inputs, lengths, reverse, "reference")
+    outs = [(a, b) for a, b in zip(got, want) if b is not None]
+    for a, b in outs:
+        torch.testing.assert_close(a, b)
+    cots = [torch.randn_like(b) for _, b in outs]
+    g1 = torch.autograd.grad([a for a, _ in outs], leaves(inputs), cots)
+    g2 = torch.autograd.grad([b for _, b in outs], leaves(inputs), cots)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)

@@ -65,12 +65,14 @@ inline void step_forward(Lanes<T, W>& s, const T* kt, const T* vt, T* yt, const 
       yt[j] = (e1 * a + e2 * vv) / (e1 * b + e2);
     }
     const T ww = p + negw[j];
-    const T d = ww - kk;  // the new max is k when k > ww (the reference's torch.maximum agrees off ties)
+    // the new max is k when k > ww (torch.maximum agrees off ties)
+    const T d = ww - kk;
     const T e = fast_exp(neg_abs(d));
-    const T e1 = d >= T(0) ? T(1) : e, e2 = d >= T(0) ? e : T(1);
+    const bool take_k = d < T(0);
+    const T e1 = take_k ? e : T(1), e2 = take_k ? T(1) : e;
     s.aa[j] = e1 * a + e2 * vv;
     s.bb[j] = e1 * b + e2;
-    s.pp[j] = d >= T(0) ? ww : kk;
+    s.pp[j] = d != d ? d : (take_k ? kk : ww);  // NaN in either operand gives NaN, as torch.maximum does
   }
 }
 
@@ -194,7 +196,8 @@ void for_tasks(int64_t Bn, int64_t C, int64_t work_per_task, const F& f) {
   });
 }
 
-template <typename T> constexpr int lanes() { return sizeof(T) == 4 ? 32 : 16; }
+// 4 AVX-512 (8 AVX2) vectors per task: the time recurrence is latency-bound, independent lanes hide it
+template <typename T> constexpr int lanes() { return sizeof(T) == 4 ? 64 : 32; }
 
 }  // namespace
 

@@ -51,11 +51,11 @@ __global__ void __launch_bounds__(64) wkv4_fwd_kernel(const A* __restrict__ negw
     const A ww = pp + w;
     d = ww - kk;
     e = ex(-fabs(d));
-    e1 = d >= A(0) ? A(1) : e;
-    e2 = d >= A(0) ? e : A(1);
+    e1 = d < A(0) ? e : A(1);  // k is the new max when k > ww
+    e2 = d < A(0) ? A(1) : e;
     aa = e1 * aa + e2 * vv;
     bb = e1 * bb + e2;
-    pp = d >= A(0) ? ww : kk;
+    pp = d != d ? d : (d < A(0) ? kk : ww);  // NaN in either operand gives NaN, as torch.maximum does
   }
   s_out[b * 3 * C + c] = aa;
   s_out[b * 3 * C + C + c] = bb;
