@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.quick:
-        a.d, a.layers, a.ctx, a.batch, a.generate = 32, 2, 32, 8, 40
+        a.d, a.layers, a.ctx, a.batch, a.generate = 32, 2, 32, 8, 20
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
     data = load_text(40_000 if a.quick else 400_000)

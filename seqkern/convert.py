@@ -13,6 +13,10 @@ keys still match), buffers, device, dtype, train/eval mode and every hook regist
 on it or on its parents. This also works when the root module itself is one of those
 classes, and for modules shared between several parents (swapped once).
 
+A swapped RNN/LSTM/GRU is no longer an instance of ``torch.nn.LSTM`` (etc.), only of
+``torch.nn.RNNBase`` (see ``seqkern.nn.rnn``): that is what lets Dynamo trace it, where
+``torch.compile(fullgraph=True)`` refuses torch's own RNN modules.
+
 Subclasses of the torch modules are left alone (their own ``forward`` may differ), as
 are modules that already are seqkern's.
 """
@@ -86,8 +90,6 @@ def replace_modules(model: torch.nn.Module, *, include: Optional[Iterable[Union[
         m.__class__ = target
         m.__dict__[_MARK] = cls
         m.backend = backend
-        if isinstance(m, torch.nn.RNNBase):
-            _allow_dynamo_rnn()
         summary[name] = cls.__name__
     counts = Counter(summary.values())
     log.info("seqkern.replace_modules: replaced %d module(s)%s%s", len(summary),
@@ -113,10 +115,3 @@ def restore_modules(model: torch.nn.Module, *, return_summary: bool = False):
     log.info("seqkern.restore_modules: restored %d module(s)", len(summary))
     return (model, summary) if return_summary else model
 
-
-def _allow_dynamo_rnn() -> None:
-    # Dynamo graph-breaks on any nn.RNNBase instance unless allow_rnn is set; seqkern's
-    # layers set it when constructed, and a converted layer is never constructed.
-    import torch._dynamo.config as dynamo_config
-
-    dynamo_config.allow_rnn = True

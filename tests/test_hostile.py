@@ -2,8 +2,13 @@
 devices (the meta device stands in for a second one) and dtypes, integer tensors,
 NaN and +-inf, huge magnitudes, zero-length sequences, lengths one past a block
 size. Every backend that runs here either gives the reference's result (NaN where
-the reference has NaN, the same gradients) or raises an error that names the
-argument; none crashes, hangs or modifies an input."""
+the reference has NaN; gradients equal where the reference's are finite and
+non-finite where they are not) or raises an error that names the argument; none
+crashes, hangs or modifies an input. Huge magnitudes in fp32 ("reference-fp64") are
+held to the fp64 reference, within twice the fp32 reference's own error.
+
+Known bugs that the owner has not fixed yet are in KNOWN: strict xfails, so the fix
+turns them into failures until the entry is removed."""
 import faulthandler
 import re
 
@@ -12,7 +17,7 @@ import torch
 
 from seqkern import functional as SF
 
-from reliability import Arg, assert_parity, backends_for, require_family
+from reliability import Arg, assert_parity, assert_parity_vs_fp64, backends_for, require_family
 
 ERRORS = (ValueError, TypeError, RuntimeError)
 
@@ -35,10 +40,19 @@ def run_case(family, op, build, expect, backend):
     call, args, dtype, *which = build()  # a builder may name the op it calls (gru in the rnn table)
     op = which[0] if which else op
     if expect == "reference":
-        assert_parity(call, args, backend, dtype, op=op)
+        assert_parity(call, args, backend, dtype, op=op, loose_nonfinite_grads=True)
+    elif expect == "reference-fp64":
+        assert_parity_vs_fp64(call, args, backend, op=op)
     else:
         with pytest.raises(ERRORS, match=names(expect)):
             call({n: a.present() if isinstance(a, Arg) else a for n, a in args.items()}, backend)
+
+
+# (op, case, backend) -> why it fails today
+KNOWN: dict = {
+    # fixed in csrc/cpu/wkv.cpp after this suite found it: ("wkv4", "nan-k", "cpu") -- a NaN k left the
+    # state's max-exponent pp NaN for one step only where the reference keeps it NaN
+}
 
 
 def cases(table):
@@ -48,6 +62,8 @@ def cases(table):
         for case_id, build, expect in rows:
             for be in backends_for(op):
                 marks = [pytest.mark.triton] if be == "triton" else []
+                if (op, case_id, be) in KNOWN:
+                    marks.append(pytest.mark.xfail(strict=True, reason=KNOWN[op, case_id, be]))
                 out.append(pytest.param(family, op, build, expect, be, id=f"{op}-{case_id}-{be}", marks=marks))
     return out
 
@@ -267,7 +283,7 @@ WKV = [
     ("inf-v", lambda: _wkv(v=poke(torch.randn(2, 6, 5, dtype=torch.float64), float("inf"), 7)), "reference"),
     ("-inf-k", lambda: _wkv(k=poke(torch.randn(2, 6, 5, dtype=torch.float64), float("-inf"), 7)), "reference"),
     ("k-1e4-fp32", lambda: _wkv(k=_spiky_k(1e4), v=torch.randn(2, 40, 5), T=40, dtype=torch.float32),
-     "reference"),
+     "reference-fp64"),
     ("k-1e4-fp64-state", lambda: _wkv(k=_spiky_k(1e4, dtype=torch.float64), T=40,
                                       state=_state(pp=torch.full((2, 5), 5e3, dtype=torch.float64))), "reference"),
     ("decay-huge", lambda: _wkv(w=torch.full((5,), 50.0, dtype=torch.float64)), "reference"),

@@ -33,11 +33,14 @@ BACKENDS = _seq_backends()
 EAGER = [p for p in BACKENDS if p.id != "triton"]
 
 
-def cases(first, rest):
-    """(backend, *case) params: every case on the eager CPU backends, the first one on triton."""
-    return ([pytest.param(p.values[0], *c, marks=p.marks, id=f"{p.id}-{i}") for p in EAGER
-             for i, c in enumerate([first] + rest)]
-            + [pytest.param(p.values[0], *first, marks=p.marks, id=f"{p.id}-0") for p in BACKENDS if p.id == "triton"])
+def cases(modes, first, rest, triton_modes):
+    """(mode, backend, *case) params: every case of every mode on the eager CPU backends, the
+    first case of ``triton_modes`` on triton."""
+    out = [pytest.param(m, p.values[0], *c, marks=p.marks, id=f"{m}-{p.id}-{i}")
+           for m in modes for p in EAGER for i, c in enumerate([first] + rest)]
+    out += [pytest.param(m, p.values[0], *first, marks=p.marks, id=f"{m}-{p.id}-0")
+            for m in triton_modes for p in BACKENDS if p.id == "triton"]
+    return out
 
 # (seqkern class, torch class, extra constructor kwargs)
 MODES = {
@@ -202,11 +205,11 @@ def test_pickle_deepcopy_to_and_functional_call():
 # interpreted Triton backend (slow) gets one combination that has every feature on
 FLAGS = [(n, b, f, d, (n == 2) != d) for n, b, f, d in itertools.product((1, 2), (True, False), (False, True),
                                                                          (False, True))]
-LAYER_CASES = cases((2, True, True, True, True), [f for f in FLAGS if f != (2, True, True, True, True)])
+LAYER_CASES = cases(list(MODES), (2, True, True, True, True), [f for f in FLAGS if f != (2, True, True, True, True)],
+                    ["lstm_proj", "gru", "rnn_relu"])
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("backend,num_layers,bias,batch_first,bidirectional,with_hx", LAYER_CASES)
+@pytest.mark.parametrize("mode,backend,num_layers,bias,batch_first,bidirectional,with_hx", LAYER_CASES)
 def test_layer_matches_torch_fp64(backend, mode, num_layers, bias, batch_first, bidirectional, with_hx):
     m, t = pair(mode, backend, num_layers=num_layers, bias=bias, batch_first=batch_first,
                 bidirectional=bidirectional)
@@ -223,7 +226,7 @@ def test_layer_matches_torch_fp64(backend, mode, num_layers, bias, batch_first, 
         assert torch.equal(a.detach(), b)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", EAGER)
 @pytest.mark.parametrize("mode", ["lstm_proj", "gru", "rnn_relu"])
 def test_layer_matches_torch_fp32(backend, mode):
     m, t = pair(mode, backend, torch.float32, num_layers=2, bidirectional=True)
@@ -248,9 +251,9 @@ def test_unbatched_input(backend, mode, batch_first, with_hx):
     compare(m, t, args, args2, [x] + hx_leaves(hx), [x2] + hx_leaves(hx2), TOL[F64])
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("backend,enforce_sorted,with_hx,bidirectional",
-                         cases((False, True, True), [(True, False, True), (False, False, False)]))
+@pytest.mark.parametrize("mode,backend,enforce_sorted,with_hx,bidirectional",
+                         cases(list(MODES), (False, True, True), [(True, False, True), (False, False, False)],
+                               ["lstm", "gru"]))
 def test_packed_sequence(backend, mode, enforce_sorted, with_hx, bidirectional):
     m, t = pair(mode, backend, num_layers=2, bidirectional=bidirectional, batch_first=True)
     lengths = torch.tensor([6, 4, 4, 1]) if enforce_sorted else torch.tensor([2, 6, 1, 4])
@@ -326,9 +329,9 @@ def test_dropout_packed_is_deterministic_and_drops():
 # cells
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", list(CELLS))
-@pytest.mark.parametrize("backend,batched,with_hx,bias",
-                         cases((True, True, True), [(True, False, False), (False, True, True), (False, False, True)]))
+@pytest.mark.parametrize("mode,backend,batched,with_hx,bias",
+                         cases(list(CELLS), (True, True, True), [(True, False, False), (False, True, True),
+                                                                 (False, False, True)], list(CELLS)))
 def test_cell_matches_torch(backend, mode, batched, with_hx, bias):
     m, t = pair(mode, backend, bias=bias, cell=True)
     x = torch.randn(*((3,) if batched else ()), I, dtype=F64, requires_grad=True)

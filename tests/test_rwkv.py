@@ -175,7 +175,7 @@ def test_example_rwkv_lm_smoke():
     spec = importlib.util.spec_from_file_location("rwkv_lm_example", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = mod.main(["--quick", "--steps", "25", "--seed", "0"])
-    assert out["last"] < out["first"] - 0.5, out["losses"]
+    out = mod.main(["--quick", "--steps", "12", "--seed", "0"])
+    assert out["last"] < out["first"] - 0.3, out["losses"]
     assert out["step_vs_parallel"] < 1e-4
-    assert len(out["sample"]) == 40
+    assert len(out["sample"]) == 20

@@ -200,8 +200,8 @@ def test_fp32_long_sequence_accuracy_against_fp64(backend):
 
 @pytest.mark.parametrize("backend", LONG[1:])
 def test_long_sequence_gradients_match_reference(backend):
-    # more than one checkpoint chunk in the fused backward, and a channel count with a SIMD tail
-    ins = make(2, 150, 37, grad=True, state=True)
+    # more than one checkpoint chunk in the fused backward, full SIMD blocks (64 fp32 / 32 fp64 lanes) and a tail
+    ins = make(2, 150, 70, grad=True, state=True)
     y, s = SF.wkv4(*ins, backend=backend)
     y_r, s_r = wkv4_reference(*ins)
     gy, gs = torch.randn_like(y), torch.randn_like(s)
@@ -239,3 +239,61 @@ def test_compile_fullgraph_cpu_forward_and_backward():
     want = torch.autograd.grad(y_r.sum() + s_r.sum(), ins)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, F64])
+def test_gpu_backends_match_reference(backend, dtype):
+    td, tf, k, v, st = (t.cuda() if t is not None else None for t in make(3, 70, 130, dtype=F64, state=True))
+    ins = [t.to(dtype).requires_grad_() for t in (td, tf, k, v)] + [st.to(torch.float64 if dtype == F64 else torch.float32).requires_grad_()]
+    y, s = SF.wkv4(*ins, backend=backend)
+    assert seqkern.last_backend("wkv4") == backend and y.dtype == dtype
+    ref_ins = [t.detach().double().requires_grad_() for t in ins]
+    y_r, s_r = wkv4_reference(*ref_ins)
+    tol = TOL[dtype] if dtype in (F64, torch.float32) else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.double(), y_r, **tol)
+    torch.testing.assert_close(s.double(), s_r, **tol)
+    gy, gs = torch.randn_like(y_r), torch.randn_like(s_r)
+    got = torch.autograd.grad((y.double() * gy).sum() + (s.double() * gs).sum(), ins)
+    want = torch.autograd.grad((y_r * gy).sum() + (s_r * gs).sum(), ref_ins)
+    for name, a, b in zip(("time_decay", "time_first", "k", "v", "state"), got, want):
+        scale = b.abs().max().clamp_min(1)  # time_decay/time_first grads are sums over B*T terms
+        torch.testing.assert_close(a.double() / scale, b / scale, **tol, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_chunked_long_sequence_and_huge_k(backend):
+    td, tf, k, v, _ = (t.cuda() if t is not None else None for t in make(2, 4000, 64, dtype=torch.float32))
+    y, s = SF.wkv4(td, tf, k * 1e4, v, backend=backend)
+    assert torch.isfinite(y).all() and torch.isfinite(s).all()
+    y1, s1 = SF.wkv4(td, tf, k[:, :1500], v[:, :1500], backend=backend)
+    y2, s2 = SF.wkv4(td, tf, k[:, 1500:], v[:, 1500:], s1, backend=backend)
+    y0, s0 = SF.wkv4(td, tf, k, v, backend=backend)
+    torch.testing.assert_close(torch.cat((y1, y2), 1), y0)
+    torch.testing.assert_close(s2, s0)
+    y64, _ = wkv4_reference(td.double(), tf.double(), k.double(), v.double())
+    torch.testing.assert_close(y0.double(), y64, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_gpu_compile_fullgraph_cuda():
+    ins = [t.cuda().requires_grad_() for t in make(2, 6, 5, dtype=torch.float32)[:4]]
+    f = torch.compile(lambda *a: SF.wkv4(*a, backend="cuda"), fullgraph=True)
+    y, s = f(*ins)
+    y_r, _ = wkv4_reference(*ins)
+    torch.testing.assert_close(y, y_r)
+
+
+def test_cpu_fp32_simd_blocks_match_reference():
+    # C = 64 + 6: one full 64-lane fp32 block (the vectorised path) and a scalar tail
+    ins = make(2, 80, 70, dtype=torch.float32, grad=True, state=True)
+    y, s = SF.wkv4(*ins, backend="cpu")
+    y_r, s_r = wkv4_reference(*ins)
+    torch.testing.assert_close(y, y_r, **TOL[torch.float32])
+    torch.testing.assert_close(s, s_r, **TOL[torch.float32])
+    got = torch.autograd.grad(y.sum() + s[:, :2].sum(), ins)
+    want = torch.autograd.grad(y_r.sum() + s_r[:, :2].sum(), ins)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -310,7 +310,9 @@ def _bwd_op(mode: str, dy: Tensor, dh: Tensor, dc: Optional[Tensor], x: Tensor, 
 @_bwd_op.register_fake
 def _(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, need, backend):
     ins = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    return tuple(torch.empty_like(t) if (n and t is not None) else x.new_empty(0) for t, n in zip(ins, need))
+    # the kernels return contiguous gradients whatever the inputs' strides (e.g. batch_first x)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if (n and t is not None)
+                 else x.new_empty(0) for t, n in zip(ins, need))
 
 
 def _setup_context(ctx, inputs, output):
