@@ -309,3 +309,17 @@ def test_compile_fullgraph(backend):
     w = torch.autograd.grad(want.nan_to_num().sum(), (q, k, v))
     for a, b in zip(g, w):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("causal,mask", [(True, False), (False, True)])
+def test_cpu_many_blocks_match_reference(causal, mask):
+    """Lengths past the cpu kernel's tiles (256 queries x 512 keys), not multiples of them: the online
+    softmax across key blocks, causal block skipping and the backward's block loops."""
+    q, k, v = _inputs((1, 2, 300, 16), (1, 1, 1100, 16))
+    m = (torch.rand(300, 1100) > 0.5) if mask else None
+    out = SF.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal, enable_gqa=True, backend="cpu")
+    want = A.scaled_dot_product_attention_reference(q, k, v, attn_mask=m, is_causal=causal, enable_gqa=True)
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((want * g).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -19,13 +20,21 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
             const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // the C interface (by value)
 }
 
 namespace seqkern::cpu {
 namespace {
 
-constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 128;
+// Tile sizes: large enough that the BLAS calls run near peak, small enough that a thread's tiles
+// (a few kBlockQ x kBlockK score tiles) stay in L2. SEQKERN_ATTN_BLOCK_Q / _K override them (tuning).
+int64_t env_block(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  const int64_t x = v ? std::atoll(v) : 0;
+  return x > 0 ? x : dflt;
+}
+const int64_t kBlockQDefault = env_block("SEQKERN_ATTN_BLOCK_Q", 256);
+const int64_t kBlockK = env_block("SEQKERN_ATTN_BLOCK_K", 512);
 
 template <typename T>
 void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const T* alpha, const T* a,
@@ -42,6 +51,18 @@ void blas_gemm<double>(const char* ta, const char* tb, const int* m, const int* 
                        const double* beta, double* c, const int* ldc) {
   dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
+// Each task already runs on its own thread: MKL spawning threads for its tile-sized GEMMs
+// oversubscribes the cores (measured: 2-thread MKL on these tiles was 10x slower than 1).
+struct SingleThreadedBlas {
+  int prev = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
+  }
+};
+
 template <typename T>
 bool have_blas() {
   return std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
@@ -98,6 +119,28 @@ inline float exp_approx(float x) {
 }
 inline double exp_approx(double x) { return std::exp(x); }
 
+// Row kernels as separate functions: inside the templated lambdas below GCC kept them scalar,
+// standalone it vectorises them (checked with -fopt-info-vec).
+template <typename T>
+__attribute__((noinline)) T row_max(const T* row, int64_t n) {
+  T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t c = 0; c < n; ++c) mx = std::max(mx, row[c]);
+  return mx;
+}
+// row <- exp(row - m); returns the sum
+template <typename T>
+__attribute__((noinline)) T exp_sum_row(T* row, int64_t n, T m) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < n; ++c) {
+    const T p = exp_approx(row[c] - m);
+    row[c] = p;
+    sum += p;
+  }
+  return sum;
+}
+
 // Dropout mask shared with seqkern/ops/attention.py (dropout_keep), the Triton and CUDA kernels.
 inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
@@ -145,6 +188,13 @@ Shapes shapes_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   return s;
 }
 
+// Query tile: smaller for short sequences so that B x H x query blocks still feeds every thread.
+int64_t block_q(const Shapes& sh) {
+  int64_t bq = kBlockQDefault;
+  while (bq > 32 && sh.B * sh.Hq * ((sh.L + bq - 1) / bq) < 4 * at::get_num_threads()) bq /= 2;
+  return bq;
+}
+
 // Scaled scores of one tile, with the mask added and causal positions set to -inf.
 template <typename T>
 void mask_tile(const Shapes& sh, T* s, int64_t nq, int64_t nk, int64_t b, int64_t h, int64_t i0, int64_t j0,
@@ -172,8 +222,10 @@ template <typename T>
 void forward_kernel(const Shapes& sh, const T* q, const T* k, const T* v, T* out, T* lse, bool causal, T scale,
                     const Dropout& drop) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const int64_t kBlockQ = block_q(sh);
   const int64_t nqb = (sh.L + kBlockQ - 1) / kBlockQ;
   at::parallel_for(0, sh.B * sh.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+    const SingleThreadedBlas one_blas_thread;
     std::vector<T> sbuf(kBlockQ * kBlockK), oacc(kBlockQ * sh.Ev), mrow(kBlockQ), lrow(kBlockQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nqb, i0 = (task % nqb) * kBlockQ;
@@ -194,22 +246,14 @@ void forward_kernel(const Shapes& sh, const T* q, const T* k, const T* v, T* out
         mask_tile(sh, s, nq, nk, b, h, i0, j0, causal && j0 + nk > i0);
         for (int64_t r = 0; r < nq; ++r) {
           T* row = s + r * nk;
-          T mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-          for (int64_t c = 0; c < nk; ++c) mx = std::max(mx, row[c]);
+          const T mx = row_max(row, nk);
           const T m_new = std::max(mrow[r], mx);
           if (m_new == kNegInf) {  // nothing visible yet in this row
             std::fill(row, row + nk, T(0));
             continue;
           }
           const T alpha = exp_approx(mrow[r] - m_new);  // 0 when the old max was -inf
-          T sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t c = 0; c < nk; ++c) {
-            const T p = exp_approx(row[c] - m_new);
-            row[c] = p;
-            sum += p;
-          }
+          const T sum = exp_sum_row(row, nk, m_new);
           lrow[r] = lrow[r] * alpha + sum;
           mrow[r] = m_new;
           if (alpha != T(1)) {
@@ -241,7 +285,9 @@ void forward_kernel(const Shapes& sh, const T* q, const T* k, const T* v, T* out
 template <typename T>
 void backward_kernel(const Shapes& sh, const T* dout, const T* q, const T* k, const T* v, const T* out,
                      const T* lse, T* dq, T* dk, T* dv, bool causal, T scale, const Dropout& drop) {
+  const int64_t kBlockQ = block_q(sh);
   at::parallel_for(0, sh.B * sh.Hk, 1, [&](int64_t begin, int64_t end) {
+    const SingleThreadedBlas one_blas_thread;
     std::vector<T> pbuf(kBlockQ * kBlockK), dpbuf(kBlockQ * kBlockK), pdbuf(drop.on ? kBlockQ * kBlockK : 0);
     std::vector<T> delta(sh.G * sh.L);
     for (int64_t task = begin; task < end; ++task) {
@@ -284,8 +330,7 @@ void backward_kernel(const Shapes& sh, const T* dout, const T* q, const T* k, co
                 std::fill(row, row + nk, T(0));
                 continue;
               }
-#pragma omp simd
-              for (int64_t c = 0; c < nk; ++c) row[c] = exp_approx(row[c] - m);
+              exp_sum_row(row, nk, m);
             }
             gemm<T>(false, true, nq, nk, sh.Ev, T(1), dO, sh.Ev, V + j0 * sh.Ev, sh.Ev, T(0), dP, nk);
             const T* Pv = P;  // P with dropout applied, for dV
