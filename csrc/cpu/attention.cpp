@@ -1,152 +1,108 @@
-// Flash-style attention on the CPU: blocks of queries x blocks of keys through BLAS, online softmax
-// in the forward (saving lse), P recomputed from lse in the backward. Memory is linear in the
-// sequence lengths: the largest temporaries are a few (query block x key block) tiles per thread.
+// Flash-style scaled dot-product attention on the CPU.
+//
+// Forward: one task per (batch, head, block of BQ queries); it walks the key blocks with an
+// online softmax (running max m, running sum l, output accumulator rescaled when m grows),
+// the two products of each block through BLAS, and saves lse = m + log l per row.
+// Backward: one task per (batch, key/value head), so the dK/dV of a key block and the dQ of
+// every query row of its group of heads are written by one thread only (deterministic, no
+// atomics); the probabilities come back from lse, and dS = P * (dP - rowsum(dO * O)).
+// Nothing N x N is ever allocated: scratch is a few BQ x BK blocks per thread.
 #include "cpu/attention.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
-// MKL / OpenBLAS Fortran entry points exported by libtorch_cpu. Weak, so that a torch built
-// without them still loads this library; the kernels then fall back to at::mm_out.
+// The Fortran BLAS that libtorch_cpu exports (MKL / OpenBLAS); weak, so a torch without it
+// still loads this library and the kernels fall back to ATen's addmm.
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
             const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // the C interface (by value)
 }
 
 namespace seqkern::cpu {
 namespace {
 
-// Tile sizes: large enough that the BLAS calls run near peak, small enough that a thread's tiles
-// (a few kBlockQ x kBlockK score tiles) stay in L2. SEQKERN_ATTN_BLOCK_Q / _K override them (tuning).
-int64_t env_block(const char* name, int64_t dflt) {
-  const char* v = std::getenv(name);
-  const int64_t x = v ? std::atoll(v) : 0;
-  return x > 0 ? x : dflt;
+inline void fortran_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* al,
+                         const float* a, const int* lda, const float* b, const int* ldb, const float* be, float* c,
+                         const int* ldc) {
+  sgemm_(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc);
 }
-const int64_t kBlockQDefault = env_block("SEQKERN_ATTN_BLOCK_Q", 256);
-const int64_t kBlockK = env_block("SEQKERN_ATTN_BLOCK_K", 512);
-
-template <typename T>
-void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const T* alpha, const T* a,
-               const int* lda, const T* b, const int* ldb, const T* beta, T* c, const int* ldc);
-template <>
-void blas_gemm<float>(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-                      const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-                      const int* ldc) {
-  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-template <>
-void blas_gemm<double>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                       const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-                       const double* beta, double* c, const int* ldc) {
-  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-// Each task already runs on its own thread: MKL spawning threads for its tile-sized GEMMs
-// oversubscribes the cores (measured: 2-thread MKL on these tiles was 10x slower than 1).
-struct SingleThreadedBlas {
-  int prev = 0;
-  SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
-  }
-};
-
-template <typename T>
-bool have_blas() {
-  return std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
+inline void fortran_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* al,
+                         const double* a, const int* lda, const double* b, const int* ldb, const double* be,
+                         double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc);
 }
 
-// Row-major C (M x N) = alpha * op(A) op(B) + beta * C. BLAS is column-major: a row-major
-// matrix read column-major is its transpose, so C^T = op(B)^T op(A)^T is the same call with
-// A and B swapped.
+// Row-major C (M x N, ldc) = alpha * op(A) op(B) + beta * C through the column-major BLAS:
+// a row-major matrix is its column-major transpose, so C^T = op(B)^T op(A)^T.
 template <typename T>
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
-          int64_t ldb, T beta, T* C, int64_t ldc) {
+inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+                    int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
-  if (K == 0) {
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+  const bool have = std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
+  if (!have || K == 0) {  // no BLAS (or an empty sum, where BLAS checks leading dims): ATen on views
+    auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    at::Tensor a = ta ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opts).t()
+                      : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
+    at::Tensor b = tb ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t()
+                      : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+    at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+    c.addmm_(a, b, beta, alpha);
     return;
   }
-  if (have_blas<T>()) {
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
-    blas_gemm<T>(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
-    return;
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  fortran_gemm(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+}
+
+// exp(x) for a whole row, written so that GCC vectorises it (libm's expf is a call per
+// element): x = n ln2 + r with n rounded by the 1.5 * 2^23 trick, a degree-6 polynomial for
+// e^r, 2^n through the exponent bits. exp(-inf) and anything below the float range is exactly
+// 0 (masked entries must not leak into the row sum), NaN stays NaN. Relative error < 1e-7.
+inline void exp_row(float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float xi = x[i];
+    const float xc = std::max(std::min(xi, 88.3762626f), -87.3365448f);
+    const float t = xc * 1.44269504088896341f + 12582912.0f;
+    const float fn = t - 12582912.0f;
+    const int32_t ni = std::bit_cast<int32_t>(t) - 0x4B400000;
+    const float r = xc - fn * 0.693359375f + fn * 2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    const float e = y * std::bit_cast<float>((ni + 127) << 23);
+    x[i] = xi < -87.3365448f ? 0.0f : (xi != xi ? xi : e);
   }
-  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor a = at::from_blob(const_cast<T*>(A), ta ? at::IntArrayRef{K, M} : at::IntArrayRef{M, K},
-                               {lda, 1}, opts);
-  at::Tensor b = at::from_blob(const_cast<T*>(B), tb ? at::IntArrayRef{N, K} : at::IntArrayRef{K, N},
-                               {ldb, 1}, opts);
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  at::Tensor prod = at::mm(ta ? a.t() : a, tb ? b.t() : b);
-  if (beta == T(0)) c.copy_(prod.mul_(alpha)); else c.mul_(beta).add_(prod, alpha);
 }
 
-// exp for float written so that GCC vectorises the loops calling it (std::exp does not):
-// Cephes' degree-6 polynomial on x - n ln2, 2^n built in the exponent bits; about 1 ulp.
-// exp(-inf) and anything below the denormal range give exactly 0 (masked scores).
-inline float exp_approx(float x) {
-  constexpr float kHi = 88.3762626647949f, kLo = -87.3365447504f;
-  const float xc = x < kLo ? kLo : (x > kHi ? kHi : x);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float p2;
-  std::memcpy(&p2, &bits, sizeof(p2));
-  return x < kLo ? 0.0f : y * p2;
-}
-inline double exp_approx(double x) { return std::exp(x); }
-
-// Row kernels as separate functions: inside the templated lambdas below GCC kept them scalar,
-// standalone it vectorises them (checked with -fopt-info-vec).
-template <typename T>
-__attribute__((noinline)) T row_max(const T* row, int64_t n) {
-  T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-  for (int64_t c = 0; c < n; ++c) mx = std::max(mx, row[c]);
-  return mx;
-}
-// row <- exp(row - m); returns the sum
-template <typename T>
-__attribute__((noinline)) T exp_sum_row(T* row, int64_t n, T m) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < n; ++c) {
-    const T p = exp_approx(row[c] - m);
-    row[c] = p;
-    sum += p;
-  }
-  return sum;
+inline void exp_row(double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
 }
 
-// Dropout mask shared with seqkern/ops/attention.py (dropout_keep), the Triton and CUDA kernels.
+// The dropout hash shared with seqkern/ops/attention.py (dropout_keep), kernels/attention.py
+// and csrc/cuda/attention.cu: row r = bh * L + i, h = mix(mix(r ^ seed) ^ j), kept iff
+// (h >> 8) >= threshold.
 inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
-  x *= 0x7feb352dU;
+  x *= 0x7FEB352Du;
   x ^= x >> 15;
-  x *= 0x846ca68bU;
+  x *= 0x846CA68Bu;
   x ^= x >> 16;
   return x;
 }
@@ -155,210 +111,199 @@ struct Dropout {
   bool on = false;
   uint32_t seed = 0, threshold = 0;
   double inv_keep = 1.0;  // 1 / (1 - p), 0 when p == 1
-  Dropout(double p, int64_t seed_) {
+
+  Dropout(double p, int64_t s) {
     on = p > 0.0;
-    seed = static_cast<uint32_t>(static_cast<uint64_t>(seed_) & 0xffffffffu);
-    // nearbyint rounds half to even like Python's round() in dropout_threshold
-    threshold = static_cast<uint32_t>(std::min(16777216.0, std::nearbyint(p * 16777216.0)));
-    inv_keep = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
+    seed = static_cast<uint32_t>(static_cast<uint64_t>(s) & 0xFFFFFFFFu);
+    // nearbyint rounds half to even like Python's round(): the threshold matches bit for bit
+    const double t = std::nearbyint(p * 16777216.0);
+    threshold = static_cast<uint32_t>(std::min(t, 16777216.0));
+    inv_keep = p >= 1.0 ? 0.0 : 1.0 / (1.0 - p);
   }
-  uint32_t row_hash(int64_t row) const { return mix32(static_cast<uint32_t>(static_cast<uint64_t>(row)) ^ seed); }
-  bool keep(uint32_t rh, int64_t col) const {
-    return (mix32(rh ^ static_cast<uint32_t>(col)) >> 8) >= threshold;
-  }
+  uint32_t row_key(int64_t row) const { return mix32(static_cast<uint32_t>(row) ^ seed); }
+  bool keep(uint32_t rk, int64_t j) const { return (mix32(rk ^ static_cast<uint32_t>(j)) >> 8) >= threshold; }
 };
 
-struct Shapes {
-  int64_t B, Hq, Hk, G, L, S, E, Ev;
-  // strides of the additive mask broadcast to (B, Hq, L, S): 0 along broadcast dims
-  const void* mask = nullptr;
-  int64_t mb = 0, mh = 0, ml = 0, ms = 0;
+struct MaskView {
+  const void* data = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0, ss = 0;
 };
 
-Shapes shapes_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
-  Shapes s{q.size(0), q.size(1), k.size(1), q.size(1) / std::max<int64_t>(k.size(1), 1), q.size(2),
-           k.size(2), q.size(3), v.size(3)};
-  if (mask.defined()) {
-    s.mask = mask.data_ptr();
-    s.mb = mask.size(0) == 1 ? 0 : mask.stride(0);
-    s.mh = mask.size(1) == 1 ? 0 : mask.stride(1);
-    s.ml = mask.size(2) == 1 ? 0 : mask.stride(2);
-    s.ms = mask.size(3) == 1 ? 0 : mask.stride(3);
-  }
-  return s;
-}
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
-// Query tile: smaller for short sequences so that B x H x query blocks still feeds every thread.
-int64_t block_q(const Shapes& sh) {
-  int64_t bq = kBlockQDefault;
-  while (bq > 32 && sh.B * sh.Hq * ((sh.L + bq - 1) / bq) < 4 * at::get_num_threads()) bq /= 2;
-  return bq;
-}
-
-// Scaled scores of one tile, with the mask added and causal positions set to -inf.
+// Logits of one (query block, key block): scale * Q K^T, plus the mask, -inf above the causal
+// diagonal (top-left aligned: key j is visible to query i iff j <= i).
 template <typename T>
-void mask_tile(const Shapes& sh, T* s, int64_t nq, int64_t nk, int64_t b, int64_t h, int64_t i0, int64_t j0,
-               bool causal) {
-  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  for (int64_t r = 0; r < nq; ++r) {
-    T* row = s + r * nk;
-    if (sh.mask) {
-      const T* m = static_cast<const T*>(sh.mask) + b * sh.mb + h * sh.mh + (i0 + r) * sh.ml + j0 * sh.ms;
-      if (sh.ms == 1) {
+void block_logits(T* s, int64_t ld, const T* Q, const T* K, int64_t nq, int64_t nk, int64_t E, T scale,
+                  const MaskView& mv, int64_t b, int64_t h, int64_t i0, int64_t j0, bool causal) {
+  gemm_rm<T>(false, true, nq, nk, E, scale, Q, E, K, E, T(0), s, ld);
+  if (E == 0)  // BLAS may leave C alone for an empty sum
+    for (int64_t r = 0; r < nq; ++r) std::fill(s + r * ld, s + r * ld + nk, T(0));
+  if (mv.data != nullptr) {
+    const T* m = static_cast<const T*>(mv.data) + b * mv.sb + h * mv.sh;
+    for (int64_t r = 0; r < nq; ++r) {
+      const T* mr = m + (i0 + r) * mv.sl + j0 * mv.ss;
+      T* sr = s + r * ld;
+      if (mv.ss == 1) {
 #pragma omp simd
-        for (int64_t c = 0; c < nk; ++c) row[c] += m[c];
+        for (int64_t c = 0; c < nk; ++c) sr[c] += mr[c];
       } else {
-        for (int64_t c = 0; c < nk; ++c) row[c] += m[c * sh.ms];
+        for (int64_t c = 0; c < nk; ++c) sr[c] += mr[c * mv.ss];
       }
     }
-    if (causal) {
-      // key j is visible from query i when j <= i (top-left alignment)
-      for (int64_t c = std::max<int64_t>(0, i0 + r + 1 - j0); c < nk; ++c) row[c] = kNegInf;
+  }
+  if (causal) {
+    for (int64_t r = 0; r < nq; ++r) {
+      const int64_t first_hidden = std::max<int64_t>(0, i0 + r + 1 - j0);
+      if (first_hidden < nk) std::fill(s + r * ld + first_hidden, s + r * ld + nk, static_cast<T>(kNegInf));
     }
   }
 }
 
+// the backward recomputes the logits with the very same tile products as the forward, so that
+// exp(s - lse) sees bit-identical s even for huge logits
+constexpr int64_t kFwdBQ = 64, kFwdBK = 128;
+constexpr int64_t kBwdBQ = 64, kBwdBK = 128;
+
 template <typename T>
-void forward_kernel(const Shapes& sh, const T* q, const T* k, const T* v, T* out, T* lse, bool causal, T scale,
-                    const Dropout& drop) {
-  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  const int64_t kBlockQ = block_q(sh);
-  const int64_t nqb = (sh.L + kBlockQ - 1) / kBlockQ;
-  at::parallel_for(0, sh.B * sh.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
-    const SingleThreadedBlas one_blas_thread;
-    std::vector<T> sbuf(kBlockQ * kBlockK), oacc(kBlockQ * sh.Ev), mrow(kBlockQ), lrow(kBlockQ);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / nqb, i0 = (task % nqb) * kBlockQ;
-      const int64_t b = bh / sh.Hq, h = bh % sh.Hq, hk = h / sh.G;
-      const int64_t nq = std::min(kBlockQ, sh.L - i0);
-      const T* Q = q + (bh * sh.L + i0) * sh.E;
-      const T* K = k + (b * sh.Hk + hk) * sh.S * sh.E;
-      const T* V = v + (b * sh.Hk + hk) * sh.S * sh.Ev;
-      std::fill(oacc.begin(), oacc.begin() + nq * sh.Ev, T(0));
-      std::fill(mrow.begin(), mrow.end(), kNegInf);
-      std::fill(lrow.begin(), lrow.end(), T(0));
-      // causal: no query of this block sees a key at or past i0 + nq
-      const int64_t j_end = causal ? std::min(sh.S, i0 + nq) : sh.S;
-      for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
-        const int64_t nk = std::min(kBlockK, j_end - j0);
+void forward_impl(const T* q, const T* k, const T* v, const MaskView& mv, T* out, T* lse, int64_t Bn, int64_t Hq,
+                  int64_t Hk, int64_t L, int64_t S, int64_t E, int64_t Ev, T scale, bool causal, const Dropout& dp) {
+  const int64_t G = Hq / Hk, nqb = (L + kFwdBQ - 1) / kFwdBQ;
+  const T ninf = static_cast<T>(kNegInf), inv_keep = static_cast<T>(dp.inv_keep);
+  at::parallel_for(0, Bn * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> sbuf(kFwdBQ * kFwdBK), acc(kFwdBQ * std::max<int64_t>(Ev, 1)), m(kFwdBQ), l(kFwdBQ), sh(kFwdBQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / nqb, i0 = (t % nqb) * kFwdBQ, b = bh / Hq, h = bh % Hq;
+      const int64_t nq = std::min(kFwdBQ, L - i0);
+      const T* Q = q + (bh * L + i0) * E;
+      const T* K = k + (b * Hk + h / G) * S * E;
+      const T* V = v + (b * Hk + h / G) * S * Ev;
+      std::fill(m.begin(), m.end(), ninf);
+      std::fill(sh.begin(), sh.end(), ninf);
+      std::fill(l.begin(), l.end(), T(0));
+      std::fill(acc.begin(), acc.end(), T(0));
+      const int64_t kend = causal ? std::min(S, i0 + nq) : S;  // key blocks past the diagonal are skipped
+      for (int64_t j0 = 0; j0 < kend; j0 += kFwdBK) {
+        const int64_t nk = std::min(kFwdBK, kend - j0);
         T* s = sbuf.data();
-        gemm<T>(false, true, nq, nk, sh.E, scale, Q, sh.E, K + j0 * sh.E, sh.E, T(0), s, nk);
-        mask_tile(sh, s, nq, nk, b, h, i0, j0, causal && j0 + nk > i0);
+        block_logits<T>(s, kFwdBK, Q, K + j0 * E, nq, nk, E, scale, mv, b, h, i0, j0, causal);
         for (int64_t r = 0; r < nq; ++r) {
-          T* row = s + r * nk;
-          const T mx = row_max(row, nk);
-          const T m_new = std::max(mrow[r], mx);
-          if (m_new == kNegInf) {  // nothing visible yet in this row
-            std::fill(row, row + nk, T(0));
-            continue;
-          }
-          const T alpha = exp_approx(mrow[r] - m_new);  // 0 when the old max was -inf
-          const T sum = exp_sum_row(row, nk, m_new);
-          lrow[r] = lrow[r] * alpha + sum;
-          mrow[r] = m_new;
+          T* sr = s + r * kFwdBK;
+          T mx = ninf;
+#pragma omp simd reduction(max : mx)
+          for (int64_t c = 0; c < nk; ++c) mx = std::max(mx, sr[c]);
+          const T m_new = std::max(m[r], mx);
+          // the shift is the running max when finite, else 0 (as the reference: a +inf logit then
+          // gives NaN exactly where the reference has NaN); sh[r] = -inf: nothing accumulated yet
+          const T shift = std::isfinite(m_new) ? m_new : T(0);
+          const T alpha = (sh[r] == ninf || l[r] == T(0)) ? T(0) : static_cast<T>(std::exp(sh[r] - shift));
+          T sum = 0;
+#pragma omp simd
+          for (int64_t c = 0; c < nk; ++c) sr[c] -= shift;
+          exp_row(sr, nk);
+#pragma omp simd reduction(+ : sum)
+          for (int64_t c = 0; c < nk; ++c) sum += sr[c];
+          l[r] = l[r] * alpha + sum;
+          m[r] = m_new;
+          sh[r] = shift;
           if (alpha != T(1)) {
-            T* o = oacc.data() + r * sh.Ev;
-            for (int64_t e = 0; e < sh.Ev; ++e) o[e] *= alpha;
+            T* ar = acc.data() + r * Ev;
+            for (int64_t c = 0; c < Ev; ++c) ar[c] *= alpha;
           }
-          if (drop.on) {
-            const uint32_t rh = drop.row_hash(bh * sh.L + i0 + r);
-            const T keep = static_cast<T>(drop.inv_keep);
-            for (int64_t c = 0; c < nk; ++c) row[c] = drop.keep(rh, j0 + c) ? row[c] * keep : T(0);
+          if (dp.on) {  // the normaliser l uses the undropped probabilities, the accumulator the dropped ones
+            const uint32_t rk = dp.row_key(bh * L + i0 + r);
+            for (int64_t c = 0; c < nk; ++c) sr[c] = dp.keep(rk, j0 + c) ? sr[c] * inv_keep : T(0);
           }
         }
-        gemm<T>(false, false, nq, sh.Ev, nk, T(1), s, nk, V + j0 * sh.Ev, sh.Ev, T(1), oacc.data(), sh.Ev);
+        gemm_rm<T>(false, false, nq, Ev, nk, T(1), s, kFwdBK, V + j0 * Ev, Ev, T(1), acc.data(), Ev);
       }
-      T* O = out + (bh * sh.L + i0) * sh.Ev;
-      T* LSE = lse + bh * sh.L + i0;
       for (int64_t r = 0; r < nq; ++r) {
-        const T l = lrow[r];
-        const T inv = l > T(0) ? T(1) / l : T(0);  // fully masked rows: output 0, lse -inf
-        for (int64_t e = 0; e < sh.Ev; ++e) O[r * sh.Ev + e] = oacc[r * sh.Ev + e] * inv;
-        LSE[r] = l > T(0) ? mrow[r] + std::log(l) : kNegInf;
+        T* o = out + (bh * L + i0 + r) * Ev;
+        const T* ar = acc.data() + r * Ev;
+        if (l[r] == T(0)) {  // every key excluded: output 0 (torch would give NaN)
+          std::fill(o, o + Ev, T(0));
+          lse[bh * L + i0 + r] = ninf;
+        } else {
+          const T inv = T(1) / l[r];
+          for (int64_t c = 0; c < Ev; ++c) o[c] = ar[c] * inv;
+          lse[bh * L + i0 + r] = sh[r] + static_cast<T>(std::log(l[r]));
+        }
       }
     }
   });
 }
 
-// One task per (batch, key/value head): it owns dK, dV of that head and dQ of its G query heads,
-// so every accumulation is a plain += in one thread (deterministic, no atomics).
 template <typename T>
-void backward_kernel(const Shapes& sh, const T* dout, const T* q, const T* k, const T* v, const T* out,
-                     const T* lse, T* dq, T* dk, T* dv, bool causal, T scale, const Dropout& drop) {
-  const int64_t kBlockQ = block_q(sh);
-  at::parallel_for(0, sh.B * sh.Hk, 1, [&](int64_t begin, int64_t end) {
-    const SingleThreadedBlas one_blas_thread;
-    std::vector<T> pbuf(kBlockQ * kBlockK), dpbuf(kBlockQ * kBlockK), pdbuf(drop.on ? kBlockQ * kBlockK : 0);
-    std::vector<T> delta(sh.G * sh.L);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / sh.Hk, hk = task % sh.Hk;
-      const T* K = k + task * sh.S * sh.E;
-      const T* V = v + task * sh.S * sh.Ev;
-      T* dK = dk + task * sh.S * sh.E;
-      T* dV = dv + task * sh.S * sh.Ev;
-      // delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i)
-      for (int64_t g = 0; g < sh.G; ++g) {
-        const int64_t bh = b * sh.Hq + hk * sh.G + g;
-        for (int64_t i = 0; i < sh.L; ++i) {
-          const T* a = dout + (bh * sh.L + i) * sh.Ev;
-          const T* o = out + (bh * sh.L + i) * sh.Ev;
+void backward_impl(const T* dout, const T* q, const T* k, const T* v, const MaskView& mv, const T* out, const T* lse,
+                   T* dq, T* dk, T* dv, int64_t Bn, int64_t Hq, int64_t Hk, int64_t L, int64_t S, int64_t E, int64_t Ev,
+                   T scale, bool causal, const Dropout& dp) {
+  const int64_t G = Hq / Hk;
+  const T ninf = static_cast<T>(kNegInf), inv_keep = static_cast<T>(dp.inv_keep);
+  at::parallel_for(0, Bn * Hk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> pbuf(kBwdBQ * kBwdBK), dpbuf(kBwdBQ * kBwdBK), delta(G * L);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / Hk, hk = t % Hk;
+      const T* K = k + t * S * E;
+      const T* V = v + t * S * Ev;
+      T* dK = dk + t * S * E;
+      T* dV = dv + t * S * Ev;
+      for (int64_t g = 0; g < G; ++g) {  // delta_i = rowsum(dO * O) = rowsum(P * dP)
+        const int64_t bh = b * Hq + hk * G + g;
+        for (int64_t i = 0; i < L; ++i) {
+          const T* o = out + (bh * L + i) * Ev;
+          const T* d = dout + (bh * L + i) * Ev;
           T acc = 0;
 #pragma omp simd reduction(+ : acc)
-          for (int64_t e = 0; e < sh.Ev; ++e) acc += a[e] * o[e];
-          delta[g * sh.L + i] = acc;
+          for (int64_t c = 0; c < Ev; ++c) acc += o[c] * d[c];
+          delta[g * L + i] = acc;
         }
       }
-      for (int64_t j0 = 0; j0 < sh.S; j0 += kBlockK) {
-        const int64_t nk = std::min(kBlockK, sh.S - j0);
-        for (int64_t g = 0; g < sh.G; ++g) {
-          const int64_t h = hk * sh.G + g, bh = b * sh.Hq + h;
-          // causal: rows before j0 see none of these keys
-          for (int64_t i0 = causal ? j0 : 0; i0 < sh.L; i0 += kBlockQ) {
-            const int64_t nq = std::min(kBlockQ, sh.L - i0);
-            const T* Q = q + (bh * sh.L + i0) * sh.E;
-            const T* dO = dout + (bh * sh.L + i0) * sh.Ev;
-            const T* LSE = lse + bh * sh.L + i0;
-            const T* D = delta.data() + g * sh.L + i0;
+      for (int64_t j0 = 0; j0 < S; j0 += kBwdBK) {
+        const int64_t nk = std::min(kBwdBK, S - j0);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = hk * G + g, bh = b * Hq + h;
+          // causal: query blocks entirely above the diagonal of this key block see none of it
+          const int64_t istart = causal ? (j0 / kBwdBQ) * kBwdBQ : 0;
+          for (int64_t i0 = istart; i0 < L; i0 += kBwdBQ) {
+            const int64_t nq = std::min(kBwdBQ, L - i0);
+            const T* Q = q + (bh * L + i0) * E;
+            const T* dO = dout + (bh * L + i0) * Ev;
             T* P = pbuf.data();
             T* dP = dpbuf.data();
-            gemm<T>(false, true, nq, nk, sh.E, scale, Q, sh.E, K + j0 * sh.E, sh.E, T(0), P, nk);
-            mask_tile(sh, P, nq, nk, b, h, i0, j0, causal && j0 + nk > i0);
+            block_logits<T>(P, kBwdBK, Q, K + j0 * E, nq, nk, E, scale, mv, b, h, i0, j0, causal);
             for (int64_t r = 0; r < nq; ++r) {
-              T* row = P + r * nk;
-              const T m = LSE[r];
-              if (std::isinf(m)) {  // fully masked row: P = 0, no gradient
-                std::fill(row, row + nk, T(0));
+              T* pr = P + r * kBwdBK;
+              const T lr = lse[bh * L + i0 + r];
+              if (lr == ninf) {  // fully masked row: P = 0, so no gradient flows through it
+                std::fill(pr, pr + nk, T(0));
                 continue;
               }
-              exp_sum_row(row, nk, m);
-            }
-            gemm<T>(false, true, nq, nk, sh.Ev, T(1), dO, sh.Ev, V + j0 * sh.Ev, sh.Ev, T(0), dP, nk);
-            const T* Pv = P;  // P with dropout applied, for dV
-            if (drop.on) {
-              T* Pd = pdbuf.data();
-              const T keep = static_cast<T>(drop.inv_keep);
-              for (int64_t r = 0; r < nq; ++r) {
-                const uint32_t rh = drop.row_hash(bh * sh.L + i0 + r);
-                for (int64_t c = 0; c < nk; ++c) {
-                  const T z = drop.keep(rh, j0 + c) ? keep : T(0);
-                  Pd[r * nk + c] = P[r * nk + c] * z;
-                  dP[r * nk + c] *= z;
-                }
-              }
-              Pv = Pd;
-            }
-            // dS = P * (dP - delta), stored over dP
-            for (int64_t r = 0; r < nq; ++r) {
-              const T d = D[r];
-              const T* pr = P + r * nk;
-              T* dr = dP + r * nk;
 #pragma omp simd
-              for (int64_t c = 0; c < nk; ++c) dr[c] = pr[c] * (dr[c] - d);
+              for (int64_t c = 0; c < nk; ++c) pr[c] -= lr;
+              exp_row(pr, nk);
             }
-            gemm<T>(true, false, nk, sh.Ev, nq, T(1), Pv, nk, dO, sh.Ev, T(1), dV + j0 * sh.Ev, sh.Ev);
-            gemm<T>(true, false, nk, sh.E, nq, scale, dP, nk, Q, sh.E, T(1), dK + j0 * sh.E, sh.E);
-            gemm<T>(false, false, nq, sh.E, nk, scale, dP, nk, K + j0 * sh.E, sh.E, T(1),
-                    dq + (bh * sh.L + i0) * sh.E, sh.E);
+            gemm_rm<T>(false, true, nq, nk, Ev, T(1), dO, Ev, V + j0 * Ev, Ev, T(0), dP, kBwdBK);
+            if (Ev == 0)
+              for (int64_t r = 0; r < nq; ++r) std::fill(dP + r * kBwdBK, dP + r * kBwdBK + nk, T(0));
+            for (int64_t r = 0; r < nq; ++r) {
+              T* pr = P + r * kBwdBK;
+              T* dr = dP + r * kBwdBK;
+              const T dl = delta[g * L + i0 + r];
+              if (dp.on) {  // dS = P * (Z dP - delta); dV takes Z P
+                const uint32_t rk = dp.row_key(bh * L + i0 + r);
+                for (int64_t c = 0; c < nk; ++c) {
+                  const T z = dp.keep(rk, j0 + c) ? inv_keep : T(0);
+                  dr[c] = pr[c] * (dr[c] * z - dl);
+                  pr[c] *= z;
+                }
+              } else {
+#pragma omp simd
+                for (int64_t c = 0; c < nk; ++c) dr[c] = pr[c] * (dr[c] - dl);
+              }
+            }
+            gemm_rm<T>(true, false, nk, Ev, nq, T(1), P, kBwdBK, dO, Ev, T(1), dV + j0 * Ev, Ev);
+            gemm_rm<T>(true, false, nk, E, nq, scale, dP, kBwdBK, Q, E, T(1), dK + j0 * E, E);
+            gemm_rm<T>(false, false, nq, E, nk, scale, dP, kBwdBK, K + j0 * E, E, T(1), dq + (bh * L + i0) * E, E);
           }
         }
       }
@@ -366,46 +311,61 @@ void backward_kernel(const Shapes& sh, const T* dout, const T* q, const T* k, co
   });
 }
 
-at::Tensor mask_or_undefined(const std::optional<at::Tensor>& mask) {
-  return mask.has_value() && mask->defined() ? *mask : at::Tensor();
+MaskView mask_view(const std::optional<at::Tensor>& mask, int64_t Bn, int64_t Hq, int64_t L, int64_t S) {
+  MaskView mv;
+  if (mask.has_value() && mask->defined()) {
+    // broadcast dims get stride 0: the kernel reads the caller's small mask in place
+    const at::Tensor m = mask->expand({Bn, Hq, L, S});
+    mv.data = m.data_ptr();
+    mv.sb = m.stride(0);
+    mv.sh = m.stride(1);
+    mv.sl = m.stride(2);
+    mv.ss = m.stride(3);
+  }
+  return mv;
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                const std::optional<at::Tensor>& mask_, double dropout_p,
+                                                const std::optional<at::Tensor>& mask, double dropout_p,
                                                 bool is_causal, double scale, int64_t seed) {
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const at::Tensor mask = mask_or_undefined(mask_);
-  const Shapes sh = shapes_of(q, k, v, mask);
-  at::Tensor out = at::empty({sh.B, sh.Hq, sh.L, sh.Ev}, q.options());
-  at::Tensor lse = at::empty({sh.B, sh.Hq, sh.L}, q.options());
-  const Dropout drop(dropout_p, seed);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "seqkern_sdpa_forward_cpu", [&] {
-    forward_kernel<scalar_t>(sh, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                             out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), is_causal,
-                             static_cast<scalar_t>(scale), drop);
+  const int64_t Bn = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3), Hk = k.size(1), S = k.size(2),
+                Ev = v.size(3);
+  at::Tensor out = at::empty({Bn, Hq, L, Ev}, q.options());
+  at::Tensor lse = at::empty({Bn, Hq, L}, q.options());
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  const MaskView mv = mask_view(mask, Bn, Hq, L, S);
+  const Dropout dp(dropout_p, seed);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "seqkern_sdpa_forward", [&] {
+    forward_impl<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                           mv, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), Bn, Hq, Hk, L, S, E, Ev,
+                           static_cast<scalar_t>(scale), is_causal, dp);
   });
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& dout_, const at::Tensor& q_,
                                                              const at::Tensor& k_, const at::Tensor& v_,
-                                                             const std::optional<at::Tensor>& mask_,
+                                                             const std::optional<at::Tensor>& mask,
                                                              const at::Tensor& out_, const at::Tensor& lse_,
                                                              double dropout_p, bool is_causal, double scale,
                                                              int64_t seed) {
-  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const at::Tensor dout = dout_.contiguous(), out = out_.contiguous(), lse = lse_.contiguous();
-  const at::Tensor mask = mask_or_undefined(mask_);
-  const Shapes sh = shapes_of(q, k, v, mask);
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), dout = dout_.contiguous(),
+                   out = out_.contiguous(), lse = lse_.contiguous();
+  const int64_t Bn = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3), Hk = k.size(1), S = k.size(2),
+                Ev = v.size(3);
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-  const Dropout drop(dropout_p, seed);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "seqkern_sdpa_backward_cpu", [&] {
-    backward_kernel<scalar_t>(sh, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                              v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                              dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-                              is_causal, static_cast<scalar_t>(scale), drop);
+  if (L == 0 || S == 0 || Bn == 0 || Hk == 0) return {dq, dk, dv};
+  const MaskView mv = mask_view(mask, Bn, Hq, L, S);
+  const Dropout dp(dropout_p, seed);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "seqkern_sdpa_backward", [&] {
+    backward_impl<scalar_t>(dout.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+                            k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), mv,
+                            out.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+                            dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), Bn, Hq, Hk, L, S, E, Ev,
+                            static_cast<scalar_t>(scale), is_causal, dp);
   });
   return {dq, dk, dv};
 }
