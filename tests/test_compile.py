@@ -386,8 +386,6 @@ def test_autocast_cpu_bf16_layers(name):
     assert out.dtype == D64
 
 
-@pytest.mark.xfail(reason="seqkern.ops.attention has no autocast rule yet (computes in the inputs' dtype)",
-                   strict=False)
 def test_autocast_cpu_bf16_sdpa_matches_torch_rule():
     """torch's SDPA casts fp32 inputs to bf16 under CPU autocast; seqkern's must too."""
     q = torch.randn(2, 2, 5, 8)

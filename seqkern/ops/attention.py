@@ -427,8 +427,33 @@ B.register(OP, "cuda", _supports_gpu(("cuda",)))
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-                                 enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
-    """torch.nn.functional.scaled_dot_product_attention on a seqkern backend (see the module docstring)."""
+                                 enable_gqa: bool = False, *, rotary: Optional[Tuple[Tensor, Tensor]] = None,
+                                 backend: Optional[str] = None) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention on a seqkern backend (see the module docstring).
+
+    ``rotary=(cos, sin)`` (tables from ``seqkern.functional.rotary_cos_sin``, one row per query/key
+    position) rotates query and key before attention, as ``apply_rotary`` does. Today that is the fused
+    rotary kernel followed by the attention kernel (one extra pass over q and k); rotating inside the
+    attention kernels' loads is still to do.
+
+    Under ``torch.autocast`` it follows torch's rule for SDPA: floating inputs are cast to the autocast
+    dtype (CPU bf16, CUDA fp16/bf16); fp64 stays fp64.
+    """
+    dev = query.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        low = torch.get_autocast_dtype(dev)
+        cast = lambda t: t.to(low) if t is not None and t.dtype in (torch.float32, torch.float16,  # noqa: E731
+                                                                    torch.bfloat16) else t
+        if query.dtype != torch.float64:
+            query, key, value = cast(query), cast(key), cast(value)
+            if attn_mask is not None and attn_mask.is_floating_point():
+                attn_mask = cast(attn_mask)
+    if rotary is not None:
+        from .rotary import apply_rotary
+
+        if not (isinstance(rotary, (tuple, list)) and len(rotary) == 2):
+            raise TypeError(f"rotary must be a (cos, sin) pair of tensors, got {type(rotary).__name__}")
+        query, key = apply_rotary(query, key, rotary[0], rotary[1], backend=backend)
     _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     q, k, v, mask, out_shape = _canonical(query, key, value, attn_mask, enable_gqa)
     sc = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
