@@ -144,13 +144,14 @@ def test_compile_after_replace_modules_where_torch_graph_breaks():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_compile_packed_sequence(backend):
+@pytest.mark.parametrize("enforce_sorted", [False, True])
+def test_compile_packed_sequence(backend, enforce_sorted):
     need_layers()
     serve_or_skip("gru", backend, rand(3, 2, 4))
     m = snn.GRU(3, 4, bidirectional=True, backend=backend).double()
     # torch's pack_padded_sequence itself graph-breaks (Dynamo skips torch.nn.utils.rnn): pack outside
-    p = torch.nn.utils.rnn.pack_padded_sequence(rand(4, 3, 3, grad=False), torch.tensor([4, 2, 3]),
-                                                enforce_sorted=False)
+    lengths = torch.tensor([4, 3, 2] if enforce_sorted else [4, 2, 3])
+    p = torch.nn.utils.rnn.pack_padded_sequence(rand(4, 3, 3, grad=False), lengths, enforce_sorted=enforce_sorted)
     x = p.data.requires_grad_()
     packed = torch.nn.utils.rnn.PackedSequence(x, p.batch_sizes, p.sorted_indices, p.unsorted_indices)
 
@@ -194,6 +195,39 @@ def test_compile_multihead_attention(backend, need_weights):
         return m(q, kv, kv, key_padding_mask=kpm, attn_mask=am, need_weights=need_weights)
 
     check_compiled(fn, (rand(2, 4, 8), rand(2, 6, 8)), m.parameters())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compile_attention_dropout_in_training(backend):
+    """Attention dropout in training compiles fullgraph (Dynamo captures the seed drawn from
+    torch's generator as a symbolic int), and under aot_eager with the same torch.manual_seed the
+    compiled model drops what eager drops (inductor has its own RNG, as for torch's dropout)."""
+    serve_or_skip("scaled_dot_product_attention", backend, *([rand(1, 1, 2, 4)] * 3), None, 0.3, False)
+    torch.manual_seed(0)
+    m = snn.MultiheadAttention(8, 2, dropout=0.4, batch_first=True, backend=backend).double().train()
+
+    def fn(q, kv):
+        a, _ = m(q, kv, kv, need_weights=False)
+        b = SF.scaled_dot_product_attention(q.view(2, 4, 2, 4).transpose(1, 2), kv.view(2, 6, 2, 4).transpose(1, 2),
+                                            kv.view(2, 6, 2, 4).transpose(1, 2),
+                                            dropout_p=0.5, backend=backend)
+        return a, b
+
+    q, kv = rand(2, 4, 8), rand(2, 6, 8)
+    leaves = [q, kv, *m.parameters()]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for f in (fn, compiled, compiled):
+        torch.manual_seed(7)
+        outs = f(q, kv)
+        loss = sum((o * (i + 1)).sum() for i, o in enumerate(outs))
+        results.append([o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves)))
+    for eager, comp in zip(results[0], results[1]):
+        torch.testing.assert_close(comp, eager, **TOL[D64])
+    assert all(torch.equal(a, b) for a, b in zip(results[1], results[2]))
+    torch.manual_seed(8)
+    assert not torch.equal(compiled(q, kv)[1], results[1][1]), "the seed does not reach the dropout mask"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
