@@ -203,13 +203,13 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                  mask=(offs_n[None, :] < S) & (offs_dv[:, None] < EV), other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
-    lo = 0
+    m_begin = 0
     if CAUSAL:
-        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # earlier query rows see none of these keys
+        m_begin = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # earlier query rows see none of these keys
     for g in range(0, G):
         h = hk * G + g
         bh = b * Hq + h
-        for start_m in range(lo, L, BLOCK_M):
+        for start_m in range(m_begin, L, BLOCK_M):
             offs_m = start_m + rm
             rmask = offs_m < L
             q = tl.load(q_ptr + (bh * L + offs_m[:, None]).to(tl.int64) * E + offs_d[None, :],
