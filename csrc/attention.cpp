@@ -82,9 +82,7 @@ seqkern::cuda::AttnParams cuda_params(const at::Tensor& q, const at::Tensor& k, 
               "the cuda attention kernel supports head dims up to ", seqkern::cuda::kAttnMaxHeadDim,
               ", got query E=", q.size(3), " and value Ev=", v.size(3));
   seqkern::cuda::AttnParams p{};
-  p.dtype = q.scalar_type() == at::kFloat  ? seqkern::cuda::AttnDType::kFloat32
-            : q.scalar_type() == at::kHalf ? seqkern::cuda::AttnDType::kFloat16
-                                           : seqkern::cuda::AttnDType::kBFloat16;
+  p.dtype = cuda_dtype(q, "query");
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();

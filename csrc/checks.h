@@ -15,6 +15,21 @@
     TORCH_CHECK((t).scalar_type() == (ref).scalar_type(), #t " has dtype ",                  \
                 (t).scalar_type(), " but " #ref " has dtype ", (ref).scalar_type());         \
   } while (0)
+#ifdef SEQKERN_WITH_CUDA
+#include "cuda/common.h"
+
+// the dtype tag of the torch-free CUDA kernels; `name` is the argument named if it has none
+inline seqkern::cuda::DType cuda_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return seqkern::cuda::DType::kFloat32;
+    case at::kDouble: return seqkern::cuda::DType::kFloat64;
+    case at::kHalf: return seqkern::cuda::DType::kFloat16;
+    case at::kBFloat16: return seqkern::cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, name, ": the CUDA kernels do not support dtype ", t.scalar_type());
+  }
+}
+#endif
+
 #define SEQKERN_CHECK_FLOAT(t)                                                               \
   TORCH_CHECK((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kDouble ||         \
                   (t).scalar_type() == at::kHalf || (t).scalar_type() == at::kBFloat16,      \

@@ -152,16 +152,6 @@ std::vector<at::Tensor> rnn_backward_cpu(const std::string& mode, const at::Tens
 // forward in one persistent cooperative launch when the device allows it.
 namespace cu = seqkern::cuda;
 
-cu::RnnDType rnn_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cu::RnnDType::kFloat32;
-    case at::kDouble: return cu::RnnDType::kFloat64;
-    case at::kHalf: return cu::RnnDType::kFloat16;
-    case at::kBFloat16: return cu::RnnDType::kBFloat16;
-    default: TORCH_CHECK(false, "x: unsupported dtype ", t.scalar_type());
-  }
-}
-
 void cuda_ok(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "seqkern rnn CUDA kernel (", what, ") failed: ", cudaGetErrorString(err));
 }
@@ -238,7 +228,7 @@ Fwd rnn_forward_cuda(const std::string& mode, const at::Tensor& x_, const at::Te
   at::Tensor y = at::empty({T, B, P}, o);
   const auto slot = [&](int64_t s) { return save ? s : (s & 1); };
   const auto one = [&](int64_t s) { return save ? s : int64_t(0); };
-  cu::RnnShape shape{static_cast<int>(cell), rnn_dtype(x), T, B, H, P, proj, reverse,
+  cu::RnnShape shape{static_cast<int>(cell), cuda_dtype(x, "x"), T, B, H, P, proj, reverse,
                      lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   bool done = false;
@@ -298,7 +288,7 @@ std::vector<at::Tensor> rnn_backward_cuda(const std::string& mode, const at::Ten
   at::Tensor dcc = cell == Cell::kLSTM ? opt(dc).contiguous().clone() : at::Tensor();
   at::Tensor dr = proj ? at::empty({T, B, P}, o) : at::Tensor();
   at::Tensor dhc = proj ? at::empty({B, H}, o) : at::Tensor();
-  cu::RnnShape shape{static_cast<int>(cell), rnn_dtype(x), T, B, H, P, proj, reverse,
+  cu::RnnShape shape{static_cast<int>(cell), cuda_dtype(x, "x"), T, B, H, P, proj, reverse,
                      lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (int64_t s = T - 1; s >= 0 && B > 0; --s) {

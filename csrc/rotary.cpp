@@ -34,23 +34,13 @@ std::tuple<at::Tensor, at::Tensor> rotary_forward_cpu(const at::Tensor& q, const
 }
 
 #ifdef SEQKERN_WITH_CUDA
-seqkern::cuda::DType cuda_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return seqkern::cuda::DType::kFloat32;
-    case at::kDouble: return seqkern::cuda::DType::kFloat64;
-    case at::kHalf: return seqkern::cuda::DType::kFloat16;
-    case at::kBFloat16: return seqkern::cuda::DType::kBFloat16;
-    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
-  }
-}
-
 at::Tensor rotary_one_cuda(const at::Tensor& x_, const at::Tensor& cos, const at::Tensor& sin, bool interleaved,
                            bool inverse) {
   const at::Tensor x = x_.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t D = x.size(-1), T = x.size(-2);
   const int64_t rows = D == 0 ? 0 : x.numel() / D;
-  const cudaError_t err = seqkern::cuda::rotary(cuda_dtype(x), x.data_ptr(), out.data_ptr(), cos.data_ptr(),
+  const cudaError_t err = seqkern::cuda::rotary(cuda_dtype(x, "q"), x.data_ptr(), out.data_ptr(), cos.data_ptr(),
                                                 sin.data_ptr(), rows, T, D, cos.size(1), interleaved, inverse,
                                                 at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "seqkern rotary CUDA kernel failed: ", cudaGetErrorString(err));

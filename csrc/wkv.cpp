@@ -59,16 +59,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_back
 }
 
 #ifdef SEQKERN_WITH_CUDA
-seqkern::cuda::WkvDType wkv_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return seqkern::cuda::WkvDType::kFloat32;
-    case at::kDouble: return seqkern::cuda::WkvDType::kFloat64;
-    case at::kHalf: return seqkern::cuda::WkvDType::kFloat16;
-    case at::kBFloat16: return seqkern::cuda::WkvDType::kBFloat16;
-    default: TORCH_CHECK(false, "the cuda wkv4 kernel does not support k of dtype ", t.scalar_type());
-  }
-}
-
 // (y, final state, states before every step or an undefined tensor)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> wkv4_forward_cuda_impl(const at::Tensor& time_decay,
                                                                       const at::Tensor& time_first,
@@ -83,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wkv4_forward_cuda_impl(const at::
   at::Tensor st_out = at::empty_like(state, at::MemoryFormat::Contiguous);
   at::Tensor saved = save ? at::empty({Bn, T, 3, C}, state.options()) : at::Tensor();
   const cudaError_t err = seqkern::cuda::wkv4_forward(
-      wkv_dtype(k), negw.data_ptr(), u.data_ptr(), k.data_ptr(), v.data_ptr(), state.data_ptr(), y.data_ptr(),
+      cuda_dtype(k, "k"), negw.data_ptr(), u.data_ptr(), k.data_ptr(), v.data_ptr(), state.data_ptr(), y.data_ptr(),
       st_out.data_ptr(), save ? saved.data_ptr() : nullptr, Bn, T, C, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "seqkern wkv4 CUDA forward kernel failed: ", cudaGetErrorString(err));
   return {y, st_out, saved};
@@ -118,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_back
   at::Tensor gs = at::empty_like(state, at::MemoryFormat::Contiguous);
   at::Tensor gw_bc = at::empty({Bn, C}, state.options()), gu_bc = at::empty({Bn, C}, state.options());
   const cudaError_t err = seqkern::cuda::wkv4_backward(
-      wkv_dtype(k), negw.data_ptr(), u.data_ptr(), k.data_ptr(), v.data_ptr(), state.data_ptr(), saved.data_ptr(),
+      cuda_dtype(k, "k"), negw.data_ptr(), u.data_ptr(), k.data_ptr(), v.data_ptr(), state.data_ptr(), saved.data_ptr(),
       st_T.data_ptr(), gy.data_ptr(), gstate.data_ptr(), gk.data_ptr(), gv.data_ptr(), gs.data_ptr(),
       gw_bc.data_ptr(), gu_bc.data_ptr(), Bn, T, C, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "seqkern wkv4 CUDA backward kernel failed: ", cudaGetErrorString(err));

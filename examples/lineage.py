@@ -298,7 +298,9 @@ def main(argv=None):
               + ", ".join(f"{g['context']}: {g['s_per_token'] * 1e3:.2f}" for g in gen), flush=True)
     lines = ["# The lineage, measured", "",
              f"Same text (Python's standard library source), ~{args.params:,} parameters, {args.seconds:.0f} s of "
-             f"training each, batch {args.batch} x {args.seq} bytes, on {torch.get_num_threads()} CPU threads.", "",
+             f"training each, batch {args.batch} x {args.seq} bytes, on {torch.get_num_threads()} CPU threads "
+             f"(load average {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}; "
+             f"{time.strftime('%Y-%m-%d', time.gmtime())}).", "",
              "| model | parameters | training tokens/s | validation loss (bits/byte) | "
              + " | ".join(f"ms/token @{c}" for c in args.contexts) + " | "
              + " | ".join(f"state KiB @{c}" for c in args.contexts) + " |",

@@ -289,7 +289,7 @@ def _persistent_fwd(xw_ptr, w_ptr, bhn_ptr, len_ptr, h0_ptr, c0_ptr, y_ptr, hT_p
                 tl.store(gates_ptr + srow + H, f.to(ty), mask=m)
                 tl.store(gates_ptr + srow + 2 * H, g.to(ty), mask=m)
                 tl.store(gates_ptr + srow + 3 * H, o.to(ty), mask=m)
-            c = tl.where(a, cn, c)
+            c = tl.where(a & jm[None, :], cn, c)
             if SAVE:
                 tl.store(c_ptr + ((s + 1) * B + rb64) * H + jj, c.to(ty), mask=m)
         elif MODE == 1:
@@ -314,7 +314,9 @@ def _persistent_fwd(xw_ptr, w_ptr, bhn_ptr, len_ptr, h0_ptr, c0_ptr, y_ptr, hT_p
         else:
             hn_ = tl.maximum(r0 + x0, 0.0)
         tl.store(y_ptr + (t[:, None] * B + rb64) * H + jj, tl.where(a, hn_, 0.0).to(ty), mask=m)
-        h = tl.where(a, hn_, h)
+        # padded columns (j >= H) stay 0: there the dot gives inf * 0 = NaN when h holds an inf,
+        # and a NaN kept in h would reach every real column through the next step's dot
+        h = tl.where(a & jm[None, :], hn_, h)
         if SAVE:
             tl.store(h_ptr + ((s + 1) * B + rb64) * H + jj, h.to(ty), mask=m)
     tl.store(hT_ptr + rb64 * H + jj, h.to(ty), mask=m)

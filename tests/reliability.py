@@ -112,8 +112,12 @@ def assert_untouched(ins: dict, snap: dict, who: str):
 
 
 def forward_backward(call, args: dict, backend: str, cotangent_seed: int = 1, contiguous: bool = False,
-                     grads: bool = True):
-    """Outputs and input gradients (in the order of ``leaves(args)``) of one call."""
+                     grads: bool = True, cotangent_dtype=None):
+    """Outputs and input gradients (in the order of ``leaves(args)``) of one call.
+
+    ``cotangent_dtype``: draw the cotangents in this dtype, then cast (torch.randn draws other
+    values for fp32 and fp64 once a tensor has 16 elements: an fp64 run that must see the fp32
+    run's cotangents draws them in fp32)."""
     ins = present(args, contiguous)
     snap = {n: t.detach().clone() for n, t in ins.items() if isinstance(t, torch.Tensor)}
     outs = flatten(call(ins, backend))
@@ -124,7 +128,8 @@ def forward_backward(call, args: dict, backend: str, cotangent_seed: int = 1, co
         diff = [o for o in outs if o.requires_grad]
         if diff:
             gen = torch.Generator().manual_seed(cotangent_seed)
-            cot = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in diff]
+            cot = [torch.randn(o.shape, generator=gen, dtype=cotangent_dtype or o.dtype).to(o.device, o.dtype)
+                   for o in diff]
             got = torch.autograd.grad(diff, [t for _, t in lv], cot, allow_unused=True)
             gs = [torch.zeros_like(t) if g is None else g for g, (_, t) in zip(got, lv)]
     return [o.detach() for o in outs], gs
@@ -168,7 +173,7 @@ def assert_parity_vs_fp64(call, args: dict, backend: str, *, op: str | None = No
     reference is at most twice the fp32 reference's own error (DESIGN.md's rule for half types),
     outputs and gradients."""
     args64 = {n: a.cast(torch.float64) if isinstance(a, Arg) else a for n, a in args.items()}
-    exact_o, exact_g = forward_backward(call, args64, "reference")
+    exact_o, exact_g = forward_backward(call, args64, "reference", cotangent_dtype=torch.float32)
     ref_o, ref_g = forward_backward(call, args, "reference", contiguous=True)
     got_o, got_g = forward_backward(call, args, backend)
     if op is not None:

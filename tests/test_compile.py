@@ -144,13 +144,14 @@ def test_compile_after_replace_modules_where_torch_graph_breaks():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_compile_packed_sequence(backend):
+@pytest.mark.parametrize("enforce_sorted", [False, True])
+def test_compile_packed_sequence(backend, enforce_sorted):
     need_layers()
     serve_or_skip("gru", backend, rand(3, 2, 4))
     m = snn.GRU(3, 4, bidirectional=True, backend=backend).double()
     # torch's pack_padded_sequence itself graph-breaks (Dynamo skips torch.nn.utils.rnn): pack outside
-    p = torch.nn.utils.rnn.pack_padded_sequence(rand(4, 3, 3, grad=False), torch.tensor([4, 2, 3]),
-                                                enforce_sorted=False)
+    lengths = torch.tensor([4, 3, 2] if enforce_sorted else [4, 2, 3])
+    p = torch.nn.utils.rnn.pack_padded_sequence(rand(4, 3, 3, grad=False), lengths, enforce_sorted=enforce_sorted)
     x = p.data.requires_grad_()
     packed = torch.nn.utils.rnn.PackedSequence(x, p.batch_sizes, p.sorted_indices, p.unsorted_indices)
 

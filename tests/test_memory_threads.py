@@ -41,9 +41,9 @@ def test_peak_bytes_sees_a_quadratic_allocation():
     assert large / small > 3.5
 
 
-def attention_fwd_bwd(n, backend):
-    q, k, v = (torch.randn(1, 1, n, 32, requires_grad=True) for _ in range(3))
-    do = torch.randn(1, 1, n, 32)
+def attention_fwd_bwd(n, backend, d=32, heads=1):
+    q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
+    do = torch.randn(1, heads, n, d)
 
     def run():
         from seqkern import functional as SF
@@ -61,6 +61,11 @@ def test_attention_cpu_peak_memory_linear_in_sequence_length():
     # linear: x2 for twice the length; an N x N score matrix would make it x4 (and 16 MB at 2048)
     assert large / small < 2.6, f"peak {small} B at N=1024, {large} B at N=2048: not linear"
     assert large < 2048 * 2048 * 4, f"peak {large} B at N=2048 holds an N x N fp32 matrix"
+    # and at the length the issue names, N=16384, where one N x N fp32 matrix per head is 1 GiB (head dim 8
+    # and two heads, one per core, keep it to seconds: memory is what is measured)
+    mid, huge = (peak_bytes(attention_fwd_bwd(n, "cpu", d=8, heads=2)) for n in (2048, 16384))
+    assert huge / mid < 8 * 1.3, f"peak {mid} B at N=2048, {huge} B at N=16384: not linear"
+    assert huge < 32 * 2**20, f"peak {huge} B at N=16384"
 
 
 def step_peak(op_tokens, backend):

@@ -39,3 +39,45 @@ def test_cuda_sources_include_no_torch_header():
             text = f.read()
         for bad in ("<torch/", "<ATen/", "<c10/"):
             assert bad not in text, f"{path} includes {bad}: csrc/cuda must compile without torch headers"
+
+
+# The CUDA halves of the bindings (csrc/*.cpp under SEQKERN_WITH_CUDA) are built only where torch
+# has CUDA, so nothing here ever compiled them. Type-check them against torch's CUDA headers; the
+# CPU wheel ships those but not the CUDA math libraries' headers they include, so opaque stand-ins
+# are written for the few handle and status types the headers name.
+_STUBS = {
+    "cublas_v2.h": "#include <cuda_runtime.h>\ntypedef struct cublasContext* cublasHandle_t;\ntypedef int cublasStatus_t;\n",
+    "cublasLt.h": "typedef struct cublasLtContext* cublasLtHandle_t;\n",
+    "cusparse.h": "typedef struct cusparseContext* cusparseHandle_t;\ntypedef int cusparseStatus_t;\n",
+    "cusolverDn.h": "typedef struct cusolverDnContext* cusolverDnHandle_t;\n",
+    "cusolver_common.h": "typedef int cusolverStatus_t;\n",
+    "c10/cuda/impl/cuda_cmake_macros.h": "#pragma once\n",
+}
+BINDINGS = [p for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+            if "SEQKERN_WITH_CUDA" in open(p).read()]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit's headers) is not installed")
+def test_cuda_bindings_typecheck(tmp_path):
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    assert BINDINGS, "no csrc/*.cpp has a SEQKERN_WITH_CUDA part"
+    for name, text in _STUBS.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    homes = [CUDA_HOME, os.path.dirname(os.path.dirname(os.path.realpath(NVCC))), "/usr/local/cuda"]
+    found = [os.path.join(h, "include") for h in homes
+             if h and os.path.exists(os.path.join(h, "include", "cuda_runtime_api.h"))]
+    assert found, f"no CUDA include folder with cuda_runtime_api.h under {homes}"
+    cuda_include = found[0]
+    cmd = [os.environ.get("CXX", "g++"), "-std=c++20", "-fsyntax-only", "-DSEQKERN_WITH_CUDA=1",
+           "-I", os.path.join(ROOT, "csrc"), "-I", str(tmp_path), "-I", cuda_include,
+           "-I", sysconfig.get_paths()["include"]]
+    for p in include_paths():
+        cmd += ["-I", p]
+    proc = subprocess.run(cmd + BINDINGS, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -297,3 +297,41 @@ def test_cpu_fp32_simd_blocks_match_reference():
     want = torch.autograd.grad(y_r.sum() + s_r[:, :2].sum(), ins)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("poke", ["nan-k", "inf-v", "-inf-k", "inf-k", "k-100", "k+100", "nan-state"])
+def test_cpu_simd_nonfinite_and_extreme(poke, dtype):
+    # the SIMD blocks (fp32: C = 64 + 6, one AVX-512 block and a scalar tail): NaN/inf land where
+    # the reference's do, exponents past the float range (|k| ~ 100) give 0 or the max, not inf/NaN
+    td, tf, k, v, st = make(2, 40, 70, dtype=dtype, state=True)
+    k, v, st = k.clone(), v.clone(), st.clone()
+    for c in (3, 66):  # one channel in the block, one in the tail
+        if poke == "nan-k":
+            k[0, 5, c] = float("nan")
+        elif poke == "inf-v":
+            v[1, 7, c] = float("inf")
+        elif poke == "-inf-k":
+            k[0, 9, c] = float("-inf")
+        elif poke == "inf-k":
+            k[1, 2, c] = float("inf")
+        elif poke == "k-100":
+            k[:, :, c] -= 100
+        elif poke == "k+100":
+            k[:, 10:, c] += 100
+        else:
+            st[0, 2, c] = float("nan")
+    y, s = SF.wkv4(td, tf, k, v, st, backend="cpu")
+    y_r, s_r = wkv4_reference(td, tf, k, v, st)
+    torch.testing.assert_close(y, y_r, **TOL[dtype], equal_nan=True)
+    torch.testing.assert_close(s, s_r, **TOL[dtype], equal_nan=True)
+
+
+def test_cpu_fp32_simd_chunked_equals_whole_bitwise():
+    td, tf, k, v, st = make(2, 50, 70, dtype=torch.float32, state=True)
+    y, s = SF.wkv4(td, tf, k, v, st, backend="cpu")
+    ys, sc = [], st
+    for a, b in ((0, 17), (17, 18), (18, 50)):
+        yc, sc = SF.wkv4(td, tf, k[:, a:b], v[:, a:b], sc, backend="cpu")
+        ys.append(yc)
+    assert torch.equal(torch.cat(ys, 1), y) and torch.equal(sc, s)

@@ -5,6 +5,8 @@
 // Backward: the forward again storing a checkpoint every kChunk steps, then chunks in
 // reverse: recompute the chunk's states, sweep them backwards (see seqkern/ops/wkv.py,
 // _reference_backward, for the equations).
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_ps
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "cpu/wkv.h"
 
 #include <ATen/Dispatch.h>
@@ -15,6 +17,9 @@
 #include <type_traits>
 #include <cstdint>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // float->int conversion and floor in fast_exp only vectorise without trapping-math;
 // nothing here relies on FP exceptions. After the includes so torch code is untouched.
@@ -45,6 +50,61 @@ inline float fast_exp(float x) {
 inline double fast_exp(double x) { return std::exp(x); }
 
 template <typename T> inline T neg_abs(T x) { return x < T(0) ? x : -x; }
+// e^{m - m} for the larger exponent m, as the reference takes it: 1, but NaN when m is
+// infinite (k = +inf, or pp and u + k both -inf)
+template <typename T> inline T inf_nan(T m) { return (m - m) + T(1); }
+
+#if defined(__AVX512F__)
+// fp32 steps on 16 channels per AVX-512 vector, the state in registers over the time loop
+// (GCC's vectorisation of step_forward kept it in memory and used a slower exp).
+// exp(x) for x <= 0 (the only arguments taken here): fast_exp's reduction and polynomial,
+// 2^n by vscalefps. 0 below -87, NaN stays NaN.
+inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f);
+  const __m512 xc = _mm512_max_ps(x, lo);  // NaN x gives -87 here; restored below
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  __m512 out = _mm512_scalef_ps(p, fx);
+  out = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), out, _mm512_setzero_ps());
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), out, x);
+}
+
+// step_forward on one vector (same selects and NaN rules); y stored when not null
+inline void step16(__m512& aa, __m512& bb, __m512& pp, const float* kt, const float* vt, float* yt, __m512 u,
+                   __m512 negw) {
+  const __m512 ones = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps(), sign = _mm512_set1_ps(-0.0f);
+  const __m512 kk = _mm512_loadu_ps(kt), vv = _mm512_loadu_ps(vt), a = aa, b = bb, p = pp;
+  if (yt) {
+    const __m512 uk = _mm512_add_ps(u, kk), d = _mm512_sub_ps(p, uk);
+    const __m512 e = exp16(_mm512_or_ps(d, sign));  // e^{-|d|}
+    const __mmask16 ge = _mm512_cmp_ps_mask(d, zero, _CMP_GE_OQ);
+    const __m512 m = _mm512_mask_blend_ps(ge, uk, p);
+    const __m512 one = _mm512_add_ps(_mm512_sub_ps(m, m), ones);  // inf_nan
+    const __m512 e1 = _mm512_mask_blend_ps(ge, e, one), e2 = _mm512_mask_blend_ps(ge, one, e);
+    const __m512 num = _mm512_fmadd_ps(e1, a, _mm512_mul_ps(e2, vv));
+    _mm512_storeu_ps(yt, _mm512_div_ps(num, _mm512_fmadd_ps(e1, b, e2)));
+  }
+  const __m512 ww = _mm512_add_ps(p, negw);
+  const __m512 d = _mm512_sub_ps(ww, kk);
+  const __m512 e = exp16(_mm512_or_ps(d, sign));
+  const __mmask16 take_k = _mm512_cmp_ps_mask(d, zero, _CMP_LT_OQ);
+  const __m512 m = _mm512_mask_blend_ps(take_k, ww, kk);
+  const __m512 one = _mm512_add_ps(_mm512_sub_ps(m, m), ones);
+  const __m512 e1 = _mm512_mask_blend_ps(take_k, one, e), e2 = _mm512_mask_blend_ps(take_k, e, one);
+  aa = _mm512_fmadd_ps(e1, a, _mm512_mul_ps(e2, vv));
+  bb = _mm512_fmadd_ps(e1, b, e2);
+  pp = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q), m, d);
+}
+#endif
 
 // Per-lane state of one task.
 template <typename T, int W>
@@ -55,13 +115,27 @@ struct Lanes {
 // One forward step of W lanes: y (may be null) and the state update.
 template <typename T, int W, bool kY>
 inline void step_forward(Lanes<T, W>& s, const T* kt, const T* vt, T* yt, const T* u, const T* negw) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && W % 16 == 0) {
+    // the backward's recomputed states must equal the forward's: the same vector step
+    for (int i = 0; i < W; i += 16) {
+      __m512 a = _mm512_loadu_ps(s.aa + i), b = _mm512_loadu_ps(s.bb + i), p = _mm512_loadu_ps(s.pp + i);
+      step16(a, b, p, kt + i, vt + i, kY ? yt + i : nullptr, _mm512_loadu_ps(u + i), _mm512_loadu_ps(negw + i));
+      _mm512_storeu_ps(s.aa + i, a);
+      _mm512_storeu_ps(s.bb + i, b);
+      _mm512_storeu_ps(s.pp + i, p);
+    }
+    return;
+  }
+#endif
 #pragma omp simd
   for (int j = 0; j < W; ++j) {
     const T kk = kt[j], vv = vt[j], a = s.aa[j], b = s.bb[j], p = s.pp[j];
     if constexpr (kY) {
-      const T d = p - (u[j] + kk);
+      const T uk = u[j] + kk, d = p - uk;
       const T e = fast_exp(neg_abs(d));
-      const T e1 = d >= T(0) ? T(1) : e, e2 = d >= T(0) ? e : T(1);
+      const T one = inf_nan(d >= T(0) ? p : uk);
+      const T e1 = d >= T(0) ? one : e, e2 = d >= T(0) ? e : one;
       yt[j] = (e1 * a + e2 * vv) / (e1 * b + e2);
     }
     const T ww = p + negw[j];
@@ -69,7 +143,8 @@ inline void step_forward(Lanes<T, W>& s, const T* kt, const T* vt, T* yt, const 
     const T d = ww - kk;
     const T e = fast_exp(neg_abs(d));
     const bool take_k = d < T(0);
-    const T e1 = take_k ? e : T(1), e2 = take_k ? T(1) : e;
+    const T one = inf_nan(take_k ? kk : ww);
+    const T e1 = take_k ? e : one, e2 = take_k ? one : e;
     s.aa[j] = e1 * a + e2 * vv;
     s.bb[j] = e1 * b + e2;
     s.pp[j] = d != d ? d : (take_k ? kk : ww);  // NaN in either operand gives NaN, as torch.maximum does
@@ -98,6 +173,39 @@ inline void store_state(const Lanes<T, W>& s, T* st, int64_t C) {
 template <typename T, int W>
 void forward_task(const T* k, const T* v, T* y, const T* st, T* st_out, const T* u, const T* negw, int64_t T_,
                   int64_t C) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && W % 16 == 0) {
+    constexpr int NV = W / 16;
+    __m512 aa[NV], bb[NV], pp[NV], uu[NV], nw[NV];
+    for (int i = 0; i < NV; ++i) {
+      aa[i] = _mm512_loadu_ps(st + 16 * i);
+      bb[i] = _mm512_loadu_ps(st + C + 16 * i);
+      pp[i] = _mm512_loadu_ps(st + 2 * C + 16 * i);
+      uu[i] = _mm512_loadu_ps(u + 16 * i);
+      nw[i] = _mm512_loadu_ps(negw + 16 * i);
+    }
+    // k and v rows are C apart, a new page every few steps, where the hardware prefetcher
+    // stops: fetch kAhead steps ahead
+    constexpr int64_t kAhead = 8;
+    for (int64_t t = 0; t < T_; ++t) {
+      const T *kt = k + t * C, *vt = v + t * C;
+      if (t + kAhead < T_) {
+        for (int i = 0; i < W; i += 16) {
+          _mm_prefetch(reinterpret_cast<const char*>(kt + kAhead * C + i), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(vt + kAhead * C + i), _MM_HINT_T0);
+        }
+      }
+      for (int i = 0; i < NV; ++i)
+        step16(aa[i], bb[i], pp[i], kt + 16 * i, vt + 16 * i, y + t * C + 16 * i, uu[i], nw[i]);
+    }
+    for (int i = 0; i < NV; ++i) {
+      _mm512_storeu_ps(st_out + 16 * i, aa[i]);
+      _mm512_storeu_ps(st_out + C + 16 * i, bb[i]);
+      _mm512_storeu_ps(st_out + 2 * C + 16 * i, pp[i]);
+    }
+    return;
+  }
+#endif
   Lanes<T, W> s;
   load_state(s, st, C);
   for (int64_t t = 0; t < T_; ++t) step_forward<T, W, true>(s, k + t * C, v + t * C, y + t * C, u, negw);

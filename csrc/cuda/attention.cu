@@ -8,8 +8,7 @@
 // over key tiles. P is recomputed from the saved log-sum-exp, never stored.
 #include "cuda/attention.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include <type_traits>
 
 namespace seqkern::cuda {
 namespace {
@@ -17,13 +16,6 @@ namespace {
 constexpr int kWarps = 8;  // rows (queries or keys) per block, one warp each
 constexpr int kTile = 32;  // keys (forward, dQ) or queries (dK/dV) per shared tile, one per lane
 constexpr unsigned kFull = 0xffffffffu;
-
-template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
 __device__ __forceinline__ float warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, o));
@@ -347,23 +339,21 @@ cudaError_t backward_d(const AttnParams& p, const void* dout, const void* out, c
 
 cudaError_t attention_forward(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
   if (p.Hk <= 0 || p.Hq % p.Hk != 0) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case AttnDType::kFloat32: return forward_d<float>(p, out, lse, stream);
-    case AttnDType::kFloat16: return forward_d<__half>(p, out, lse, stream);
-    case AttnDType::kBFloat16: return forward_d<__nv_bfloat16>(p, out, lse, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, double>) return cudaErrorInvalidValue;  // fp32 accumulation only
+    else return forward_d<T>(p, out, lse, stream);
+  });
 }
 
 cudaError_t attention_backward(const AttnParams& p, const void* dout, const void* out, const float* lse,
                                float* delta, void* dq, void* dk, void* dv, cudaStream_t stream) {
   if (p.Hk <= 0 || p.Hq % p.Hk != 0) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case AttnDType::kFloat32: return backward_d<float>(p, dout, out, lse, delta, dq, dk, dv, stream);
-    case AttnDType::kFloat16: return backward_d<__half>(p, dout, out, lse, delta, dq, dk, dv, stream);
-    case AttnDType::kBFloat16: return backward_d<__nv_bfloat16>(p, dout, out, lse, delta, dq, dk, dv, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, double>) return cudaErrorInvalidValue;
+    else return backward_d<T>(p, dout, out, lse, delta, dq, dk, dv, stream);
+  });
 }
 
 }  // namespace seqkern::cuda

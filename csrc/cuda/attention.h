@@ -1,10 +1,8 @@
 // CUDA attention kernels: raw pointers, no torch headers.
 #pragma once
-#include <cstdint>
-#include <cuda_runtime.h>
+#include "cuda/common.h"
 
 namespace seqkern::cuda {
-enum class AttnDType { kFloat32, kFloat16, kBFloat16 };
 constexpr int64_t kAttnMaxHeadDim = 256;
 
 // Canonical contiguous q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), Hq % Hk == 0. The additive mask
@@ -12,7 +10,7 @@ constexpr int64_t kAttnMaxHeadDim = 256;
 // broadcast dims). Dropout: keep element (row = (b*Hq + h)*L + i, j) when
 // (mix32(mix32(row ^ seed) ^ j) >> 8) >= threshold, scaled by inv_keep (seqkern/ops/attention.py).
 struct AttnParams {
-  AttnDType dtype;
+  DType dtype;
   const void* q;
   const void* k;
   const void* v;

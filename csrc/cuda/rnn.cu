@@ -3,26 +3,8 @@
 // fp64 for double. See csrc/cuda/rnn.h for the buffers.
 #include "cuda/rnn.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 namespace seqkern::cuda {
 namespace {
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-
-template <typename T> __device__ __forceinline__ typename Acc<T>::type ld(const T* p) { return to_f(*p); }
-template <> __device__ __forceinline__ double ld<double>(const double* p) { return *p; }
-template <typename T> __device__ __forceinline__ void st(T* p, typename Acc<T>::type v) { *p = from_f<T>(v); }
-template <> __device__ __forceinline__ void st<double>(double* p, double v) { *p = v; }
 
 __device__ __forceinline__ float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
 __device__ __forceinline__ double sigm(double x) { return 1.0 / (1.0 + exp(-x)); }
@@ -299,36 +281,21 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(RnnShape d
   }
 }
 
-template <typename T>
-cudaError_t launch_forward(const RnnShape& d, int64_t s, const RnnForwardStep& a, cudaStream_t stream) {
-  const int grid = grid_for(d.B * d.H);
-  switch (d.mode) {
-    case 0:
-      if (d.proj) forward_step_kernel<T, 0, true><<<grid, kThreads, 0, stream>>>(d, s, a);
-      else forward_step_kernel<T, 0, false><<<grid, kThreads, 0, stream>>>(d, s, a);
-      break;
-    case 1: forward_step_kernel<T, 1, false><<<grid, kThreads, 0, stream>>>(d, s, a); break;
-    case 2: forward_step_kernel<T, 2, false><<<grid, kThreads, 0, stream>>>(d, s, a); break;
-    case 3: forward_step_kernel<T, 3, false><<<grid, kThreads, 0, stream>>>(d, s, a); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
-}
+// the kernel's compile-time (mode, projection) pair: f(Variant<MODE, PROJ>{})
+template <int M, bool P> struct Variant {
+  static constexpr int mode = M;
+  static constexpr bool proj = P;
+};
 
-template <typename T>
-cudaError_t launch_backward(const RnnShape& d, int64_t s, const RnnBackwardStep& a, cudaStream_t stream) {
-  const int grid = grid_for(d.B * d.H);
+template <typename F>
+cudaError_t by_variant(const RnnShape& d, F&& f) {
   switch (d.mode) {
-    case 0:
-      if (d.proj) backward_step_kernel<T, 0, true><<<grid, kThreads, 0, stream>>>(d, s, a);
-      else backward_step_kernel<T, 0, false><<<grid, kThreads, 0, stream>>>(d, s, a);
-      break;
-    case 1: backward_step_kernel<T, 1, false><<<grid, kThreads, 0, stream>>>(d, s, a); break;
-    case 2: backward_step_kernel<T, 2, false><<<grid, kThreads, 0, stream>>>(d, s, a); break;
-    case 3: backward_step_kernel<T, 3, false><<<grid, kThreads, 0, stream>>>(d, s, a); break;
+    case 0: return d.proj ? f(Variant<0, true>{}) : f(Variant<0, false>{});
+    case 1: return f(Variant<1, false>{});
+    case 2: return f(Variant<2, false>{});
+    case 3: return f(Variant<3, false>{});
     default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 template <typename T, int MODE>
@@ -361,88 +328,62 @@ cudaError_t launch_persistent(const RnnShape& d, const RnnPersistentForward& a, 
   return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(fn), dim3(nb), dim3(kThreads), args, smem, stream);
 }
 
-template <typename T>
-cudaError_t persistent_typed(const RnnShape& d, const RnnPersistentForward& a, cudaStream_t stream) {
-  switch (d.mode) {
-    case 0: return launch_persistent<T, 0>(d, a, stream);
-    case 1: return launch_persistent<T, 1>(d, a, stream);
-    case 2: return launch_persistent<T, 2>(d, a, stream);
-    case 3: return launch_persistent<T, 3>(d, a, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 cudaError_t rnn_forward_step(const RnnShape& d, int64_t s, const RnnForwardStep& a, cudaStream_t stream) {
   if (d.B * d.H == 0) return cudaSuccess;
-  switch (d.dtype) {
-    case RnnDType::kFloat32: return launch_forward<float>(d, s, a, stream);
-    case RnnDType::kFloat64: return launch_forward<double>(d, s, a, stream);
-    case RnnDType::kFloat16: return launch_forward<__half>(d, s, a, stream);
-    case RnnDType::kBFloat16: return launch_forward<__nv_bfloat16>(d, s, a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch(d.dtype, [&](auto t) {
+    return by_variant(d, [&](auto v) {
+      using V = decltype(v);
+      forward_step_kernel<decltype(t), V::mode, V::proj><<<grid_for(d.B * d.H), kThreads, 0, stream>>>(d, s, a);
+      return cudaGetLastError();
+    });
+  });
 }
 
 cudaError_t rnn_backward_step(const RnnShape& d, int64_t s, const RnnBackwardStep& a, cudaStream_t stream) {
   if (d.B * d.H == 0) return cudaSuccess;
-  switch (d.dtype) {
-    case RnnDType::kFloat32: return launch_backward<float>(d, s, a, stream);
-    case RnnDType::kFloat64: return launch_backward<double>(d, s, a, stream);
-    case RnnDType::kFloat16: return launch_backward<__half>(d, s, a, stream);
-    case RnnDType::kBFloat16: return launch_backward<__nv_bfloat16>(d, s, a, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <typename T>
-static cudaError_t proj_fix_typed(const RnnShape& d, int64_t s, void* hx, const void* hp, void* y, cudaStream_t st) {
-  proj_forward_fix_kernel<T><<<grid_for(d.B * d.P), kThreads, 0, st>>>(d, s, static_cast<T*>(hx),
-                                                                      static_cast<const T*>(hp), static_cast<T*>(y));
-  return cudaGetLastError();
+  return dispatch(d.dtype, [&](auto t) {
+    return by_variant(d, [&](auto v) {
+      using V = decltype(v);
+      backward_step_kernel<decltype(t), V::mode, V::proj><<<grid_for(d.B * d.H), kThreads, 0, stream>>>(d, s, a);
+      return cudaGetLastError();
+    });
+  });
 }
 
 cudaError_t rnn_proj_forward_fix(const RnnShape& d, int64_t s, void* hx, const void* hp, void* y, cudaStream_t stream) {
   if (d.B * d.P == 0) return cudaSuccess;
-  switch (d.dtype) {
-    case RnnDType::kFloat32: return proj_fix_typed<float>(d, s, hx, hp, y, stream);
-    case RnnDType::kFloat64: return proj_fix_typed<double>(d, s, hx, hp, y, stream);
-    case RnnDType::kFloat16: return proj_fix_typed<__half>(d, s, hx, hp, y, stream);
-    case RnnDType::kBFloat16: return proj_fix_typed<__nv_bfloat16>(d, s, hx, hp, y, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <typename T>
-static cudaError_t proj_in_typed(const RnnShape& d, int64_t s, void* dr, const void* dhh, const void* dhT,
-                                 const void* dy, cudaStream_t st) {
-  proj_backward_in_kernel<T><<<grid_for(d.B * d.P), kThreads, 0, st>>>(
-      d, s, static_cast<T*>(dr), static_cast<const T*>(dhh), static_cast<const T*>(dhT), static_cast<const T*>(dy));
-  return cudaGetLastError();
+  return dispatch(d.dtype, [&](auto t) {
+    using T = decltype(t);
+    proj_forward_fix_kernel<T><<<grid_for(d.B * d.P), kThreads, 0, stream>>>(
+        d, s, static_cast<T*>(hx), static_cast<const T*>(hp), static_cast<T*>(y));
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t rnn_proj_backward_in(const RnnShape& d, int64_t s, void* dr, const void* dhh, const void* dhT,
                                  const void* dy, cudaStream_t stream) {
   if (d.B * d.P == 0) return cudaSuccess;
-  switch (d.dtype) {
-    case RnnDType::kFloat32: return proj_in_typed<float>(d, s, dr, dhh, dhT, dy, stream);
-    case RnnDType::kFloat64: return proj_in_typed<double>(d, s, dr, dhh, dhT, dy, stream);
-    case RnnDType::kFloat16: return proj_in_typed<__half>(d, s, dr, dhh, dhT, dy, stream);
-    case RnnDType::kBFloat16: return proj_in_typed<__nv_bfloat16>(d, s, dr, dhh, dhT, dy, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch(d.dtype, [&](auto t) {
+    using T = decltype(t);
+    proj_backward_in_kernel<T><<<grid_for(d.B * d.P), kThreads, 0, stream>>>(
+        d, s, static_cast<T*>(dr), static_cast<const T*>(dhh), static_cast<const T*>(dhT), static_cast<const T*>(dy));
+    return cudaGetLastError();
+  });
 }
 
 bool rnn_persistent_supported(const RnnShape& d) {
   return !d.proj && d.B >= 1 && d.B <= kMaxPersistentBatch && d.T >= 1 && d.H <= 1024 &&
-         (d.dtype == RnnDType::kFloat32 || d.dtype == RnnDType::kFloat64);
+         (d.dtype == DType::kFloat32 || d.dtype == DType::kFloat64);
 }
 
 cudaError_t rnn_persistent_forward(const RnnShape& d, const RnnPersistentForward& a, cudaStream_t stream) {
   if (!rnn_persistent_supported(d)) return cudaErrorNotSupported;
-  if (d.dtype == RnnDType::kFloat64) return persistent_typed<double>(d, a, stream);
-  return persistent_typed<float>(d, a, stream);
+  auto run = [&](auto t) {
+    return by_variant(d, [&](auto v) { return launch_persistent<decltype(t), decltype(v)::mode>(d, a, stream); });
+  };
+  return d.dtype == DType::kFloat64 ? run(double{}) : run(float{});
 }
 
 }  // namespace seqkern::cuda

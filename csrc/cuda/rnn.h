@@ -6,16 +6,13 @@
 // works on time index t = L_b - 1 - s when reversed and s < L_b, else s; rows at or past
 // their length keep their state and output 0. mode: 0 lstm, 1 gru, 2 rnn tanh, 3 rnn relu.
 #pragma once
-#include <cstdint>
-#include <cuda_runtime.h>
+#include "cuda/common.h"
 
 namespace seqkern::cuda {
 
-enum class RnnDType { kFloat32, kFloat64, kFloat16, kBFloat16 };
-
 struct RnnShape {
   int mode;
-  RnnDType dtype;
+  DType dtype;
   int64_t T, B, H, P;  // steps, batch, hidden, hidden after projection (P == H without)
   bool proj, reverse;
   const int64_t* lengths;  // (B,) on the device, or nullptr (every row has length T)

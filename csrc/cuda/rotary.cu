@@ -2,22 +2,8 @@
 // element); fp32 arithmetic for half types.
 #include "cuda/rotary.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 namespace seqkern::cuda {
 namespace {
-
-template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-
-// compute type: double for double, float otherwise
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
 template <typename T> __device__ __forceinline__ typename Acc<T>::type load(const T* p) { return to_f(*p); }
 template <> __device__ __forceinline__ double load<double>(const double* p) { return *p; }
 template <typename T> __device__ __forceinline__ void store(T* p, typename Acc<T>::type v) { *p = from_f<T>(v); }
@@ -69,14 +55,9 @@ cudaError_t launch(const void* x, void* out, const void* cos, const void* sin, i
 
 cudaError_t rotary(DType dtype, const void* x, void* out, const void* cos, const void* sin, int64_t rows, int64_t T,
                    int64_t D, int64_t half, bool interleaved, bool inverse, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32: return launch<float>(x, out, cos, sin, rows, T, D, half, interleaved, inverse, stream);
-    case DType::kFloat64: return launch<double>(x, out, cos, sin, rows, T, D, half, interleaved, inverse, stream);
-    case DType::kFloat16: return launch<__half>(x, out, cos, sin, rows, T, D, half, interleaved, inverse, stream);
-    case DType::kBFloat16:
-      return launch<__nv_bfloat16>(x, out, cos, sin, rows, T, D, half, interleaved, inverse, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch(dtype, [&](auto t) {
+    return launch<decltype(t)>(x, out, cos, sin, rows, T, D, half, interleaved, inverse, stream);
+  });
 }
 
 }  // namespace seqkern::cuda

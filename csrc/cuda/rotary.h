@@ -1,10 +1,8 @@
 // CUDA rotary kernels: raw pointers, no torch headers.
 #pragma once
-#include <cstdint>
-#include <cuda_runtime.h>
+#include "cuda/common.h"
 
 namespace seqkern::cuda {
-enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
 // x, out: rows x D contiguous (row r is at position r % T); cos, sin: T x half, same dtype as x.
 cudaError_t rotary(DType dtype, const void* x, void* out, const void* cos, const void* sin, int64_t rows, int64_t T,

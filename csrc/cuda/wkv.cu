@@ -5,21 +5,8 @@
 // the adjoints in running-max form (equations: seqkern/ops/wkv.py, _reference_backward).
 #include "cuda/wkv.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 namespace seqkern::cuda {
 namespace {
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-template <typename T> __device__ __forceinline__ typename Acc<T>::type ld(const T* p) { return *p; }
-template <> __device__ __forceinline__ float ld<__half>(const __half* p) { return __half2float(*p); }
-template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-template <typename T> __device__ __forceinline__ void st(T* p, typename Acc<T>::type x) { *p = x; }
-template <> __device__ __forceinline__ void st<__half>(__half* p, float x) { *p = __float2half(x); }
-template <> __device__ __forceinline__ void st<__nv_bfloat16>(__nv_bfloat16* p, float x) { *p = __float2bfloat16(x); }
 
 __device__ __forceinline__ float ex(float x) { return __expf(x); }
 __device__ __forceinline__ double ex(double x) { return exp(x); }
@@ -151,37 +138,22 @@ cudaError_t bwd(const void* negw, const void* u, const void* k, const void* v, c
 
 }  // namespace
 
-cudaError_t wkv4_forward(WkvDType dtype, const void* negw, const void* u, const void* k, const void* v,
+cudaError_t wkv4_forward(DType dtype, const void* negw, const void* u, const void* k, const void* v,
                          const void* state, void* y, void* state_out, void* saved, int64_t B, int64_t T, int64_t C,
                          cudaStream_t stream) {
-  switch (dtype) {
-    case WkvDType::kFloat32: return fwd<float>(negw, u, k, v, state, y, state_out, saved, B, T, C, stream);
-    case WkvDType::kFloat64: return fwd<double>(negw, u, k, v, state, y, state_out, saved, B, T, C, stream);
-    case WkvDType::kFloat16: return fwd<__half>(negw, u, k, v, state, y, state_out, saved, B, T, C, stream);
-    case WkvDType::kBFloat16: return fwd<__nv_bfloat16>(negw, u, k, v, state, y, state_out, saved, B, T, C, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch(dtype, [&](auto t) {
+    return fwd<decltype(t)>(negw, u, k, v, state, y, state_out, saved, B, T, C, stream);
+  });
 }
 
-cudaError_t wkv4_backward(WkvDType dtype, const void* negw, const void* u, const void* k, const void* v,
+cudaError_t wkv4_backward(DType dtype, const void* negw, const void* u, const void* k, const void* v,
                           const void* state, const void* saved, const void* state_T, const void* gy,
                           const void* gstate, void* gk, void* gv, void* gstate_out, void* gw_bc, void* gu_bc,
                           int64_t B, int64_t T, int64_t C, cudaStream_t stream) {
-  switch (dtype) {
-    case WkvDType::kFloat32:
-      return bwd<float>(negw, u, k, v, state, saved, state_T, gy, gstate, gk, gv, gstate_out, gw_bc, gu_bc, B, T, C,
-                        stream);
-    case WkvDType::kFloat64:
-      return bwd<double>(negw, u, k, v, state, saved, state_T, gy, gstate, gk, gv, gstate_out, gw_bc, gu_bc, B, T, C,
-                         stream);
-    case WkvDType::kFloat16:
-      return bwd<__half>(negw, u, k, v, state, saved, state_T, gy, gstate, gk, gv, gstate_out, gw_bc, gu_bc, B, T, C,
-                         stream);
-    case WkvDType::kBFloat16:
-      return bwd<__nv_bfloat16>(negw, u, k, v, state, saved, state_T, gy, gstate, gk, gv, gstate_out, gw_bc, gu_bc, B,
-                                T, C, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch(dtype, [&](auto t) {
+    return bwd<decltype(t)>(negw, u, k, v, state, saved, state_T, gy, gstate, gk, gv, gstate_out, gw_bc, gu_bc, B, T,
+                            C, stream);
+  });
 }
 
 }  // namespace seqkern::cuda
