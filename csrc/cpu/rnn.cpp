@@ -16,10 +16,17 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
+#include <type_traits>
+#include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 // MKL / OpenBLAS export the Fortran BLAS from libtorch_cpu on most builds. Weak, so an
 // extension loads everywhere; when absent the GEMMs go through ATen (slower per call).
@@ -224,6 +231,411 @@ struct StepBuffers {
   T* hn(int64_t s) { return save ? ws.hn + s * d.B * d.H : hn1; }
 };
 
+// ---------------------------------------------------------------------------
+// persistent step loop (no projection): one team of threads runs all steps. Each thread
+// owns a slice of hidden units, 16 at a time, and everything of those units: the gate
+// columns of its units (so the gate fusion needs nothing of the others) and, in the
+// backward, the columns of dh for its units. Its slice of W_hh is packed once and stays in
+// its L2 across steps; the only sync per step is one spin barrier (all of h, or of the
+// gate gradients, is read by every thread). The per-step GEMMs are the tile kernels below:
+// each output column is one sequential fused multiply-add chain over k, whatever the slice
+// or tile it falls in, so the results do not depend on the number of threads.
+// ---------------------------------------------------------------------------
+
+constexpr int64_t kLanes = 16;  // columns per packed block: one zmm of fp32
+
+// One 16-column block of a tile: packed weights (K x 16), output and optional addend (both
+// with the tile's ldc; the addend is read before the output is written, so they may alias),
+// valid columns n (<= 16).
+template <typename T>
+struct Blk {
+  const T* w;
+  T* c;
+  const T* add;
+  int n;
+};
+
+// C[r][col] = add[r][col] + sum_k A[r][k] * W[k][col] for R rows and NB blocks, in registers.
+template <typename T, int R, int NB>
+void tile(const T* __restrict A, int64_t lda, int64_t K, const Blk<T>* blk, int64_t ldc) {
+  T acc[R][NB][kLanes];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NB; ++q)
+      for (int l = 0; l < kLanes; ++l)
+        acc[r][q][l] = (blk[q].add && l < blk[q].n) ? blk[q].add[r * ldc + l] : T(0);
+  for (int64_t k = 0; k < K; ++k)
+    for (int q = 0; q < NB; ++q) {
+      const T* w = blk[q].w + k * kLanes;
+      for (int r = 0; r < R; ++r) {
+        const T a = A[r * lda + k];
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) acc[r][q][l] = std::fma(a, w[l], acc[r][q][l]);
+      }
+    }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NB; ++q)
+      for (int l = 0; l < blk[q].n; ++l) blk[q].c[r * ldc + l] = acc[r][q][l];
+}
+
+#if defined(__AVX512F__)
+// fp32 with AVX-512: the same chain per column (fma == _mm512_fmadd_ps), accumulators
+// pinned in zmm registers (R * NB <= 24), the row value broadcast from memory.
+template <int R, int NB>
+void tile_f32(const float* __restrict A, int64_t lda, int64_t K, const Blk<float>* blk, int64_t ldc) {
+  __m512 acc[R][NB];
+  __mmask16 m[NB];
+  const float* w[NB];
+  for (int q = 0; q < NB; ++q) {
+    m[q] = static_cast<__mmask16>((1u << blk[q].n) - 1u);
+    w[q] = blk[q].w;
+    for (int r = 0; r < R; ++r)
+      acc[r][q] = blk[q].add ? _mm512_maskz_loadu_ps(m[q], blk[q].add + r * ldc) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[NB];
+    for (int q = 0; q < NB; ++q) wv[q] = _mm512_loadu_ps(w[q] + k * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      for (int q = 0; q < NB; ++q) acc[r][q] = _mm512_fmadd_ps(a, wv[q], acc[r][q]);
+    }
+  }
+  for (int q = 0; q < NB; ++q)
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(blk[q].c + r * ldc, m[q], acc[r][q]);
+}
+#endif
+
+template <typename T, int R, int NB>
+inline void tile_any(const T* A, int64_t lda, int64_t K, const Blk<T>* blk, int64_t ldc) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) tile_f32<R, NB>(A, lda, K, blk, ldc);
+  else tile<T, R, NB>(A, lda, K, blk, ldc);
+#else
+  tile<T, R, NB>(A, lda, K, blk, ldc);
+#endif
+}
+
+constexpr int kMaxRows = 12;  // rows per tile: 12 x 2 blocks = 24 accumulators
+
+template <typename T, int NB>
+void tile_rows(int R, const T* A, int64_t lda, int64_t K, const Blk<T>* blk, int64_t ldc) {
+  switch (R) {
+#define SEQKERN_TILE_CASE(r) \
+  case r: tile_any<T, r, NB>(A, lda, K, blk, ldc); break;
+    SEQKERN_TILE_CASE(1) SEQKERN_TILE_CASE(2) SEQKERN_TILE_CASE(3) SEQKERN_TILE_CASE(4)
+    SEQKERN_TILE_CASE(5) SEQKERN_TILE_CASE(6) SEQKERN_TILE_CASE(7) SEQKERN_TILE_CASE(8)
+    SEQKERN_TILE_CASE(9) SEQKERN_TILE_CASE(10) SEQKERN_TILE_CASE(11) SEQKERN_TILE_CASE(12)
+#undef SEQKERN_TILE_CASE
+    default: TORCH_CHECK(false, "seqkern rnn: bad tile height ", R);
+  }
+}
+
+// C (M rows, the columns of blk) = A (M x K) @ packed blocks (+ addend). Few rows get 4
+// blocks per tile (a 1-row tile needs 4 independent chains to hide the FMA latency).
+template <typename T>
+void tiles(const T* A, int64_t lda, int64_t M, int64_t K, std::vector<Blk<T>>& blk, int64_t ldc) {
+  const int64_t nb = static_cast<int64_t>(blk.size());
+  for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
+    const int R = static_cast<int>(std::min<int64_t>(kMaxRows, M - r0));
+    std::vector<Blk<T>> b(blk);
+    for (auto& x : b) {
+      x.c += r0 * ldc;
+      if (x.add) x.add += r0 * ldc;
+    }
+    int64_t q = 0;
+    if (R <= 6)
+      for (; q + 4 <= nb; q += 4) {
+        switch (R) {
+          case 1: tile_any<T, 1, 4>(A + r0 * lda, lda, K, &b[q], ldc); break;
+          case 2: tile_any<T, 2, 4>(A + r0 * lda, lda, K, &b[q], ldc); break;
+          case 3: tile_any<T, 3, 4>(A + r0 * lda, lda, K, &b[q], ldc); break;
+          case 4: tile_any<T, 4, 4>(A + r0 * lda, lda, K, &b[q], ldc); break;
+          case 5: tile_any<T, 5, 4>(A + r0 * lda, lda, K, &b[q], ldc); break;
+          default: tile_any<T, 6, 4>(A + r0 * lda, lda, K, &b[q], ldc); break;
+        }
+      }
+    for (; q + 2 <= nb; q += 2) tile_rows<T, 2>(R, A + r0 * lda, lda, K, &b[q], ldc);
+    for (; q < nb; ++q) tile_rows<T, 1>(R, A + r0 * lda, lda, K, &b[q], ldc);
+  }
+}
+
+// Barrier for the threads of one call. A thread that runs several slices arrives once with
+// their count, so a team smaller than the slice count (or a nested, serial call) still
+// meets. Spins briefly, then yields: the machine may have more threads than cores.
+struct SpinBarrier {
+  alignas(64) std::atomic<int64_t> count{0};
+  alignas(64) std::atomic<int64_t> gen{0};
+  int64_t total;
+  explicit SpinBarrier(int64_t n) : total(n) {}
+  void arrive(int64_t w) {
+    const int64_t g = gen.load(std::memory_order_acquire);
+    if (count.fetch_add(w, std::memory_order_acq_rel) + w == total) {
+      count.store(0, std::memory_order_relaxed);
+      gen.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; gen.load(std::memory_order_acquire) == g; ++spins) {
+      if (spins < 4000) {
+#if defined(__x86_64__)
+        _mm_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+};
+
+// Unit slices: 16-unit blocks split evenly over the threads. A step of little work (small
+// batch) runs on one thread: its barrier would cost more than the split saves, and far
+// more when the cores are shared (a descheduled partner stalls every step).
+struct Slices {
+  int64_t nub, ns;
+  Slices(int64_t H, int64_t step_flops) : nub((H + kLanes - 1) / kLanes) {
+    const int64_t by_work = std::max<int64_t>(1, step_flops / (int64_t(1) << 21));
+    ns = std::max<int64_t>(1, std::min({int64_t(at::get_num_threads()), nub, by_work}));
+  }
+  int64_t u0(int64_t i) const { return i * nub / ns; }
+  int64_t u1(int64_t i) const { return (i + 1) * nub / ns; }
+  int64_t max_units() const { return (nub + ns - 1) / ns * kLanes; }
+};
+
+// For every step: pre(slice, step) for all slices, a barrier, then post(slice, step).
+template <typename F1, typename F2>
+void run_slices(const Slices& sl, int64_t steps, const F1& pre, const F2& post) {
+  SpinBarrier bar(sl.ns);
+  at::parallel_for(0, sl.ns, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t s = 0; s < steps; ++s) {
+      for (int64_t i = i0; i < i1; ++i) pre(i, s);
+      if (i1 - i0 < sl.ns) bar.arrive(i1 - i0);
+      for (int64_t i = i0; i < i1; ++i) post(i, s);
+    }
+  });
+}
+
+// Forward packing: block (u, g) holds W_hh rows g*H + 16u + l (zero rows past H), K = P.
+template <typename T>
+at::Tensor pack_forward(const T* w_hh, int64_t G, int64_t H, int64_t P, int64_t nub, const at::TensorOptions& opt) {
+  at::Tensor out = at::empty({nub * G * kLanes * P}, opt);
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, nub * G, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t u = q / G, g = q % G;
+      T* ob = o + q * P * kLanes;
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const int64_t j = u * kLanes + l;
+        for (int64_t k = 0; k < P; ++k) ob[k * kLanes + l] = j < H ? w_hh[(g * H + j) * P + k] : T(0);
+      }
+    }
+  });
+  return out;
+}
+
+// Backward packing: block u holds W_hh columns 16u + l (zero past P), K = G*H.
+template <typename T>
+at::Tensor pack_backward(const T* w_hh, int64_t GH, int64_t P, int64_t nub, const at::TensorOptions& opt) {
+  at::Tensor out = at::empty({nub * kLanes * GH}, opt);
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, nub, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      T* ob = o + u * GH * kLanes;
+      for (int64_t k = 0; k < GH; ++k)
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const int64_t j = u * kLanes + l;
+          ob[k * kLanes + l] = j < P ? w_hh[k * P + j] : T(0);
+        }
+    }
+  });
+  return out;
+}
+
+// Gate fusions of n units of one row; a: the GEMM's gate columns (stride sa between gates),
+// x: the input projection's (stride sx), gs: where the activations are kept (stride sg).
+template <typename T>
+void lstm_fuse(const T* __restrict a, int64_t sa, const T* __restrict x, int64_t sx, T* __restrict gs, int64_t sg,
+               const T* __restrict cp, T* __restrict cn, T* __restrict h, T* __restrict yo, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T i = sigmoid(a[j] + x[j]);
+    const T f = sigmoid(a[sa + j] + x[sx + j]);
+    const T g = tanh_(a[2 * sa + j] + x[2 * sx + j]);
+    const T o = sigmoid(a[3 * sa + j] + x[3 * sx + j]);
+    const T c = f * cp[j] + i * g;
+    const T hv = o * tanh_(c);
+    gs[j] = i; gs[sg + j] = f; gs[2 * sg + j] = g; gs[3 * sg + j] = o;
+    cn[j] = c;
+    h[j] = hv;
+    yo[j] = hv;
+  }
+}
+
+template <typename T>
+void gru_fuse(const T* __restrict a, int64_t sa, const T* __restrict x, int64_t sx, T* __restrict gs, int64_t sg,
+              const T* __restrict b_hn, const T* __restrict hp, T* __restrict hn_out, T* __restrict h,
+              T* __restrict yo, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T r = sigmoid(a[j] + x[j]);
+    const T z = sigmoid(a[sa + j] + x[sx + j]);
+    const T hn = a[2 * sa + j] + b_hn[j];
+    const T nn = tanh_(x[2 * sx + j] + r * hn);
+    const T hv = (T(1) - z) * nn + z * hp[j];
+    gs[j] = r; gs[sg + j] = z; gs[2 * sg + j] = nn;
+    hn_out[j] = hn;
+    h[j] = hv;
+    yo[j] = hv;
+  }
+}
+
+template <typename T>
+void rnn_fuse(const T* __restrict a, const T* __restrict x, T* __restrict h, T* __restrict yo, int64_t n, bool relu) {
+  if (relu) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) h[j] = yo[j] = std::max(a[j] + x[j], T(0));
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) h[j] = yo[j] = tanh_(a[j] + x[j]);
+  }
+}
+
+template <typename T>
+void forward_persistent(const Shape& d, const T* xw, const T* w_hh, const T* b_hn, const int64_t* len, bool reverse,
+                        StepBuffers<T>& buf, T* y, const at::TensorOptions& opt) {
+  const int64_t B = d.B, H = d.H, G = d.G, GH = d.GH(), Tn = d.T;
+  const Slices sl(H, 2 * B * GH * H);
+  const at::Tensor packed = pack_forward(w_hh, G, H, H, sl.nub, opt);
+  const T* wp = packed.data_ptr<T>();
+  const int64_t su = sl.max_units(), ldl = G * su;
+  const at::Tensor local_t = at::empty({sl.ns * B * ldl}, opt);  // each slice's gate columns
+  T* local = local_t.data_ptr<T>();
+  run_slices(sl, Tn, [&](int64_t i, int64_t s) {
+    const int64_t u0 = sl.u0(i), u1 = sl.u1(i), j0 = u0 * kLanes, nj = std::min(H, u1 * kLanes) - j0;
+    T* gl = local + i * B * ldl;
+    const T* hp = buf.h(s);
+    T* hx = buf.h(s + 1);
+    std::vector<Blk<T>> blk;
+    blk.reserve((u1 - u0) * G);
+    for (int64_t u = u0; u < u1; ++u)
+      for (int64_t g = 0; g < G; ++g)
+        blk.push_back({wp + (u * G + g) * H * kLanes, gl + g * su + (u - u0) * kLanes, nullptr, int(kLanes)});
+    tiles<T>(hp, H, B, H, blk, ldl);
+    T* gs = d.cell == Cell::kLSTM || d.cell == Cell::kGRU ? buf.gates(s) : nullptr;
+    T* cp = d.cell == Cell::kLSTM ? buf.c(s) : nullptr;
+    T* cn = d.cell == Cell::kLSTM ? buf.c(s + 1) : nullptr;
+    T* hns = d.cell == Cell::kGRU ? buf.hn(s) : nullptr;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t L = len ? len[b] : Tn;
+      const int64_t t = time_of(s, L, reverse);
+      T* yr = y + (t * B + b) * H + j0;
+      const int64_t o = b * H + j0;
+      if (s >= L) {  // past this sequence's end: state unchanged, output 0, workspace defined
+        if (cn) copy_row(cn + o, cp + o, nj);
+        if (hns) zero_row(hns + o, nj);
+        if (gs) for (int64_t g = 0; g < G; ++g) zero_row(gs + b * GH + g * H + j0, nj);
+        copy_row(hx + o, hp + o, nj);
+        zero_row(yr, nj);
+        continue;
+      }
+      const T* a = gl + b * ldl;
+      const T* xr = xw + (t * B + b) * GH + j0;
+      if (d.cell == Cell::kLSTM)
+        lstm_fuse(a, su, xr, H, gs + b * GH + j0, H, cp + o, cn + o, hx + o, yr, nj);
+      else if (d.cell == Cell::kGRU)
+        gru_fuse(a, su, xr, H, gs + b * GH + j0, H, b_hn + j0, hp + o, hns + o, hx + o, yr, nj);
+      else
+        rnn_fuse(a, xr, hx + o, yr, nj, d.cell == Cell::kRNNRelu);
+    }
+  }, [](int64_t, int64_t) {});
+}
+
+// Backward steps (no projection). Per step: the gate gradients of the slice's units (they
+// need only dh of those units, which the slice computed itself), a barrier, then dh of the
+// slice's units = the step's gate gradients (all units) @ W_hh[:, slice] (+ dh * z for gru).
+template <typename T>
+void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, const int64_t* len, bool reverse,
+                         const T* dyp, const T* dhTp, T* dgh, T* dgi, T* dhh, T* dcc, const at::TensorOptions& opt) {
+  const int64_t Tn = d.T, B = d.B, H = d.H, GH = d.GH();
+  const bool lstm = d.cell == Cell::kLSTM, gru = d.cell == Cell::kGRU, separate = dgi != dgh;
+  const Slices sl(H, 2 * B * GH * H);
+  const at::Tensor packed = pack_backward(w_hh, GH, H, sl.nub, opt);
+  const T* wp = packed.data_ptr<T>();
+  run_slices(sl, Tn, [&](int64_t i, int64_t step) {
+    const int64_t s = Tn - 1 - step;
+    const int64_t u0 = sl.u0(i), u1 = sl.u1(i), j0 = u0 * kLanes, nj = std::min(H, u1 * kLanes) - j0;
+    T* dgs = dgh + s * B * GH;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t L = len ? len[b] : Tn;
+      T* dg = dgs + b * GH + j0;
+      if (s >= L) {
+        for (int64_t g = 0; g < d.G; ++g) {
+          zero_row(dg + g * H, nj);
+          if (separate) zero_row(dgi + (s * B + b) * GH + g * H + j0, nj);
+        }
+        continue;
+      }
+      const int64_t t = time_of(s, L, reverse);
+      const T* din = (s + 1 < L ? dhh : dhTp) + b * H + j0;
+      const T* dyr = dyp + (t * B + b) * H + j0;
+      T* dgt = dgi + (t * B + b) * GH + j0;
+      if (lstm) {
+        const T* gr = ws.gates + (s * B + b) * GH + j0;
+        const T* cn = ws.c + ((s + 1) * B + b) * H + j0;
+        const T* cp = ws.c + (s * B + b) * H + j0;
+        T* dcr = dcc + b * H + j0;
+#pragma omp simd
+        for (int64_t j = 0; j < nj; ++j) {
+          const T dhv = din[j] + dyr[j];
+          const T ii = gr[j], f = gr[H + j], g = gr[2 * H + j], o = gr[3 * H + j];
+          const T tc = tanh_(cn[j]);
+          const T dc = dcr[j] + dhv * o * (T(1) - tc * tc);
+          dg[j] = dc * g * ii * (T(1) - ii);
+          dg[H + j] = dc * cp[j] * f * (T(1) - f);
+          dg[2 * H + j] = dc * ii * (T(1) - g * g);
+          dg[3 * H + j] = dhv * tc * o * (T(1) - o);
+          dcr[j] = dc * f;
+        }
+        if (separate)
+          for (int64_t g = 0; g < 4; ++g) copy_row(dgt + g * H, dg + g * H, nj);
+      } else if (gru) {
+        const T* gr = ws.gates + (s * B + b) * GH + j0;
+        const T* hnr = ws.hn + (s * B + b) * H + j0;
+        const T* hp = ws.h + (s * B + b) * H + j0;
+        T* dnext = dhh + b * H + j0;  // becomes dh * z here, then the GEMM adds dgh @ W_hh
+#pragma omp simd
+        for (int64_t j = 0; j < nj; ++j) {
+          const T dhv = din[j] + dyr[j];
+          const T r = gr[j], z = gr[H + j], n = gr[2 * H + j];
+          const T dn = dhv * (T(1) - z) * (T(1) - n * n);
+          const T dz = dhv * (hp[j] - n) * z * (T(1) - z);
+          const T dr = dn * hnr[j] * r * (T(1) - r);
+          dg[j] = dr; dg[H + j] = dz; dg[2 * H + j] = dn * r;
+          dgt[j] = dr; dgt[H + j] = dz; dgt[2 * H + j] = dn;
+          dnext[j] = dhv * z;
+        }
+      } else {
+        const T* hn = ws.h + ((s + 1) * B + b) * H + j0;
+        if (d.cell == Cell::kRNNTanh) {
+#pragma omp simd
+          for (int64_t j = 0; j < nj; ++j) dg[j] = (din[j] + dyr[j]) * (T(1) - hn[j] * hn[j]);
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < nj; ++j) dg[j] = hn[j] > T(0) ? din[j] + dyr[j] : T(0);
+        }
+        if (separate) copy_row(dgt, dg, nj);
+      }
+    }
+  }, [&](int64_t i, int64_t step) {
+    const int64_t s = Tn - 1 - step;
+    const int64_t u0 = sl.u0(i), u1 = sl.u1(i);
+    std::vector<Blk<T>> blk;
+    blk.reserve(u1 - u0);
+    for (int64_t u = u0; u < u1; ++u) {
+      T* c = dhh + u * kLanes;
+      blk.push_back({wp + u * GH * kLanes, c, gru ? c : nullptr, int(std::min(kLanes, H - u * kLanes))});
+    }
+    tiles<T>(dgh + s * B * GH, GH, B, GH, blk, H);
+  });
+}
+
 template <typename T>
 void forward_loop(const Shape& d, const T* xw, const T* w_hh, const T* b_hn, const T* w_hr, const int64_t* len,
                   bool reverse, StepBuffers<T>& buf, T* y) {
@@ -328,8 +740,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
   // b_hn sits inside r * (W_hn h + b_hn); a zero row when absent keeps the gate loop branch-free
   const at::Tensor b_hn_t = (d.cell == Cell::kGRU && b_hh.defined()) ? b_hh.narrow(0, 2 * H, H) : at::zeros({H}, opt);
   const T* b_hn = b_hn_t.data_ptr<T>();
-  forward_loop<T>(d, xw.data_ptr<T>(), w_hh.data_ptr<T>(), b_hn, w_hr.defined() ? w_hr.data_ptr<T>() : nullptr,
-                  lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr, reverse, buf, y.data_ptr<T>());
+  const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  if (!d.proj() && B > 0)
+    forward_persistent<T>(d, xw.data_ptr<T>(), w_hh.data_ptr<T>(), b_hn, len, reverse, buf, y.data_ptr<T>(), opt);
+  else
+    forward_loop<T>(d, xw.data_ptr<T>(), w_hh.data_ptr<T>(), b_hn, w_hr.defined() ? w_hr.data_ptr<T>() : nullptr, len,
+                    reverse, buf, y.data_ptr<T>());
   at::Tensor hT = at::empty({B, P}, opt);
   copy_row(hT.data_ptr<T>(), buf.h(d.T), B * P);
   at::Tensor cT = at::empty({d.cell == Cell::kLSTM ? B : 0, H}, opt);
@@ -387,7 +803,9 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
   const at::Tensor zeros_t = at::zeros({H}, opt);
   const T* zrow = zeros_t.data_ptr<T>();
 
-  for (int64_t s = Tn - 1; s >= 0; --s) {
+  if (!proj && B > 0)
+    backward_persistent<T>(d, ws, w_hh.data_ptr<T>(), len, reverse, dyp, dhTp, dgh, dgi, dhh, dcc, opt);
+  else for (int64_t s = Tn - 1; s >= 0; --s) {  // with a projection: per step, parallel over rows
     T* dgs = dgh + s * B * GH;
     T* drs = proj ? dr_t.data_ptr<T>() + s * B * P : nullptr;
     if (proj) {  // gradient of h (the projection's output), then back through w_hr

@@ -58,10 +58,10 @@ template <typename T> inline T inf_nan(T m) { return (m - m) + T(1); }
 // fp32 steps on 16 channels per AVX-512 vector, the state in registers over the time loop
 // (GCC's vectorisation of step_forward kept it in memory and used a slower exp).
 // exp(x) for x <= 0 (the only arguments taken here): fast_exp's reduction and polynomial,
-// 2^n by vscalefps. 0 below -87, NaN stays NaN.
+// 2^n by vscalefps. Clamped at -104, where the result rounds to 0 (between -104 and -87 it is
+// subnormal, as torch.exp's); NaN passes through max (it returns its second operand then).
 inline __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.0f);
-  const __m512 xc = _mm512_max_ps(x, lo);  // NaN x gives -87 here; restored below
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
   const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), xc);
@@ -73,9 +73,7 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  __m512 out = _mm512_scalef_ps(p, fx);
-  out = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), out, _mm512_setzero_ps());
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), out, x);
+  return _mm512_scalef_ps(p, fx);
 }
 
 // step_forward on one vector (same selects and NaN rules); y stored when not null
