@@ -63,8 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward_cpu(
   TORCH_CHECK(out.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}),
               "out must have shape (B, Hq, L, Ev), got ", out.sizes());
   TORCH_CHECK(dout.sizes() == out.sizes(), "dout must have the shape of out ", out.sizes(), ", got ", dout.sizes());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}), "lse must have shape (B, Hq, L), got ",
-              lse.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), 2}),
+              "lse must have shape (B, Hq, L, 2) (the pair max, log-sum), got ", lse.sizes());
   SEQKERN_CHECK_SAME(dout, q);
   SEQKERN_CHECK_SAME(out, q);
   SEQKERN_CHECK_SAME(lse, q);
@@ -122,7 +122,8 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward_cuda(const at::Tensor& q_, const
   const cudaError_t err =
       seqkern::cuda::attention_forward(p, out.data_ptr(), lse.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "seqkern attention CUDA forward failed: ", cudaGetErrorString(err));
-  return {out, lse};
+  // the op's lse is the pair (hi, lo) with lse = hi + lo; this kernel keeps the plain lse (lo = 0)
+  return {out, at::stack({lse, at::zeros_like(lse)}, -1)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward_cuda(
@@ -132,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward_cuda(
   check_sdpa(q_, k_, v_, mask_, dropout_p);
   const c10::cuda::CUDAGuard guard(q_.device());
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const at::Tensor dout = dout_.contiguous(), out = out_.contiguous(), lse = lse_.contiguous().to(at::kFloat);
+  const at::Tensor dout = dout_.contiguous(), out = out_.contiguous(), lse = lse_.sum(-1).to(at::kFloat).contiguous();
   TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}),
               "dout and out must have shape (B, Hq, L, Ev), got ", dout.sizes(), " and ", out.sizes());
   SEQKERN_CHECK_SAME(dout, q);

@@ -2,7 +2,11 @@
 
 Forward: one program per (query block, batch x head); online softmax over key blocks in base 2
 (scale * log2(e) folded into one multiplier, exp2), causal blocks past the diagonal skipped, the
-natural-log log-sum-exp saved. Backward: delta = rowsum(dO * O) first; then dK/dV in one pass over
+log-sum-exp saved in base 2 as the pair (m, log2 l): the backward's exp2((s - m) - log2 l) then
+subtracts m from bit-identical logits exactly as the forward did. NaN and inf follow the
+reference: the shift is the row max when finite, else 0; a row whose pair is not finite has P = 0
+in the backward. fp64 inputs run in fp64 throughout (ACC), with the scalars read from a small
+tensor of that dtype (a Python float argument would be fp32). Backward: delta = rowsum(dO * O) first; then dK/dV in one pass over
 the query blocks (one program per key block and key/value head, summing its GQA group), and dQ in a
 separate kernel (one program per query block): no atomics, deterministic.
 
@@ -19,7 +23,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -42,18 +45,18 @@ def _dropout_scale(bh, L, offs_m, offs_n, seed, threshold, inv_keep):
 
 
 @triton.jit
-def _scores(q, k_tile_t, qk_scale, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml, sms,
-            HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+def _scores(q, k_tile_t, qk_scale, log2e, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml, sms,
+            HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
     """Scores of one tile in base 2 (s * log2 e), -inf where masked or out of range."""
     if IEEE:
         s = tl.dot(q, k_tile_t, input_precision="ieee")
     else:
         s = tl.dot(q, k_tile_t)
-    s = s * qk_scale
+    s = s.to(ACC) * qk_scale
     if HAS_MASK:
         mp = mask_ptr + b * smb + h * smh + offs_m[:, None].to(tl.int64) * sml + offs_n[None, :].to(tl.int64) * sms
-        am = tl.load(mp, mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0.0).to(tl.float32)
-        s = s + am * 1.4426950408889634
+        am = tl.load(mp, mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0.0).to(ACC)
+        s = s + am * log2e
     valid = offs_n[None, :] < S
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
@@ -62,9 +65,13 @@ def _scores(q, k_tile_t, qk_scale, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, smb, smh, sml, sms,
-                Hq, G, L, S, E, EV, qk_scale, seed, threshold, inv_keep,
+                Hq, G, L, S, E, EV, c_ptr, seed, threshold,
                 HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                ACC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    qk_scale = tl.load(c_ptr)
+    inv_keep = tl.load(c_ptr + 2)
+    log2e = tl.load(c_ptr + 3)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
@@ -78,23 +85,26 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, smb, smh, sml, sm
                 mask=(offs_m[:, None] < L) & (offs_d[None, :] < E), other=0.0)
     k_base = k_ptr + bhk.to(tl.int64) * S * E
     v_base = v_ptr + bhk.to(tl.int64) * S * EV
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    hi = S
+    m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
+    sh_i = tl.full((BLOCK_M,), float("-inf"), ACC)  # shift subtracted so far; -inf: none yet
+    l_i = tl.zeros((BLOCK_M,), ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC)
+    n_end = S
     if CAUSAL:
-        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)  # blocks past the diagonal see nothing
-    for start_n in range(0, hi, BLOCK_N):
+        n_end = tl.minimum(S, (pid_m + 1) * BLOCK_M)  # blocks past the diagonal see nothing
+    for start_n in range(0, n_end, BLOCK_N):
         offs_n = start_n + rn
         kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * E + offs_d[:, None],
                      mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0)
-        s = _scores(q, kt, qk_scale, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml, sms,
-                    HAS_MASK, CAUSAL, IEEE)
+        s = _scores(q, kt, qk_scale, log2e, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml, sms,
+                    HAS_MASK, CAUSAL, IEEE, ACC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # rows with nothing visible yet keep m = -inf: subtract 0 instead so exp2 gives 0, not NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        # the shift is the running max when finite, else 0 (as the reference: nothing visible yet
+        # gives exp2(-inf) = 0, a +inf or NaN logit gives NaN where the reference has it)
+        sh_new = tl.where(tl.abs(m_new) < float("inf"), m_new, 0.0)
+        p = tl.exp2(s - sh_new[:, None])
+        # nothing accumulated yet: alpha 0 (exp2 of a stale shift could overflow)
+        alpha = tl.where(l_i == 0.0, 0.0, tl.exp2(sh_i - sh_new))
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = p * _dropout_scale(bh, L, offs_m, offs_n, seed, threshold, inv_keep)
@@ -102,43 +112,82 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, smb, smh, sml, sm
                     mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV), other=0.0)
         acc = acc * alpha[:, None]
         if IEEE:
-            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee").to(ACC)
         else:
-            acc += tl.dot(p.to(v.dtype), v)
+            acc += tl.dot(p.to(v.dtype), v).to(ACC)
         m_i = m_new
-    alive = l_i > 0.0
-    out = acc / tl.where(alive, l_i, 1.0)[:, None]  # fully masked rows: 0
-    lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        sh_i = sh_new
+    dead = l_i == 0.0
+    out = acc / tl.where(dead, 1.0, l_i)[:, None]  # fully masked rows: 0
+    hi = tl.where(dead, float("-inf"), sh_i)
+    lo = tl.where(dead, float("-inf"), tl.log2(tl.where(dead, 1.0, l_i)))
     tl.store(o_ptr + (bh * L + offs_m[:, None]).to(tl.int64) * EV + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < L) & (offs_dv[None, :] < EV))
-    tl.store(lse_ptr + bh.to(tl.int64) * L + offs_m, lse.to(lse_ptr.dtype.element_ty), mask=offs_m < L)
+    lp = lse_ptr + (bh.to(tl.int64) * L + offs_m) * 2
+    tl.store(lp, hi.to(lse_ptr.dtype.element_ty), mask=offs_m < L)
+    tl.store(lp + 1, lo.to(lse_ptr.dtype.element_ty), mask=offs_m < L)
 
 
 @triton.jit
-def _delta_kernel(o_ptr, do_ptr, delta_ptr, rows, EV, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, rows, EV, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_DV: tl.constexpr):
+    """delta = rowsum(dO * O) as the diagonal of dO O^T: the same dot as the backward's dP = dO V^T,
+    so that where P is one-hot (O = that row of V) dP - delta is exactly 0 as in the reference's
+    dP - rowsum(P * dP) (a differently ordered sum leaves ulp(|dO||v|), times |k| in dq)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_DV)
     msk = (r[:, None] < rows) & (d[None, :] < EV)
     off = r[:, None].to(tl.int64) * EV + d[None, :]
-    o = tl.load(o_ptr + off, mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + off, mask=msk, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + r, tl.sum(o * do, 1), mask=r < rows)
+    o = tl.load(o_ptr + off, mask=msk, other=0.0)
+    do = tl.load(do_ptr + off, mask=msk, other=0.0)
+    if IEEE:
+        prod = tl.dot(do, tl.trans(o), input_precision="ieee")
+    else:
+        prod = tl.dot(do, tl.trans(o))
+    eye = tl.arange(0, BLOCK_R)[:, None] == tl.arange(0, BLOCK_R)[None, :]
+    delta = tl.sum(tl.where(eye, prod.to(delta_ptr.dtype.element_ty), 0.0), 1)
+    tl.store(delta_ptr + r, delta, mask=r < rows)
 
 
 @triton.jit
-def _p_tile(q, kt, qk_scale, lse2, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml, sms,
-            HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
-    s = _scores(q, kt, qk_scale, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml, sms,
-                HAS_MASK, CAUSAL, IEEE)
-    return tl.exp2(s - lse2[:, None])
+def _load_lse(lse_ptr, delta_ptr, bh, offs_m, L):
+    """Per row of offs_m: the forward's pair (hi, lo) = (m, log2 l) as the backward uses it, a
+    factor z and delta, such that P = exp2((s - hi) - lo) * z and dS = P * (dP - delta) are what
+    autograd of the reference gives (its shift is 0 when the row max is not finite):
+      finite pair: the normal case (z = 1);
+      lo NaN (a NaN logit): the reference divides by 1, not l: P = exp2(s), dS = P * dP (delta 0);
+      lo +inf (a +inf logit): P = exp2(s) / inf (NaN where s = +inf, else 0), delta NaN from O;
+      lo -inf (fully masked) and padding rows: P = 0."""
+    rmask = offs_m < L
+    lp = lse_ptr + (bh.to(tl.int64) * L + offs_m) * 2
+    hi = tl.load(lp, mask=rmask, other=float("-inf"))
+    lo = tl.load(lp + 1, mask=rmask, other=float("-inf"))
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * L + offs_m, mask=rmask, other=0.0)
+    ok = (tl.abs(hi) < float("inf")) & (tl.abs(lo) < float("inf"))
+    nan_row = lo != lo
+    z = tl.where(ok | nan_row, 1.0, 0.0)
+    return tl.where(ok, hi, 0.0), tl.where(ok, lo, 0.0), z, tl.where(nan_row, 0.0, delta)
+
+
+@triton.jit
+def _p_tile(q, kt, qk_scale, log2e, hi, lo, z, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml, sms,
+            HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    s = _scores(q, kt, qk_scale, log2e, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml, sms,
+                HAS_MASK, CAUSAL, IEEE, ACC)
+    return tl.exp2((s - hi[:, None]) - lo[:, None]) * z[:, None]
 
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                     mask_ptr, smb, smh, sml, sms, Hq, G, L, S, E, EV, qk_scale, scale, seed, threshold, inv_keep,
+                     mask_ptr, smb, smh, sml, sms, Hq, G, L, S, E, EV, c_ptr, seed, threshold,
                      HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                     ACC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr):
+    qk_scale = tl.load(c_ptr)
+    scale = tl.load(c_ptr + 1)
+    inv_keep = tl.load(c_ptr + 2)
+    log2e = tl.load(c_ptr + 3)
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     Hk = Hq // G
@@ -152,31 +201,28 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                  mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0)
     vt = tl.load(v_ptr + (bhk * S + offs_n[None, :]).to(tl.int64) * EV + offs_dv[:, None],
                  mask=(offs_n[None, :] < S) & (offs_dv[:, None] < EV), other=0.0)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
-    lo = 0
+    dk = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
+    m_begin = 0
     if CAUSAL:
-        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # earlier query rows see none of these keys
+        m_begin = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # earlier query rows see none of these keys
     for g in range(0, G):
         h = hk * G + g
         bh = b * Hq + h
-        for start_m in range(lo, L, BLOCK_M):
+        for start_m in range(m_begin, L, BLOCK_M):
             offs_m = start_m + rm
             rmask = offs_m < L
             q = tl.load(q_ptr + (bh * L + offs_m[:, None]).to(tl.int64) * E + offs_d[None, :],
                         mask=rmask[:, None] & (offs_d[None, :] < E), other=0.0)
             do = tl.load(do_ptr + (bh * L + offs_m[:, None]).to(tl.int64) * EV + offs_dv[None, :],
                          mask=rmask[:, None] & (offs_dv[None, :] < EV), other=0.0)
-            lse = tl.load(lse_ptr + bh.to(tl.int64) * L + offs_m, mask=rmask, other=float("inf")).to(tl.float32)
-            # dead rows (lse = -inf) and padding rows: +inf makes their P exactly 0
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(delta_ptr + bh.to(tl.int64) * L + offs_m, mask=rmask, other=0.0)
-            p = _p_tile(q, kt, qk_scale, lse2, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml, sms,
-                        HAS_MASK, CAUSAL, IEEE)
+            hi, lo, z, delta = _load_lse(lse_ptr, delta_ptr, bh, offs_m, L)
+            p = _p_tile(q, kt, qk_scale, log2e, hi, lo, z, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml,
+                        sms, HAS_MASK, CAUSAL, IEEE, ACC)
             if IEEE:
-                dp = tl.dot(do, vt, input_precision="ieee")
+                dp = tl.dot(do, vt, input_precision="ieee").to(ACC)
             else:
-                dp = tl.dot(do, vt)
+                dp = tl.dot(do, vt).to(ACC)
             pv = p
             if DROPOUT:
                 z = _dropout_scale(bh, L, offs_m, offs_n, seed, threshold, inv_keep)
@@ -184,11 +230,11 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                 dp = dp * z
             ds = p * (dp - delta[:, None])
             if IEEE:
-                dv += tl.dot(tl.trans(pv.to(do.dtype)), do, input_precision="ieee")
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+                dv += tl.dot(tl.trans(pv.to(do.dtype)), do, input_precision="ieee").to(ACC)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee").to(ACC)
             else:
-                dv += tl.dot(tl.trans(pv.to(do.dtype)), do)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                dv += tl.dot(tl.trans(pv.to(do.dtype)), do).to(ACC)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q).to(ACC)
     tl.store(dk_ptr + (bhk * S + offs_n[:, None]).to(tl.int64) * E + offs_d[None, :],
              (dk * scale).to(dk_ptr.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_d[None, :] < E))
     tl.store(dv_ptr + (bhk * S + offs_n[:, None]).to(tl.int64) * EV + offs_dv[None, :],
@@ -197,9 +243,14 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                   mask_ptr, smb, smh, sml, sms, Hq, G, L, S, E, EV, qk_scale, scale, seed, threshold, inv_keep,
+                   mask_ptr, smb, smh, sml, sms, Hq, G, L, S, E, EV, c_ptr, seed, threshold,
                    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                   ACC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    qk_scale = tl.load(c_ptr)
+    scale = tl.load(c_ptr + 1)
+    inv_keep = tl.load(c_ptr + 2)
+    log2e = tl.load(c_ptr + 3)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
@@ -214,34 +265,32 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                 mask=rmask[:, None] & (offs_d[None, :] < E), other=0.0)
     do = tl.load(do_ptr + (bh * L + offs_m[:, None]).to(tl.int64) * EV + offs_dv[None, :],
                  mask=rmask[:, None] & (offs_dv[None, :] < EV), other=0.0)
-    lse = tl.load(lse_ptr + bh.to(tl.int64) * L + offs_m, mask=rmask, other=float("inf")).to(tl.float32)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(delta_ptr + bh.to(tl.int64) * L + offs_m, mask=rmask, other=0.0)
+    hi, lo, z, delta = _load_lse(lse_ptr, delta_ptr, bh, offs_m, L)
     k_base = k_ptr + bhk.to(tl.int64) * S * E
     v_base = v_ptr + bhk.to(tl.int64) * S * EV
-    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    hi = S
+    dq = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+    n_end = S
     if CAUSAL:
-        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
+        n_end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, n_end, BLOCK_N):
         offs_n = start_n + rn
         kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * E + offs_d[:, None],
                      mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0)
         vt = tl.load(v_base + offs_n[None, :].to(tl.int64) * EV + offs_dv[:, None],
                      mask=(offs_n[None, :] < S) & (offs_dv[:, None] < EV), other=0.0)
-        p = _p_tile(q, kt, qk_scale, lse2, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml, sms,
-                    HAS_MASK, CAUSAL, IEEE)
+        p = _p_tile(q, kt, qk_scale, log2e, hi, lo, z, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml,
+                    sms, HAS_MASK, CAUSAL, IEEE, ACC)
         if IEEE:
-            dp = tl.dot(do, vt, input_precision="ieee")
+            dp = tl.dot(do, vt, input_precision="ieee").to(ACC)
         else:
-            dp = tl.dot(do, vt)
+            dp = tl.dot(do, vt).to(ACC)
         if DROPOUT:
             dp = dp * _dropout_scale(bh, L, offs_m, offs_n, seed, threshold, inv_keep)
         ds = p * (dp - delta[:, None])
         if IEEE:
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee").to(ACC)
         else:
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt)).to(ACC)
     tl.store(dq_ptr + (bh * L + offs_m[:, None]).to(tl.int64) * E + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=rmask[:, None] & (offs_d[None, :] < E))
 
@@ -314,13 +363,23 @@ def _dropout_args(dropout_p, seed):
     return seed & 0x7FFFFFFF, threshold, inv_keep, dropout_p > 0.0
 
 
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _consts(q, scale, inv_keep):
+    """The kernels' float scalars (scale * log2 e, scale, 1 / (1 - p), log2 e) as a tensor of the
+    accumulation dtype: a Python float argument would reach the kernel as fp32."""
+    return torch.tensor([scale * LOG2E, scale, inv_keep, LOG2E], dtype=_acc(q.dtype), device=q.device)
+
+
 def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, seed):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, Hq, L, E = q.shape
     Hk, S, EV = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // max(Hk, 1)
     out = torch.empty(B, Hq, L, EV, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, Hq, L, device=q.device, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    lse = torch.empty(B, Hq, L, 2, device=q.device, dtype=_acc(q.dtype))  # (m, log2 l), base 2
     if out.numel() == 0 or lse.numel() == 0:
         lse.fill_(float("-inf"))
         out.zero_()
@@ -331,8 +390,8 @@ def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, seed):
     sd, thr, inv_keep, drop = _dropout_args(dropout_p, seed)
     bd, bdv = max(16, triton.next_power_of_2(E)), max(16, triton.next_power_of_2(EV))
     consts = dict(HAS_MASK=has_mask, CAUSAL=is_causal, DROPOUT=drop, IEEE=q.dtype in (torch.float32, torch.float64),
-                  BLOCK_D=bd, BLOCK_DV=bdv)
-    args = (q, k, v, out, lse, mp, smb, smh, sml, sms, Hq, G, L, S, E, EV, scale * LOG2E, sd, thr, inv_keep)
+                  ACC=tl.float64 if q.dtype == torch.float64 else tl.float32, BLOCK_D=bd, BLOCK_DV=bdv)
+    args = (q, k, v, out, lse, mp, smb, smh, sml, sms, Hq, G, L, S, E, EV, _consts(q, scale, inv_keep), sd, thr)
     _run(_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(L, bm), B * Hq), args, consts, max(bd, bdv), (B * Hq, L, S))
     return out, lse
 
@@ -346,18 +405,18 @@ def attention_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scal
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if L == 0 or S == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    delta = torch.empty(B, Hq, L, device=q.device, dtype=acc)
+    delta = torch.empty(B, Hq, L, device=q.device, dtype=_acc(q.dtype))
     bdv = max(16, triton.next_power_of_2(EV))
     rows = B * Hq * L
-    block_r = max(1, min(64, 4096 // bdv))
-    _delta_kernel[(triton.cdiv(rows, block_r),)](out, dout, delta, rows, EV, BLOCK_R=block_r, BLOCK_DV=bdv)
+    block_r = 16 if _interpreted() else max(16, min(64, 4096 // bdv))
+    _delta_kernel[(triton.cdiv(rows, block_r),)](out, dout, delta, rows, EV, IEEE=q.dtype in (torch.float32, torch.float64),
+                                                 BLOCK_R=block_r, BLOCK_DV=bdv)
     mp, smb, smh, sml, sms, has_mask = _mask_args(mask, B, Hq, L, S, q)
     sd, thr, inv_keep, drop = _dropout_args(dropout_p, seed)
     bd = max(16, triton.next_power_of_2(E))
     consts = dict(HAS_MASK=has_mask, CAUSAL=is_causal, DROPOUT=drop, IEEE=q.dtype in (torch.float32, torch.float64),
-                  BLOCK_D=bd, BLOCK_DV=bdv)
-    common = (mp, smb, smh, sml, sms, Hq, G, L, S, E, EV, scale * LOG2E, scale, sd, thr, inv_keep)
+                  ACC=tl.float64 if q.dtype == torch.float64 else tl.float32, BLOCK_D=bd, BLOCK_DV=bdv)
+    common = (mp, smb, smh, sml, sms, Hq, G, L, S, E, EV, _consts(q, scale, inv_keep), sd, thr)
     _run(_bwd_dkdv_kernel, "bwd", lambda bm, bn: (triton.cdiv(S, bn), B * Hk),
          (q, k, v, dout, lse, delta, dk, dv) + common, consts, max(bd, bdv), (B * Hq, L, S))
     _run(_bwd_dq_kernel, "bwd", lambda bm, bn: (triton.cdiv(L, bm), B * Hq),

@@ -16,7 +16,7 @@ BACKENDS = [backend_param(b) for b in ("reference", "cpu", "triton")]
 
 
 def _dt(backend):
-    """The dtype a backend's tests run in: Triton accumulates in fp32 and has no fp64 path."""
+    """The dtype a backend's tests run in: fp32 for Triton (interpreted fp64 is slow; tests/test_hostile.py covers it)."""
     return torch.float32 if backend == "triton" else torch.float64
 
 

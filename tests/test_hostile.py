@@ -51,15 +51,6 @@ def run_case(family, op, build, expect, backend):
 # (op, case, backend) -> why it fails today
 KNOWN: dict = {
     # open bugs found by this table (strict xfail: the mark must go when the fix lands)
-    ("scaled_dot_product_attention", "inf-k", "cpu"): "open bug: inf in k, gradient of k non-finite where the reference's is finite (or the reverse)",
-    ("scaled_dot_product_attention", "nan-mask", "cpu"): "open bug: NaN in an additive mask: NaN lands in other entries than the reference's",
-    ("scaled_dot_product_attention", "nan-mask", "triton"): "open bug: NaN in an additive mask: NaN lands in other entries than the reference's",
-    ("scaled_dot_product_attention", "causal-L>S", "triton"): "open gap: triton attention refuses fp64 (BackendUnavailable)",
-    ("scaled_dot_product_attention", "N65-E65", "triton"): "open gap: triton attention refuses fp64 (BackendUnavailable)",
-    ("scaled_dot_product_attention", "logits-1e4", "cpu"): "open: fp32 kernel with |logits| ~ 1e4 (ulp ~1e-3 in s - lse): grad of q off by up to 4e-5 absolute vs fp64 (atol 1e-5)",
-    ("scaled_dot_product_attention", "logits-1e4", "triton"): "open: fp32 kernel with |logits| ~ 1e4 (ulp ~1e-3 in s - lse): grad of q off by up to 4e-5 absolute vs fp64 (atol 1e-5)",
-    ("scaled_dot_product_attention", "logits-1e4-causal", "cpu"): "open: fp32 kernel with |logits| ~ 1e4 (ulp ~1e-3 in s - lse): grad of q off by up to 4e-5 absolute vs fp64 (atol 1e-5)",
-    ("scaled_dot_product_attention", "logits-1e4-causal", "triton"): "open: fp32 kernel with |logits| ~ 1e4 (ulp ~1e-3 in s - lse): grad of q off by up to 4e-5 absolute vs fp64 (atol 1e-5)",
     # fixed in csrc/cpu/wkv.cpp after this suite found it: ("wkv4", "nan-k", "cpu") -- a NaN k left the
     # state's max-exponent pp NaN for one step only where the reference keeps it NaN
 }

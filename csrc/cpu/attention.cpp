@@ -2,7 +2,8 @@
 //
 // Forward: one task per (batch, head, block of BQ queries); it walks the key blocks with an
 // online softmax (running max m, running sum l, output accumulator rescaled when m grows),
-// the two products of each block through BLAS, and saves lse = m + log l per row.
+// the two products of each block through BLAS, and saves lse = m + log l per row as the pair
+// (m, log l), so that the backward subtracts m from bit-identical logits exactly as the forward.
 // Backward: one task per (batch, key/value head), so the dK/dV of a key block and the dQ of
 // every query row of its group of heads are written by one thread only (deterministic, no
 // atomics); the probabilities come back from lse, and dS = P * (dP - rowsum(dO * O)).
@@ -69,7 +70,9 @@ inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, 
 // exp(x) for a whole row, written so that GCC vectorises it (libm's expf is a call per
 // element): x = n ln2 + r with n rounded by the 1.5 * 2^23 trick, a degree-6 polynomial for
 // e^r, 2^n through the exponent bits. exp(-inf) and anything below the float range is exactly
-// 0 (masked entries must not leak into the row sum), NaN stays NaN. Relative error < 1e-7.
+// 0 (masked entries must not leak into the row sum), anything above 88.376 is +inf (a +inf logit
+// must overflow as in the reference; softmax arguments are <= 0 otherwise), NaN stays NaN.
+// Relative error < 1e-7.
 inline void exp_row(float* __restrict x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -87,7 +90,7 @@ inline void exp_row(float* __restrict x, int64_t n) {
     y = y * r + 5.0000001201e-1f;
     y = y * r * r + r + 1.0f;
     const float e = y * std::bit_cast<float>((ni + 127) << 23);
-    x[i] = xi < -87.3365448f ? 0.0f : (xi != xi ? xi : e);
+    x[i] = xi < -87.3365448f ? 0.0f : (xi > 88.3762626f ? std::numeric_limits<float>::infinity() : (xi != xi ? xi : e));
   }
 }
 
@@ -220,13 +223,16 @@ void forward_impl(const T* q, const T* k, const T* v, const MaskView& mv, T* out
       for (int64_t r = 0; r < nq; ++r) {
         T* o = out + (bh * L + i0 + r) * Ev;
         const T* ar = acc.data() + r * Ev;
+        T* st = lse + 2 * (bh * L + i0 + r);
         if (l[r] == T(0)) {  // every key excluded: output 0 (torch would give NaN)
           std::fill(o, o + Ev, T(0));
-          lse[bh * L + i0 + r] = ninf;
+          st[0] = st[1] = ninf;
         } else {
           const T inv = T(1) / l[r];
           for (int64_t c = 0; c < Ev; ++c) o[c] = ar[c] * inv;
-          lse[bh * L + i0 + r] = sh[r] + static_cast<T>(std::log(l[r]));
+          // lse in two parts (see seqkern/ops/attention.py): the shift and log l
+          st[0] = sh[r];
+          st[1] = static_cast<T>(std::log(l[r]));
         }
       }
     }
@@ -240,26 +246,39 @@ void backward_impl(const T* dout, const T* q, const T* k, const T* v, const Mask
   const int64_t G = Hq / Hk;
   const T ninf = static_cast<T>(kNegInf), inv_keep = static_cast<T>(dp.inv_keep);
   at::parallel_for(0, Bn * Hk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> pbuf(kBwdBQ * kBwdBK), dpbuf(kBwdBQ * kBwdBK), delta(G * L);
+    std::vector<T> pbuf(kBwdBQ * kBwdBK), dpbuf(kBwdBQ * kBwdBK), delta(G * L), rowdelta(kBwdBQ);
+    std::vector<T> opad(kBwdBK * Ev, T(0)), vpad(kBwdBK * Ev, T(0));  // zero rows past the block
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / Hk, hk = t % Hk;
       const T* K = k + t * S * E;
       const T* V = v + t * S * Ev;
       T* dK = dk + t * S * E;
       T* dV = dv + t * S * Ev;
-      for (int64_t g = 0; g < G; ++g) {  // delta_i = rowsum(dO * O) = rowsum(P * dP)
+      // delta_i = rowsum(dO * O) = rowsum(P * dP), as the diagonal of dO O^T computed by a gemm of
+      // the very shape of dP = dO V^T below (BK columns, rows padded), so that BLAS sums each entry
+      // in the same order: where P is one-hot (O = that row of V) dP - delta is then exactly 0, as
+      // the reference's dP - rowsum(P * dP) (otherwise ulp(|dO||v|) remains, which dq multiplies by
+      // |k|: 4e-5 for logits ~1e4)
+      for (int64_t g = 0; g < G; ++g) {
         const int64_t bh = b * Hq + hk * G + g;
-        for (int64_t i = 0; i < L; ++i) {
-          const T* o = out + (bh * L + i) * Ev;
-          const T* d = dout + (bh * L + i) * Ev;
-          T acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t c = 0; c < Ev; ++c) acc += o[c] * d[c];
-          delta[g * L + i] = acc;
+        for (int64_t i0 = 0; i0 < L; i0 += kBwdBQ) {
+          const int64_t nq = std::min(kBwdBQ, L - i0);
+          T* dd = dpbuf.data();
+          std::copy(out + (bh * L + i0) * Ev, out + (bh * L + i0 + nq) * Ev, opad.begin());
+          gemm_rm<T>(false, true, nq, kBwdBK, Ev, T(1), dout + (bh * L + i0) * Ev, Ev, opad.data(), Ev, T(0), dd,
+                     kBwdBK);
+          for (int64_t r = 0; r < nq; ++r) delta[g * L + i0 + r] = Ev == 0 ? T(0) : dd[r * kBwdBK + r];
         }
       }
       for (int64_t j0 = 0; j0 < S; j0 += kBwdBK) {
         const int64_t nk = std::min(kBwdBK, S - j0);
+        // dP's gemm always has BK columns (a short last block reads a zero-padded copy of V): the
+        // shape of delta's gemm above
+        const T* Vb = V + j0 * Ev;
+        if (nk < kBwdBK) {
+          std::copy(Vb, Vb + nk * Ev, vpad.begin());
+          Vb = vpad.data();
+        }
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = hk * G + g, bh = b * Hq + h;
           // causal: query blocks entirely above the diagonal of this key block see none of it
@@ -271,24 +290,37 @@ void backward_impl(const T* dout, const T* q, const T* k, const T* v, const Mask
             T* P = pbuf.data();
             T* dP = dpbuf.data();
             block_logits<T>(P, kBwdBK, Q, K + j0 * E, nq, nk, E, scale, mv, b, h, i0, j0, causal);
+            T* dlt = rowdelta.data();
             for (int64_t r = 0; r < nq; ++r) {
               T* pr = P + r * kBwdBK;
-              const T lr = lse[bh * L + i0 + r];
-              if (lr == ninf) {  // fully masked row: P = 0, so no gradient flows through it
-                std::fill(pr, pr + nk, T(0));
-                continue;
-              }
+              // P = exp((s - m) - log l): s is bit-identical to the forward's and m is the shift the
+              // forward subtracted, so s - m cancels exactly (fp32 logits ~1e4 keep full precision)
+              const T hi = lse[2 * (bh * L + i0 + r)], lo = lse[2 * (bh * L + i0 + r) + 1];
+              dlt[r] = delta[g * L + i0 + r];
+              if (std::isfinite(hi) && std::isfinite(lo)) {
 #pragma omp simd
-              for (int64_t c = 0; c < nk; ++c) pr[c] -= lr;
-              exp_row(pr, nk);
+                for (int64_t c = 0; c < nk; ++c) pr[c] = (pr[c] - hi) - lo;
+                exp_row(pr, nk);
+              } else if (lo != lo) {
+                // a NaN logit: the reference's shift is 0 and it divides by 1, not l (NaN), so
+                // autograd gives P = exp(s), dS = P * dP
+                exp_row(pr, nk);
+                dlt[r] = T(0);
+              } else if (lo == -ninf) {
+                // a +inf logit: P = exp(s) / inf, NaN there and 0 elsewhere (delta is NaN from O)
+                exp_row(pr, nk);
+                for (int64_t c = 0; c < nk; ++c) pr[c] *= T(0);
+              } else {  // fully masked row: P = 0, so no gradient flows through it
+                std::fill(pr, pr + nk, T(0));
+              }
             }
-            gemm_rm<T>(false, true, nq, nk, Ev, T(1), dO, Ev, V + j0 * Ev, Ev, T(0), dP, kBwdBK);
+            gemm_rm<T>(false, true, nq, kBwdBK, Ev, T(1), dO, Ev, Vb, Ev, T(0), dP, kBwdBK);
             if (Ev == 0)
               for (int64_t r = 0; r < nq; ++r) std::fill(dP + r * kBwdBK, dP + r * kBwdBK + nk, T(0));
             for (int64_t r = 0; r < nq; ++r) {
               T* pr = P + r * kBwdBK;
               T* dr = dP + r * kBwdBK;
-              const T dl = delta[g * L + i0 + r];
+              const T dl = dlt[r];
               if (dp.on) {  // dS = P * (Z dP - delta); dV takes Z P
                 const uint32_t rk = dp.row_key(bh * L + i0 + r);
                 for (int64_t c = 0; c < nk; ++c) {
@@ -334,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::
   const int64_t Bn = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3), Hk = k.size(1), S = k.size(2),
                 Ev = v.size(3);
   at::Tensor out = at::empty({Bn, Hq, L, Ev}, q.options());
-  at::Tensor lse = at::empty({Bn, Hq, L}, q.options());
+  at::Tensor lse = at::empty({Bn, Hq, L, 2}, q.options());
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   const MaskView mv = mask_view(mask, Bn, Hq, L, S);
   const Dropout dp(dropout_p, seed);

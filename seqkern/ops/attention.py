@@ -20,7 +20,11 @@ where Z is the dropout mask scaled by 1/(1-p). Z is not drawn with torch's RNG b
 counter-based hash of (seed, row, column) (:func:`dropout_keep`) that every backend evaluates
 identically, so the backward regenerates the forward's mask bit for bit and backends agree.
 The fused backends save only O and lse; their backward recomputes P from lse and uses
-rowsum(dO * O) = rowsum(P * dP) (FlashAttention-2).
+rowsum(dO * O) = rowsum(P * dP) (FlashAttention-2). The op's ``lse`` output is the pair
+(B, H, L, 2) = (m, log l), lse = m + log l, with m the shift the forward subtracted: the backward
+computes P = exp((s - m) - log l) from logits bit-identical to the forward's, so s - m cancels
+exactly as in the forward (fp32 logits ~1e4 have ulp ~1e-3: exp(s - lse) would scale a whole row
+of P by up to 1 + 5e-4). The triton backend keeps the pair in base 2 (it works with exp2).
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ from .. import backends as B
 
 OP = "scaled_dot_product_attention"
 _CPU_DTYPES = (torch.float32, torch.float64)
-_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp32 accumulation: no fp64
+_TRITON_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # fp64 accumulates in fp64
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the CUDA kernel accumulates in fp32: no fp64
 MAX_HEAD_DIM = 256  # Triton/CUDA tile limit (cpu and reference have none)
 
 # ---------------------------------------------------------------------------
@@ -308,10 +313,17 @@ def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed
 
 def _ref_fwd(q, k, v, mask, dropout_p, is_causal, scale, seed):
     out, lse = sdpa_reference_canonical(q, k, v, mask, dropout_p, is_causal, scale, seed)
-    return out.contiguous(), lse.contiguous()
+    return out.contiguous(), torch.stack((lse, torch.zeros_like(lse)), -1)
+
+
+def _lse_natural(lse, backend):
+    """The plain log-sum-exp (B, H, L) of a backend's (hi, lo) pair."""
+    full = lse[..., 0] + lse[..., 1]
+    return full * math.log(2.0) if backend == "triton" else full
 
 
 def _ref_bwd(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed):
+    lse = _lse_natural(lse, "reference")
     dq, dk, dv, _ = sdpa_reference_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -330,7 +342,7 @@ def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropo
 @_sdpa_forward.register_fake
 def _(q, k, v, mask, dropout_p, is_causal, scale, seed, backend):
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
-    lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=_acc_dtype(q.dtype))
+    lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], 2, dtype=_acc_dtype(q.dtype))
     return out, lse
 
 
@@ -368,8 +380,8 @@ def _backward(ctx, dout, dlse):
     dmask = None
     if mask is not None and ctx.needs_input_grad[3]:
         # the fused kernels never form dS; the rare gradient w.r.t. an additive mask comes from the equations
-        dmask = sdpa_reference_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed,
-                                        need_dmask=True)[3]
+        dmask = sdpa_reference_backward(dout, q, k, v, mask, out, _lse_natural(lse, backend), dropout_p,
+                                        is_causal, scale, seed, need_dmask=True)[3]
     return dq, dk, dv, dmask, None, None, None, None, None
 
 
@@ -403,14 +415,15 @@ def _supports_cpu(q, k, v, mask, dropout_p=0.0, is_causal=False):
     return True, ""
 
 
-def _supports_gpu(device_types):
+def _supports_gpu(device_types, dtypes):
     def supports(q, k, v, mask, dropout_p=0.0, is_causal=False):
         if q.device.type not in device_types:
             return False, f"inputs are on {q.device.type}, this backend runs on {'/'.join(device_types)}"
         if "cpu" not in device_types and not _EXT_OP:
             return False, _EXT_OP_REASON
-        if q.dtype not in _GPU_DTYPES:
-            return False, f"dtype {q.dtype} not supported (supports float32, float16, bfloat16)"
+        if q.dtype not in dtypes:
+            why = "" if torch.float64 in dtypes else "; its kernel accumulates in fp32"
+            return False, f"dtype {q.dtype} not supported (supports {', '.join(str(d)[6:] for d in dtypes)}{why})"
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
             return False, "bf16 is computed wrongly by the Triton interpreter"
         if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
@@ -421,8 +434,8 @@ def _supports_gpu(device_types):
 
 B.register(OP, "reference", lambda *a, **kw: (True, ""))
 B.register(OP, "cpu", _supports_cpu)
-B.register(OP, "triton", _supports_gpu(("cuda", "cpu")))
-B.register(OP, "cuda", _supports_gpu(("cuda",)))
+B.register(OP, "triton", _supports_gpu(("cuda", "cpu"), _TRITON_DTYPES))
+B.register(OP, "cuda", _supports_gpu(("cuda",), _CUDA_DTYPES))
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
