@@ -600,15 +600,24 @@ void forward_persistent(const Shape& d, const T* xw, const T* x, const T* w_ih, 
 // Backward steps (no projection). Per step: the gate gradients of the slice's units (they
 // need only dh of those units, which the slice computed itself), a barrier, then dh of the
 // slice's units = the step's gate gradients (all units) @ W_hh[:, slice] (+ dh * z for gru).
+// dx, when given, is done the same way while the step's gradients are in cache: the slice's
+// share of dx's columns, from the input-side gradients (the same rows but for gru's n gate,
+// whose time-ordered rows are the step's only without lengths and reverse).
 template <typename T>
-void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, const int64_t* len, bool reverse,
-                         const T* dyp, const T* dhTp, T* dgh, T* dgi, int64_t ldg, T* dhh, T* dcc,
-                         const at::TensorOptions& opt) {
-  const int64_t Tn = d.T, B = d.B, H = d.H, GH = d.GH();
+void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, const T* w_ih, const int64_t* len,
+                         bool reverse, const T* dyp, const T* dhTp, T* dgh, T* dgi, int64_t ldg, T* dhh, T* dcc,
+                         T* dx, const at::TensorOptions& opt) {
+  const int64_t Tn = d.T, B = d.B, H = d.H, GH = d.GH(), I = dx ? d.I : 0;
   const bool lstm = d.cell == Cell::kLSTM, gru = d.cell == Cell::kGRU, separate = dgi != dgh;
-  const Slices sl(H, 2 * B * GH * H, GH * H * int64_t(sizeof(T)));
+  const Slices sl(H, 2 * B * GH * (H + I), GH * (H + I) * int64_t(sizeof(T)));
   const at::Tensor packed = pack_backward(w_hh, GH, H, sl.nub, opt);
   const T* wp = packed.data_ptr<T>();
+  const int64_t nvb = (I + kLanes - 1) / kLanes;  // dx's 16-column blocks
+  const at::Tensor packed_x = pack_backward(w_ih, GH, I, nvb, opt);
+  const T* wpx = packed_x.data_ptr<T>();
+  // rows of a step go to dx at their own times under lengths or reverse: through a buffer
+  const bool scatter = I > 0 && (len || reverse);
+  const at::Tensor xbuf_t = at::empty({scatter ? sl.ns * B * I : 0}, opt);
   run_slices(sl, Tn, [&](int64_t i, int64_t step) {
     const int64_t s = Tn - 1 - step;
     const int64_t u0 = sl.u0(i), u1 = sl.u1(i), j0 = u0 * kLanes, nj = std::min(H, u1 * kLanes) - j0;
@@ -683,7 +692,21 @@ void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, 
       T* c = dhh + u * kLanes;
       blk.push_back({wp + u * GH * kLanes, c, gru ? c : nullptr, int(std::min(kLanes, H - u * kLanes))});
     }
-    tiles<T>(Lhs<T>{nullptr, 0, 0, dgh + s * B * ldg, ldg, GH}, B, blk, H);
+    const Lhs<T> a{nullptr, 0, 0, dgh + s * B * ldg, ldg, GH};
+    tiles<T>(a, B, blk, H);
+    const int64_t v0 = i * nvb / sl.ns, v1 = (i + 1) * nvb / sl.ns;
+    if (v0 == v1) return;
+    const Lhs<T> ax{nullptr, 0, 0, (gru ? dgi : dgh) + s * B * ldg, ldg, GH};
+    T* cx = scatter ? xbuf_t.data_ptr<T>() + i * B * I : dx + s * B * I;
+    blk.clear();
+    for (int64_t v = v0; v < v1; ++v)
+      blk.push_back({wpx + v * GH * kLanes, cx + v * kLanes, nullptr, int(std::min(kLanes, I - v * kLanes))});
+    tiles<T>(ax, B, blk, I);
+    if (scatter) {
+      const int64_t c0 = v0 * kLanes, nc = std::min(I, v1 * kLanes) - c0;
+      for (int64_t b = 0; b < B; ++b)
+        copy_row(dx + (time_of(s, len ? len[b] : Tn, reverse) * B + b) * I + c0, cx + b * I + c0, nc);
+    }
   });
 }
 
@@ -868,8 +891,12 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
   const at::Tensor zeros_t = at::zeros({H}, opt);
   const T* zrow = zeros_t.data_ptr<T>();
 
+  // dx inside the step loop (for gru only when step s is time s in every row)
+  const bool step_dx = need[0] && !proj && B > 0 && !(gru && (len || reverse));
+  at::Tensor dx_t = need[0] ? at::empty({Tn, B, d.I}, opt) : at::Tensor();
   if (!proj && B > 0)
-    backward_persistent<T>(d, ws, w_hh.data_ptr<T>(), len, reverse, dyp, dhTp, dgh, dgi, ldg, dhh, dcc, opt);
+    backward_persistent<T>(d, ws, w_hh.data_ptr<T>(), w_ih.data_ptr<T>(), len, reverse, dyp, dhTp, dgh, dgi, ldg, dhh,
+                           dcc, step_dx ? dx_t.data_ptr<T>() : nullptr, opt);
   else for (int64_t s = Tn - 1; s >= 0; --s) {  // with a projection: per step, parallel over rows
     T* dgs = dgh + s * B * ldg;
     T* drs = proj ? dr_t.data_ptr<T>() + s * B * P : nullptr;
@@ -955,8 +982,8 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
   std::vector<at::Tensor> out(8);
   for (auto& t : out) t = at::empty({0}, opt);  // distinct tensors: outputs of an op may not alias
   if (need[0]) {
-    out[0] = at::empty({Tn, B, d.I}, opt);
-    gemm<T>(false, false, TB, d.I, GH, T(1), dgi, ldg, w_ih.data_ptr<T>(), d.I, T(0), out[0].data_ptr<T>(), d.I);
+    out[0] = dx_t;
+    if (!step_dx) gemm<T>(false, false, TB, d.I, GH, T(1), dgi, ldg, w_ih.data_ptr<T>(), d.I, T(0), dx_t.data_ptr<T>(), d.I);
   }
   if (need[1]) {  // rows whose sequence is empty pass dh_T straight through
     out[1] = at::empty({B, P}, opt);
