@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 #include <cstdint>
@@ -337,18 +338,29 @@ void backward_task(const T* k, const T* v, const T* gy, const T* st, const T* gs
 }
 
 // Tasks: for each b, full blocks of W channels, then the remaining channels one by one.
+// Handed out one at a time from a counter, not in fixed shares: on a shared machine a thread
+// that the OS parks then holds up one task instead of half of them. Every task writes its
+// own outputs, so the results do not depend on which thread ran it.
 template <int W, typename F>
 void for_tasks(int64_t Bn, int64_t C, int64_t work_per_task, const F& f) {
-  const int64_t full = C / W, tail = C - full * W, per_b = full + tail;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_task, 1));
-  at::parallel_for(0, Bn * per_b, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / per_b, r = i % per_b;
-      if (r < full)
-        f(b, r * W, std::integral_constant<int, W>());
-      else
-        f(b, full * W + (r - full), std::integral_constant<int, 1>());
-    }
+  const int64_t full = C / W, tail = C - full * W, per_b = full + tail, n = Bn * per_b;
+  const auto run = [&](int64_t i) {
+    const int64_t b = i / per_b, r = i % per_b;
+    if (r < full)
+      f(b, r * W, std::integral_constant<int, W>());
+    else
+      f(b, full * W + (r - full), std::integral_constant<int, 1>());
+  };
+  // as many workers as the work is worth (about 32768 lane-steps each), at most one per thread
+  const int64_t worth = n * std::max<int64_t>(work_per_task, 1) / 32768;
+  const int64_t workers = std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), worth, n});
+  if (workers <= 1) {
+    for (int64_t i = 0; i < n; ++i) run(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) run(i);
   });
 }
 
