@@ -188,8 +188,9 @@ def test_backend_matches_reference_with_grads(backend, dtype, case):
 
 
 # big enough that the cpu kernels split each step over threads (16-unit slices, one barrier
-# per step); H = 200 leaves a partial last block; lengths 0..T and reverse included
-SLICED = [("lstm", 32, 200), ("gru", 32, 200), ("rnn_tanh", 64, 200), ("rnn_relu", 64, 200)]
+# per step); H = 200 leaves a partial last block; lengths 0..T and reverse included; lstm and
+# rnn with B >= 8 take x inside the step GEMMs, B = 5 and gru a precomputed projection
+SLICED = [("lstm", 32, 200), ("lstm", 5, 256), ("gru", 32, 200), ("rnn_tanh", 64, 200), ("rnn_relu", 64, 200)]
 
 
 def _sliced_run(kind, Bsz, H, dtype, threads):
@@ -208,7 +209,7 @@ def _sliced_run(kind, Bsz, H, dtype, threads):
         torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("kind,Bsz,H", SLICED, ids=[c[0] for c in SLICED])
+@pytest.mark.parametrize("kind,Bsz,H", SLICED, ids=[f"{c[0]}-B{c[1]}" for c in SLICED])
 def test_cpu_sliced_steps_match_reference_and_thread_count(kind, Bsz, H):
     require("cpu")
     inputs, lengths, outs, grads = _sliced_run(kind, Bsz, H, F64, 2)
