@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 #include <cstdint>
@@ -57,23 +58,27 @@ template <typename T> inline T inf_nan(T m) { return (m - m) + T(1); }
 #if defined(__AVX512F__)
 // fp32 steps on 16 channels per AVX-512 vector, the state in registers over the time loop
 // (GCC's vectorisation of step_forward kept it in memory and used a slower exp).
-// exp(x) for x <= 0 (the only arguments taken here): fast_exp's reduction and polynomial,
-// 2^n by vscalefps. Clamped at -104, where the result rounds to 0 (between -104 and -87 it is
-// subnormal, as torch.exp's); NaN passes through max (it returns its second operand then).
+// exp(x) for x <= 0 (the only arguments taken here), ~2 ulp: x = (n + j/16) ln2 + r with
+// |r| <= ln2/32, 2^(j/16) from a 16-entry table in one register (vpermps takes j from the low
+// 4 bits of n16 = 16 n + j), e^r by a cubic, 2^n by vscalefps (which floors n16/16).
+// Clamped at -104, where the result rounds to 0 (between -104 and -87 it is subnormal, as
+// torch.exp's); NaN passes through max (it returns its second operand then).
 inline __m512 exp16(__m512 x) {
+  const __m512 tab = _mm512_setr_ps(1.0f, 1.04427378242741384f, 1.09050773266525766f, 1.13878863475669165f,
+                                    1.18920711500272107f, 1.24185781207348405f, 1.29683955465100967f,
+                                    1.35425554693689273f, 1.41421356237309505f, 1.47682614593949931f,
+                                    1.54221082540794082f, 1.61049033194925430f, 1.68179283050742908f,
+                                    1.75625216037329948f, 1.83400808640934246f, 1.91520656139714729f);
   const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, fx);
+  const __m512 n16 = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(23.0831206542234f)),  // 16 / ln2
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n16 ln2/16, ln2/16 split in two so that the first product is exact
+  __m512 r = _mm512_fnmadd_ps(n16, _mm512_set1_ps(0.04332160949707031f), xc);
+  r = _mm512_fnmadd_ps(n16, _mm512_set1_ps(8.9287926269338577e-08f), r);
+  const __m512 t = _mm512_permutexvar_ps(_mm512_cvtps_epi32(n16), tab);
+  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(1.6666666666666666e-1f), r, _mm512_set1_ps(0.5f));
+  q = _mm512_mul_ps(_mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f)), r);  // e^r - 1
+  return _mm512_scalef_ps(_mm512_fmadd_ps(t, q, t), _mm512_mul_ps(n16, _mm512_set1_ps(0.0625f)));
 }
 
 // step_forward on one vector (same selects and NaN rules); y stored when not null
@@ -337,18 +342,29 @@ void backward_task(const T* k, const T* v, const T* gy, const T* st, const T* gs
 }
 
 // Tasks: for each b, full blocks of W channels, then the remaining channels one by one.
+// Handed out one at a time from a counter, not in fixed shares: on a shared machine a thread
+// that the OS parks then holds up one task instead of half of them. Every task writes its
+// own outputs, so the results do not depend on which thread ran it.
 template <int W, typename F>
 void for_tasks(int64_t Bn, int64_t C, int64_t work_per_task, const F& f) {
-  const int64_t full = C / W, tail = C - full * W, per_b = full + tail;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_task, 1));
-  at::parallel_for(0, Bn * per_b, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / per_b, r = i % per_b;
-      if (r < full)
-        f(b, r * W, std::integral_constant<int, W>());
-      else
-        f(b, full * W + (r - full), std::integral_constant<int, 1>());
-    }
+  const int64_t full = C / W, tail = C - full * W, per_b = full + tail, n = Bn * per_b;
+  const auto run = [&](int64_t i) {
+    const int64_t b = i / per_b, r = i % per_b;
+    if (r < full)
+      f(b, r * W, std::integral_constant<int, W>());
+    else
+      f(b, full * W + (r - full), std::integral_constant<int, 1>());
+  };
+  // as many workers as the work is worth (about 32768 lane-steps each), at most one per thread
+  const int64_t worth = n * std::max<int64_t>(work_per_task, 1) / 32768;
+  const int64_t workers = std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), worth, n});
+  if (workers <= 1) {
+    for (int64_t i = 0; i < n; ++i) run(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) run(i);
   });
 }
 
