@@ -21,6 +21,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -177,6 +180,21 @@ int64_t numel_of(const Shape& d, bool save) {
 }
 
 int64_t row_grain(const Shape& d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d.GH())); }
+
+// Big buffers written once per call (workspace, gate gradients) come fresh from mmap each
+// time: ask for 2 MiB pages on the whole-page interior, so the first writes take a few
+// hundred page faults instead of one per 4 KiB.
+inline void advise_huge(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // advice only: failure is harmless
+#else
+  (void)p; (void)bytes;
+#endif
+}
 
 template <typename T>
 inline void copy_row(T* dst, const T* src, int64_t n) { std::memcpy(dst, src, n * sizeof(T)); }
@@ -816,10 +834,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
   }
 
   at::Tensor ws = at::empty({numel_of(d, save)}, opt);
+  advise_huge(ws.data_ptr(), ws.numel() * sizeof(T));
   StepBuffers<T> buf(d, save, ws.data_ptr<T>(), opt);
   copy_row(buf.h(0), h0.data_ptr<T>(), B * P);
   if (d.cell == Cell::kLSTM) copy_row(buf.c(0), c0.data_ptr<T>(), B * H);
   at::Tensor y = at::empty({d.T, B, P}, opt);
+  advise_huge(y.data_ptr(), y.numel() * sizeof(T));
   // b_hn sits inside r * (W_hn h + b_hn); a zero row when absent keeps the gate loop branch-free
   const at::Tensor b_hn_t = (d.cell == Cell::kGRU && b_hh.defined()) ? b_hh.narrow(0, 2 * H, H) : at::zeros({H}, opt);
   const T* b_hn = b_hn_t.data_ptr<T>();
@@ -878,6 +898,8 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
   const int64_t ldg = GH + kLanes;
   at::Tensor dgh_t = at::empty({TB * ldg}, opt);
   at::Tensor dgi_t = (gru || reverse) ? at::empty({TB * ldg}, opt) : dgh_t;
+  advise_huge(dgh_t.data_ptr(), dgh_t.numel() * sizeof(T));
+  if (dgi_t.data_ptr() != dgh_t.data_ptr()) advise_huge(dgi_t.data_ptr(), dgi_t.numel() * sizeof(T));
   T* dgh = dgh_t.data_ptr<T>();
   T* dgi = dgi_t.data_ptr<T>();
   const bool separate = dgi != dgh;
@@ -894,6 +916,7 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
   // dx inside the step loop (for gru only when step s is time s in every row)
   const bool step_dx = need[0] && !proj && B > 0 && !(gru && (len || reverse));
   at::Tensor dx_t = need[0] ? at::empty({Tn, B, d.I}, opt) : at::Tensor();
+  if (need[0]) advise_huge(dx_t.data_ptr(), dx_t.numel() * sizeof(T));
   if (!proj && B > 0)
     backward_persistent<T>(d, ws, w_hh.data_ptr<T>(), w_ih.data_ptr<T>(), len, reverse, dyp, dhTp, dgh, dgi, ldg, dhh,
                            dcc, step_dx ? dx_t.data_ptr<T>() : nullptr, opt);
