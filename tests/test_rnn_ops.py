@@ -188,18 +188,21 @@ def test_backend_matches_reference_with_grads(backend, dtype, case):
 
 
 # big enough that the cpu kernels split each step over threads (16-unit slices, one barrier
-# per step); H = 200 leaves a partial last block; lengths 0..T and reverse included
-SLICED = [("lstm", 32, 200), ("gru", 32, 200), ("rnn_tanh", 64, 200), ("rnn_relu", 64, 200)]
+# per step); H = 200 leaves a partial last block; lengths 0..T and reverse included; lstm and
+# rnn with B >= 8 take x inside the step GEMMs, B = 5 and gru a precomputed projection; the
+# backward's dx is done inside the steps too, for gru only without lengths and reverse (plain)
+SLICED = [("lstm", 32, 200, False), ("lstm", 5, 256, False), ("gru", 32, 200, False), ("gru", 32, 200, True),
+          ("rnn_tanh", 64, 200, False), ("rnn_relu", 64, 200, False)]
 
 
-def _sliced_run(kind, Bsz, H, dtype, threads):
+def _sliced_run(kind, Bsz, H, dtype, threads, plain):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(7)
         inputs = make_inputs(kind, 6, Bsz, 24, H, dtype=dtype, scale=0.3)
-        lengths = [(3 * b) % 7 for b in range(Bsz)]
-        got = run_all(kind, inputs, lengths, True, "cpu")
+        lengths = None if plain else [(3 * b) % 7 for b in range(Bsz)]
+        got = run_all(kind, inputs, lengths, not plain, "cpu")
         outs = [o for o in got if o is not None]
         ls = leaves(inputs)
         grads = torch.autograd.grad(outs, ls, [torch.ones_like(o) * (i + 1) for i, o in enumerate(outs)])
@@ -208,17 +211,17 @@ def _sliced_run(kind, Bsz, H, dtype, threads):
         torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("kind,Bsz,H", SLICED, ids=[c[0] for c in SLICED])
-def test_cpu_sliced_steps_match_reference_and_thread_count(kind, Bsz, H):
+@pytest.mark.parametrize("kind,Bsz,H,plain", SLICED, ids=[f"{c[0]}-B{c[1]}{'-plain' * c[3]}" for c in SLICED])
+def test_cpu_sliced_steps_match_reference_and_thread_count(kind, Bsz, H, plain):
     require("cpu")
-    inputs, lengths, outs, grads = _sliced_run(kind, Bsz, H, F64, 2)
-    want = [o for o in run_all(kind, inputs, lengths, True, "reference") if o is not None]
+    inputs, lengths, outs, grads = _sliced_run(kind, Bsz, H, F64, 2, plain)
+    want = [o for o in run_all(kind, inputs, lengths, not plain, "reference") if o is not None]
     wgrads = torch.autograd.grad(want, leaves(inputs), [torch.ones_like(o) * (i + 1) for i, o in enumerate(want)])
     for a, b in zip(outs + grads, [w.detach() for w in want] + list(wgrads)):
         torch.testing.assert_close(a, b, **TOL[F64])
     for dtype in (F64, torch.float32):  # every result bitwise the same whatever the thread count
-        one = _sliced_run(kind, Bsz, H, dtype, 1)
-        two = _sliced_run(kind, Bsz, H, dtype, 2)
+        one = _sliced_run(kind, Bsz, H, dtype, 1, plain)
+        two = _sliced_run(kind, Bsz, H, dtype, 2, plain)
         for a, b in zip(one[2] + one[3], two[2] + two[3]):
             assert torch.equal(a, b)
 

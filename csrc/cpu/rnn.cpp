@@ -255,23 +255,38 @@ struct Blk {
   int n;
 };
 
+// The left operand of a tile: rows of A1 (K1 columns) then rows of A2 (K2 columns), as if
+// side by side (the forward's [x_t | h] against the packed [W_ih | W_hh] rows).
+template <typename T>
+struct Lhs {
+  const T* a1;
+  int64_t ld1, k1;
+  const T* a2;
+  int64_t ld2, k2;
+  Lhs rows_from(int64_t r) const { return {a1 + r * ld1, ld1, k1, a2 + r * ld2, ld2, k2}; }
+};
+
 // C[r][col] = add[r][col] + sum_k A[r][k] * W[k][col] for R rows and NB blocks, in registers.
 template <typename T, int R, int NB>
-void tile(const T* __restrict A, int64_t lda, int64_t K, const Blk<T>* blk, int64_t ldc) {
+void tile(const Lhs<T>& A, const Blk<T>* blk, int64_t ldc) {
   T acc[R][NB][kLanes];
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < NB; ++q)
       for (int l = 0; l < kLanes; ++l)
         acc[r][q][l] = (blk[q].add && l < blk[q].n) ? blk[q].add[r * ldc + l] : T(0);
-  for (int64_t k = 0; k < K; ++k)
-    for (int q = 0; q < NB; ++q) {
-      const T* w = blk[q].w + k * kLanes;
-      for (int r = 0; r < R; ++r) {
-        const T a = A[r * lda + k];
+  for (int seg = 0; seg < 2; ++seg) {
+    const T* a = seg ? A.a2 : A.a1;
+    const int64_t lda = seg ? A.ld2 : A.ld1, K = seg ? A.k2 : A.k1, k0 = seg ? A.k1 : 0;
+    for (int64_t k = 0; k < K; ++k)
+      for (int q = 0; q < NB; ++q) {
+        const T* w = blk[q].w + (k0 + k) * kLanes;
+        for (int r = 0; r < R; ++r) {
+          const T av = a[r * lda + k];
 #pragma omp simd
-        for (int l = 0; l < kLanes; ++l) acc[r][q][l] = std::fma(a, w[l], acc[r][q][l]);
+          for (int l = 0; l < kLanes; ++l) acc[r][q][l] = std::fma(av, w[l], acc[r][q][l]);
+        }
       }
-    }
+  }
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < NB; ++q)
       for (int l = 0; l < blk[q].n; ++l) blk[q].c[r * ldc + l] = acc[r][q][l];
@@ -281,7 +296,19 @@ void tile(const T* __restrict A, int64_t lda, int64_t K, const Blk<T>* blk, int6
 // fp32 with AVX-512: the same chain per column (fma == _mm512_fmadd_ps), accumulators
 // pinned in zmm registers (R * NB <= 24), the row value broadcast from memory.
 template <int R, int NB>
-void tile_f32(const float* __restrict A, int64_t lda, int64_t K, const Blk<float>* blk, int64_t ldc) {
+inline void tile_f32_seg(const float* __restrict A, int64_t lda, int64_t K, const float* const* w, __m512 (&acc)[R][NB]) {
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[NB];
+    for (int q = 0; q < NB; ++q) wv[q] = _mm512_loadu_ps(w[q] + k * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      for (int q = 0; q < NB; ++q) acc[r][q] = _mm512_fmadd_ps(a, wv[q], acc[r][q]);
+    }
+  }
+}
+
+template <int R, int NB>
+void tile_f32(const Lhs<float>& A, const Blk<float>* blk, int64_t ldc) {
   __m512 acc[R][NB];
   __mmask16 m[NB];
   const float* w[NB];
@@ -291,36 +318,33 @@ void tile_f32(const float* __restrict A, int64_t lda, int64_t K, const Blk<float
     for (int r = 0; r < R; ++r)
       acc[r][q] = blk[q].add ? _mm512_maskz_loadu_ps(m[q], blk[q].add + r * ldc) : _mm512_setzero_ps();
   }
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 wv[NB];
-    for (int q = 0; q < NB; ++q) wv[q] = _mm512_loadu_ps(w[q] + k * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
-      for (int q = 0; q < NB; ++q) acc[r][q] = _mm512_fmadd_ps(a, wv[q], acc[r][q]);
-    }
+  if (A.k1 > 0) {
+    tile_f32_seg<R, NB>(A.a1, A.ld1, A.k1, w, acc);
+    for (int q = 0; q < NB; ++q) w[q] += A.k1 * kLanes;
   }
+  tile_f32_seg<R, NB>(A.a2, A.ld2, A.k2, w, acc);
   for (int q = 0; q < NB; ++q)
     for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(blk[q].c + r * ldc, m[q], acc[r][q]);
 }
 #endif
 
 template <typename T, int R, int NB>
-inline void tile_any(const T* A, int64_t lda, int64_t K, const Blk<T>* blk, int64_t ldc) {
+inline void tile_any(const Lhs<T>& A, const Blk<T>* blk, int64_t ldc) {
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) tile_f32<R, NB>(A, lda, K, blk, ldc);
-  else tile<T, R, NB>(A, lda, K, blk, ldc);
+  if constexpr (std::is_same_v<T, float>) tile_f32<R, NB>(A, blk, ldc);
+  else tile<T, R, NB>(A, blk, ldc);
 #else
-  tile<T, R, NB>(A, lda, K, blk, ldc);
+  tile<T, R, NB>(A, blk, ldc);
 #endif
 }
 
 constexpr int kMaxRows = 12;  // rows per tile: 12 x 2 blocks = 24 accumulators
 
 template <typename T, int NB>
-void tile_rows(int R, const T* A, int64_t lda, int64_t K, const Blk<T>* blk, int64_t ldc) {
+void tile_rows(int R, const Lhs<T>& A, const Blk<T>* blk, int64_t ldc) {
   switch (R) {
 #define SEQKERN_TILE_CASE(r) \
-  case r: tile_any<T, r, NB>(A, lda, K, blk, ldc); break;
+  case r: tile_any<T, r, NB>(A, blk, ldc); break;
     SEQKERN_TILE_CASE(1) SEQKERN_TILE_CASE(2) SEQKERN_TILE_CASE(3) SEQKERN_TILE_CASE(4)
     SEQKERN_TILE_CASE(5) SEQKERN_TILE_CASE(6) SEQKERN_TILE_CASE(7) SEQKERN_TILE_CASE(8)
     SEQKERN_TILE_CASE(9) SEQKERN_TILE_CASE(10) SEQKERN_TILE_CASE(11) SEQKERN_TILE_CASE(12)
@@ -329,32 +353,39 @@ void tile_rows(int R, const T* A, int64_t lda, int64_t K, const Blk<T>* blk, int
   }
 }
 
-// C (M rows, the columns of blk) = A (M x K) @ packed blocks (+ addend). Few rows get 4
-// blocks per tile (a 1-row tile needs 4 independent chains to hide the FMA latency).
+// C (M rows, the columns of blk) = A (M x K) @ packed blocks (+ addend). Chunks of 4 blocks,
+// each swept over all row tiles while its weights are in cache. Few rows get 4 blocks per
+// tile (a 1-row tile needs 4 independent chains to hide the FMA latency).
 template <typename T>
-void tiles(const T* A, int64_t lda, int64_t M, int64_t K, std::vector<Blk<T>>& blk, int64_t ldc) {
+void tiles(const Lhs<T>& A, int64_t M, const std::vector<Blk<T>>& blk, int64_t ldc) {
   const int64_t nb = static_cast<int64_t>(blk.size());
-  for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
-    const int R = static_cast<int>(std::min<int64_t>(kMaxRows, M - r0));
-    std::vector<Blk<T>> b(blk);
-    for (auto& x : b) {
-      x.c += r0 * ldc;
-      if (x.add) x.add += r0 * ldc;
-    }
-    int64_t q = 0;
-    if (R <= 6)
-      for (; q + 4 <= nb; q += 4) {
-        switch (R) {
-          case 1: tile_any<T, 1, 4>(A + r0 * lda, lda, K, &b[q], ldc); break;
-          case 2: tile_any<T, 2, 4>(A + r0 * lda, lda, K, &b[q], ldc); break;
-          case 3: tile_any<T, 3, 4>(A + r0 * lda, lda, K, &b[q], ldc); break;
-          case 4: tile_any<T, 4, 4>(A + r0 * lda, lda, K, &b[q], ldc); break;
-          case 5: tile_any<T, 5, 4>(A + r0 * lda, lda, K, &b[q], ldc); break;
-          default: tile_any<T, 6, 4>(A + r0 * lda, lda, K, &b[q], ldc); break;
-        }
+  for (int64_t q0 = 0; q0 < nb; q0 += 4) {
+    const int64_t q1 = std::min(nb, q0 + 4);
+    for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
+      const int R = static_cast<int>(std::min<int64_t>(kMaxRows, M - r0));
+      const Lhs<T> a = A.rows_from(r0);
+      Blk<T> b[4];
+      for (int64_t q = q0; q < q1; ++q) {
+        b[q - q0] = blk[q];
+        b[q - q0].c += r0 * ldc;
+        if (b[q - q0].add) b[q - q0].add += r0 * ldc;
       }
-    for (; q + 2 <= nb; q += 2) tile_rows<T, 2>(R, A + r0 * lda, lda, K, &b[q], ldc);
-    for (; q < nb; ++q) tile_rows<T, 1>(R, A + r0 * lda, lda, K, &b[q], ldc);
+      int64_t q = 0;
+      const int64_t n = q1 - q0;
+      if (R <= 6 && n == 4) {
+        switch (R) {
+          case 1: tile_any<T, 1, 4>(a, b, ldc); break;
+          case 2: tile_any<T, 2, 4>(a, b, ldc); break;
+          case 3: tile_any<T, 3, 4>(a, b, ldc); break;
+          case 4: tile_any<T, 4, 4>(a, b, ldc); break;
+          case 5: tile_any<T, 5, 4>(a, b, ldc); break;
+          default: tile_any<T, 6, 4>(a, b, ldc); break;
+        }
+        q = 4;
+      }
+      for (; q + 2 <= n; q += 2) tile_rows<T, 2>(R, a, &b[q], ldc);
+      for (; q < n; ++q) tile_rows<T, 1>(R, a, &b[q], ldc);
+    }
   }
 }
 
@@ -374,7 +405,7 @@ struct SpinBarrier {
       return;
     }
     for (int spins = 0; gen.load(std::memory_order_acquire) == g; ++spins) {
-      if (spins < 4000) {
+      if (spins < 1000) {
 #if defined(__x86_64__)
         _mm_pause();
 #endif
@@ -387,11 +418,12 @@ struct SpinBarrier {
 
 // Unit slices: 16-unit blocks split evenly over the threads. A step of little work (small
 // batch) runs on one thread: its barrier would cost more than the split saves, and far
-// more when the cores are shared (a descheduled partner stalls every step).
+// more when the cores are shared (a descheduled partner stalls every step), unless the
+// packed weights are too big for one core's L2 (then a step streams them from L3).
 struct Slices {
   int64_t nub, ns;
-  Slices(int64_t H, int64_t step_flops) : nub((H + kLanes - 1) / kLanes) {
-    const int64_t by_work = std::max<int64_t>(1, step_flops / (int64_t(1) << 21));
+  Slices(int64_t H, int64_t step_flops, int64_t weight_bytes) : nub((H + kLanes - 1) / kLanes) {
+    const int64_t by_work = std::max({int64_t(1), step_flops >> 21, weight_bytes >> 19});
     ns = std::max<int64_t>(1, std::min({int64_t(at::get_num_threads()), nub, by_work}));
   }
   int64_t u0(int64_t i) const { return i * nub / ns; }
@@ -412,18 +444,22 @@ void run_slices(const Slices& sl, int64_t steps, const F1& pre, const F2& post) 
   });
 }
 
-// Forward packing: block (u, g) holds W_hh rows g*H + 16u + l (zero rows past H), K = P.
+// Forward packing: block (u, g) holds the rows g*H + 16u + l (zero rows past H) of W_ih
+// (I columns; I = 0 when the input projection is done beforehand) then of W_hh (P columns).
 template <typename T>
-at::Tensor pack_forward(const T* w_hh, int64_t G, int64_t H, int64_t P, int64_t nub, const at::TensorOptions& opt) {
-  at::Tensor out = at::empty({nub * G * kLanes * P}, opt);
+at::Tensor pack_forward(const T* w_ih, int64_t I, const T* w_hh, int64_t G, int64_t H, int64_t P, int64_t nub,
+                        const at::TensorOptions& opt) {
+  const int64_t K = I + P;
+  at::Tensor out = at::empty({nub * G * kLanes * K}, opt);
   T* o = out.data_ptr<T>();
   at::parallel_for(0, nub * G, 1, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t u = q / G, g = q % G;
-      T* ob = o + q * P * kLanes;
+      T* ob = o + q * K * kLanes;
       for (int64_t l = 0; l < kLanes; ++l) {
         const int64_t j = u * kLanes + l;
-        for (int64_t k = 0; k < P; ++k) ob[k * kLanes + l] = j < H ? w_hh[(g * H + j) * P + k] : T(0);
+        for (int64_t k = 0; k < I; ++k) ob[k * kLanes + l] = j < H ? w_ih[(g * H + j) * I + k] : T(0);
+        for (int64_t k = 0; k < P; ++k) ob[(I + k) * kLanes + l] = j < H ? w_hh[(g * H + j) * P + k] : T(0);
       }
     }
   });
@@ -497,16 +533,24 @@ void rnn_fuse(const T* __restrict a, const T* __restrict x, T* __restrict h, T* 
   }
 }
 
+// xw: the input projection of all steps (biases in), or null: then each step's GEMM takes
+// [x_t | h] against [W_ih | W_hh] (fused: the (T, B, G*H) projection never goes through
+// memory), and `bias` (G*H) is added in the gate fusion.
 template <typename T>
-void forward_persistent(const Shape& d, const T* xw, const T* w_hh, const T* b_hn, const int64_t* len, bool reverse,
-                        StepBuffers<T>& buf, T* y, const at::TensorOptions& opt) {
+void forward_persistent(const Shape& d, const T* xw, const T* x, const T* w_ih, const T* bias, const T* w_hh,
+                        const T* b_hn, const int64_t* len, bool reverse, StepBuffers<T>& buf, T* y,
+                        const at::TensorOptions& opt) {
   const int64_t B = d.B, H = d.H, G = d.G, GH = d.GH(), Tn = d.T;
-  const Slices sl(H, 2 * B * GH * H);
-  const at::Tensor packed = pack_forward(w_hh, G, H, H, sl.nub, opt);
+  const int64_t I = xw ? 0 : d.I;
+  const Slices sl(H, 2 * B * GH * (H + I), GH * (H + I) * int64_t(sizeof(T)));
+  const at::Tensor packed = pack_forward(w_ih, I, w_hh, G, H, H, sl.nub, opt);
   const T* wp = packed.data_ptr<T>();
   const int64_t su = sl.max_units(), ldl = G * su;
   const at::Tensor local_t = at::empty({sl.ns * B * ldl}, opt);  // each slice's gate columns
   T* local = local_t.data_ptr<T>();
+  // rows of x_t gathered per slice when lengths or reverse give each row its own time
+  const bool gather = I > 0 && (len || reverse);
+  const at::Tensor xg_t = at::empty({gather ? sl.ns * B * I : 0}, opt);
   run_slices(sl, Tn, [&](int64_t i, int64_t s) {
     const int64_t u0 = sl.u0(i), u1 = sl.u1(i), j0 = u0 * kLanes, nj = std::min(H, u1 * kLanes) - j0;
     T* gl = local + i * B * ldl;
@@ -516,8 +560,14 @@ void forward_persistent(const Shape& d, const T* xw, const T* w_hh, const T* b_h
     blk.reserve((u1 - u0) * G);
     for (int64_t u = u0; u < u1; ++u)
       for (int64_t g = 0; g < G; ++g)
-        blk.push_back({wp + (u * G + g) * H * kLanes, gl + g * su + (u - u0) * kLanes, nullptr, int(kLanes)});
-    tiles<T>(hp, H, B, H, blk, ldl);
+        blk.push_back({wp + (u * G + g) * (I + H) * kLanes, gl + g * su + (u - u0) * kLanes, nullptr, int(kLanes)});
+    const T* xs = I > 0 ? x + s * B * I : nullptr;
+    if (gather) {
+      T* xg = xg_t.data_ptr<T>() + i * B * I;
+      for (int64_t b = 0; b < B; ++b) copy_row(xg + b * I, x + (time_of(s, len ? len[b] : Tn, reverse) * B + b) * I, I);
+      xs = xg;
+    }
+    tiles<T>(Lhs<T>{xs, I, I, hp, H, H}, B, blk, ldl);
     T* gs = d.cell == Cell::kLSTM || d.cell == Cell::kGRU ? buf.gates(s) : nullptr;
     T* cp = d.cell == Cell::kLSTM ? buf.c(s) : nullptr;
     T* cn = d.cell == Cell::kLSTM ? buf.c(s + 1) : nullptr;
@@ -536,7 +586,7 @@ void forward_persistent(const Shape& d, const T* xw, const T* w_hh, const T* b_h
         continue;
       }
       const T* a = gl + b * ldl;
-      const T* xr = xw + (t * B + b) * GH + j0;
+      const T* xr = (xw ? xw + (t * B + b) * GH : bias) + j0;
       if (d.cell == Cell::kLSTM)
         lstm_fuse(a, su, xr, H, gs + b * GH + j0, H, cp + o, cn + o, hx + o, yr, nj);
       else if (d.cell == Cell::kGRU)
@@ -550,32 +600,42 @@ void forward_persistent(const Shape& d, const T* xw, const T* w_hh, const T* b_h
 // Backward steps (no projection). Per step: the gate gradients of the slice's units (they
 // need only dh of those units, which the slice computed itself), a barrier, then dh of the
 // slice's units = the step's gate gradients (all units) @ W_hh[:, slice] (+ dh * z for gru).
+// dx, when given, is done the same way while the step's gradients are in cache: the slice's
+// share of dx's columns, from the input-side gradients (the same rows but for gru's n gate,
+// whose time-ordered rows are the step's only without lengths and reverse).
 template <typename T>
-void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, const int64_t* len, bool reverse,
-                         const T* dyp, const T* dhTp, T* dgh, T* dgi, T* dhh, T* dcc, const at::TensorOptions& opt) {
-  const int64_t Tn = d.T, B = d.B, H = d.H, GH = d.GH();
+void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, const T* w_ih, const int64_t* len,
+                         bool reverse, const T* dyp, const T* dhTp, T* dgh, T* dgi, int64_t ldg, T* dhh, T* dcc,
+                         T* dx, const at::TensorOptions& opt) {
+  const int64_t Tn = d.T, B = d.B, H = d.H, GH = d.GH(), I = dx ? d.I : 0;
   const bool lstm = d.cell == Cell::kLSTM, gru = d.cell == Cell::kGRU, separate = dgi != dgh;
-  const Slices sl(H, 2 * B * GH * H);
+  const Slices sl(H, 2 * B * GH * (H + I), GH * (H + I) * int64_t(sizeof(T)));
   const at::Tensor packed = pack_backward(w_hh, GH, H, sl.nub, opt);
   const T* wp = packed.data_ptr<T>();
+  const int64_t nvb = (I + kLanes - 1) / kLanes;  // dx's 16-column blocks
+  const at::Tensor packed_x = pack_backward(w_ih, GH, I, nvb, opt);
+  const T* wpx = packed_x.data_ptr<T>();
+  // rows of a step go to dx at their own times under lengths or reverse: through a buffer
+  const bool scatter = I > 0 && (len || reverse);
+  const at::Tensor xbuf_t = at::empty({scatter ? sl.ns * B * I : 0}, opt);
   run_slices(sl, Tn, [&](int64_t i, int64_t step) {
     const int64_t s = Tn - 1 - step;
     const int64_t u0 = sl.u0(i), u1 = sl.u1(i), j0 = u0 * kLanes, nj = std::min(H, u1 * kLanes) - j0;
-    T* dgs = dgh + s * B * GH;
+    T* dgs = dgh + s * B * ldg;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t L = len ? len[b] : Tn;
-      T* dg = dgs + b * GH + j0;
+      T* dg = dgs + b * ldg + j0;
       if (s >= L) {
         for (int64_t g = 0; g < d.G; ++g) {
           zero_row(dg + g * H, nj);
-          if (separate) zero_row(dgi + (s * B + b) * GH + g * H + j0, nj);
+          if (separate) zero_row(dgi + (s * B + b) * ldg + g * H + j0, nj);
         }
         continue;
       }
       const int64_t t = time_of(s, L, reverse);
       const T* din = (s + 1 < L ? dhh : dhTp) + b * H + j0;
       const T* dyr = dyp + (t * B + b) * H + j0;
-      T* dgt = dgi + (t * B + b) * GH + j0;
+      T* dgt = dgi + (t * B + b) * ldg + j0;
       if (lstm) {
         const T* gr = ws.gates + (s * B + b) * GH + j0;
         const T* cn = ws.c + ((s + 1) * B + b) * H + j0;
@@ -632,7 +692,21 @@ void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, 
       T* c = dhh + u * kLanes;
       blk.push_back({wp + u * GH * kLanes, c, gru ? c : nullptr, int(std::min(kLanes, H - u * kLanes))});
     }
-    tiles<T>(dgh + s * B * GH, GH, B, GH, blk, H);
+    const Lhs<T> a{nullptr, 0, 0, dgh + s * B * ldg, ldg, GH};
+    tiles<T>(a, B, blk, H);
+    const int64_t v0 = i * nvb / sl.ns, v1 = (i + 1) * nvb / sl.ns;
+    if (v0 == v1) return;
+    const Lhs<T> ax{nullptr, 0, 0, (gru ? dgi : dgh) + s * B * ldg, ldg, GH};
+    T* cx = scatter ? xbuf_t.data_ptr<T>() + i * B * I : dx + s * B * I;
+    blk.clear();
+    for (int64_t v = v0; v < v1; ++v)
+      blk.push_back({wpx + v * GH * kLanes, cx + v * kLanes, nullptr, int(std::min(kLanes, I - v * kLanes))});
+    tiles<T>(ax, B, blk, I);
+    if (scatter) {
+      const int64_t c0 = v0 * kLanes, nc = std::min(I, v1 * kLanes) - c0;
+      for (int64_t b = 0; b < B; ++b)
+        copy_row(dx + (time_of(s, len ? len[b] : Tn, reverse) * B + b) * I + c0, cx + b * I + c0, nc);
+    }
   });
 }
 
@@ -728,9 +802,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
     if (d.cell == Cell::kGRU) bh = at::cat({b_hh.narrow(0, 0, 2 * H), at::zeros({H}, opt)});
     bias = bias.defined() ? bias + bh : bh;
   }
-  const at::Tensor x2 = x.reshape({d.T * B, d.I});
-  at::Tensor xw = bias.defined() ? at::addmm(bias, x2, w_ih.t()) : at::mm(x2, w_ih.t());
-  xw = xw.contiguous();
+  // lstm and rnn with a batch that fills the tiles take x inside the step GEMMs; gru's n
+  // gate needs its input half apart (r * (W_hn h + b_hn)), small batches are better served
+  // by one big GEMM (a step would stream W_ih for a few rows)
+  const bool fused = !d.proj() && d.cell != Cell::kGRU && B >= 8;
+  at::Tensor xw;
+  if (!fused) {
+    const at::Tensor x2 = x.reshape({d.T * B, d.I});
+    xw = bias.defined() ? at::addmm(bias, x2, w_ih.t()) : at::mm(x2, w_ih.t());
+    xw = xw.contiguous();
+  } else {
+    bias = bias.defined() ? bias.contiguous() : at::zeros({d.GH()}, opt);
+  }
 
   at::Tensor ws = at::empty({numel_of(d, save)}, opt);
   StepBuffers<T> buf(d, save, ws.data_ptr<T>(), opt);
@@ -742,7 +825,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
   const T* b_hn = b_hn_t.data_ptr<T>();
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   if (!d.proj() && B > 0)
-    forward_persistent<T>(d, xw.data_ptr<T>(), w_hh.data_ptr<T>(), b_hn, len, reverse, buf, y.data_ptr<T>(), opt);
+    forward_persistent<T>(d, fused ? nullptr : xw.data_ptr<T>(), x.data_ptr<T>(), w_ih.data_ptr<T>(),
+                          fused ? bias.data_ptr<T>() : nullptr, w_hh.data_ptr<T>(), b_hn, len, reverse,
+                          buf, y.data_ptr<T>(), opt);
   else
     forward_loop<T>(d, xw.data_ptr<T>(), w_hh.data_ptr<T>(), b_hn, w_hr.defined() ? w_hr.data_ptr<T>() : nullptr, len,
                     reverse, buf, y.data_ptr<T>());
@@ -761,11 +846,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
 // Column sums of a (rows, cols) matrix, parallel over columns: each column is summed in
 // row order by one thread, so the result does not depend on the thread count.
 template <typename T>
-void column_sum(const T* a, int64_t rows, int64_t cols, T* out) {
+void column_sum(const T* a, int64_t rows, int64_t cols, int64_t lda, T* out) {
   at::parallel_for(0, cols, 256, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) out[c] = T(0);
     for (int64_t r = 0; r < rows; ++r) {
-      const T* ar = a + r * cols;
+      const T* ar = a + r * lda;
 #pragma omp simd
       for (int64_t c = c0; c < c1; ++c) out[c] += ar[c];
     }
@@ -788,8 +873,11 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
 
   // gradients of the gates' pre-activations: step order (for W_hh) and time order (for
   // W_ih and x); the same buffer unless they differ (gru's n gate, or reversed order)
-  at::Tensor dgh_t = at::empty({TB, GH}, opt);
-  at::Tensor dgi_t = (gru || reverse) ? at::empty({TB, GH}, opt) : dgh_t;
+  // rows padded by 16: a 4 KiB row stride (G*H = 1024 fp32) would put the rows that a step's
+  // GEMM tile reads together into the same L1 cache set
+  const int64_t ldg = GH + kLanes;
+  at::Tensor dgh_t = at::empty({TB * ldg}, opt);
+  at::Tensor dgi_t = (gru || reverse) ? at::empty({TB * ldg}, opt) : dgh_t;
   T* dgh = dgh_t.data_ptr<T>();
   T* dgi = dgi_t.data_ptr<T>();
   const bool separate = dgi != dgh;
@@ -803,10 +891,14 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
   const at::Tensor zeros_t = at::zeros({H}, opt);
   const T* zrow = zeros_t.data_ptr<T>();
 
+  // dx inside the step loop (for gru only when step s is time s in every row)
+  const bool step_dx = need[0] && !proj && B > 0 && !(gru && (len || reverse));
+  at::Tensor dx_t = need[0] ? at::empty({Tn, B, d.I}, opt) : at::Tensor();
   if (!proj && B > 0)
-    backward_persistent<T>(d, ws, w_hh.data_ptr<T>(), len, reverse, dyp, dhTp, dgh, dgi, dhh, dcc, opt);
+    backward_persistent<T>(d, ws, w_hh.data_ptr<T>(), w_ih.data_ptr<T>(), len, reverse, dyp, dhTp, dgh, dgi, ldg, dhh,
+                           dcc, step_dx ? dx_t.data_ptr<T>() : nullptr, opt);
   else for (int64_t s = Tn - 1; s >= 0; --s) {  // with a projection: per step, parallel over rows
-    T* dgs = dgh + s * B * GH;
+    T* dgs = dgh + s * B * ldg;
     T* drs = proj ? dr_t.data_ptr<T>() + s * B * P : nullptr;
     if (proj) {  // gradient of h (the projection's output), then back through w_hr
       for (int64_t b = 0; b < B; ++b) {
@@ -823,16 +915,16 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
     at::parallel_for(0, B, row_grain(d), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t L = len ? len[b] : Tn;
-        T* dg = dgs + b * GH;
+        T* dg = dgs + b * ldg;
         if (s >= L) {
           zero_row(dg, GH);
-          if (separate) zero_row(dgi + (s * B + b) * GH, GH);
+          if (separate) zero_row(dgi + (s * B + b) * ldg, GH);
           continue;
         }
         const int64_t t = time_of(s, L, reverse);
         const T* din = (s + 1 < L ? dhh : dhTp) + b * P;
         const T* dyr = dyp + (t * B + b) * P;
-        T* dgt = dgi + (t * B + b) * GH;
+        T* dgt = dgi + (t * B + b) * ldg;
         if (lstm) {
           const T* gr = ws.gates + (s * B + b) * GH;
           const T* cn = ws.c + ((s + 1) * B + b) * H;
@@ -884,14 +976,14 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
       }
     });
     // gru keeps the direct term dh * z written above (beta = 1)
-    gemm<T>(false, false, B, P, GH, T(1), dgs, GH, w_hh.data_ptr<T>(), P, gru ? T(1) : T(0), dhh, P);
+    gemm<T>(false, false, B, P, GH, T(1), dgs, ldg, w_hh.data_ptr<T>(), P, gru ? T(1) : T(0), dhh, P);
   }
 
   std::vector<at::Tensor> out(8);
   for (auto& t : out) t = at::empty({0}, opt);  // distinct tensors: outputs of an op may not alias
   if (need[0]) {
-    out[0] = at::empty({Tn, B, d.I}, opt);
-    gemm<T>(false, false, TB, d.I, GH, T(1), dgi, GH, w_ih.data_ptr<T>(), d.I, T(0), out[0].data_ptr<T>(), d.I);
+    out[0] = dx_t;
+    if (!step_dx) gemm<T>(false, false, TB, d.I, GH, T(1), dgi, ldg, w_ih.data_ptr<T>(), d.I, T(0), dx_t.data_ptr<T>(), d.I);
   }
   if (need[1]) {  // rows whose sequence is empty pass dh_T straight through
     out[1] = at::empty({B, P}, opt);
@@ -903,20 +995,20 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
   if (need[2] && lstm) out[2] = dcc_t;
   if (need[3]) {
     out[3] = at::empty({GH, d.I}, opt);
-    gemm<T>(true, false, GH, d.I, TB, T(1), dgi, GH, x.data_ptr<T>(), d.I, T(0), out[3].data_ptr<T>(), d.I);
+    gemm<T>(true, false, GH, d.I, TB, T(1), dgi, ldg, x.data_ptr<T>(), d.I, T(0), out[3].data_ptr<T>(), d.I);
   }
   if (need[4]) {
     out[4] = at::empty({GH, P}, opt);
-    gemm<T>(true, false, GH, P, TB, T(1), dgh, GH, ws.h, P, T(0), out[4].data_ptr<T>(), P);
+    gemm<T>(true, false, GH, P, TB, T(1), dgh, ldg, ws.h, P, T(0), out[4].data_ptr<T>(), P);
   }
   if (need[5] && b_ih.defined()) {
     out[5] = at::empty({GH}, opt);
-    column_sum(dgi, TB, GH, out[5].data_ptr<T>());
+    column_sum(dgi, TB, GH, ldg, out[5].data_ptr<T>());
   }
   if (need[6] && b_hh.defined()) {
     out[6] = at::empty({GH}, opt);
     if (!gru && need[5] && b_ih.defined()) out[6].copy_(out[5]);  // same values for lstm and rnn
-    else column_sum(dgh, TB, GH, out[6].data_ptr<T>());
+    else column_sum(dgh, TB, GH, ldg, out[6].data_ptr<T>());
   }
   if (need[7] && proj) {
     out[7] = at::empty({P, H}, opt);

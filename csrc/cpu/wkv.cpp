@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 #include <cstdint>
@@ -57,23 +58,27 @@ template <typename T> inline T inf_nan(T m) { return (m - m) + T(1); }
 #if defined(__AVX512F__)
 // fp32 steps on 16 channels per AVX-512 vector, the state in registers over the time loop
 // (GCC's vectorisation of step_forward kept it in memory and used a slower exp).
-// exp(x) for x <= 0 (the only arguments taken here): fast_exp's reduction and polynomial,
-// 2^n by vscalefps. Clamped at -104, where the result rounds to 0 (between -104 and -87 it is
-// subnormal, as torch.exp's); NaN passes through max (it returns its second operand then).
+// exp(x) for x <= 0 (the only arguments taken here), ~2 ulp: x = (n + j/16) ln2 + r with
+// |r| <= ln2/32, 2^(j/16) from a 16-entry table in one register (vpermps takes j from the low
+// 4 bits of n16 = 16 n + j), e^r by a cubic, 2^n by vscalefps (which floors n16/16).
+// Clamped at -104, where the result rounds to 0 (between -104 and -87 it is subnormal, as
+// torch.exp's); NaN passes through max (it returns its second operand then).
 inline __m512 exp16(__m512 x) {
+  const __m512 tab = _mm512_setr_ps(1.0f, 1.04427378242741384f, 1.09050773266525766f, 1.13878863475669165f,
+                                    1.18920711500272107f, 1.24185781207348405f, 1.29683955465100967f,
+                                    1.35425554693689273f, 1.41421356237309505f, 1.47682614593949931f,
+                                    1.54221082540794082f, 1.61049033194925430f, 1.68179283050742908f,
+                                    1.75625216037329948f, 1.83400808640934246f, 1.91520656139714729f);
   const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, fx);
+  const __m512 n16 = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(23.0831206542234f)),  // 16 / ln2
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n16 ln2/16, ln2/16 split in two so that the first product is exact
+  __m512 r = _mm512_fnmadd_ps(n16, _mm512_set1_ps(0.04332160949707031f), xc);
+  r = _mm512_fnmadd_ps(n16, _mm512_set1_ps(8.9287926269338577e-08f), r);
+  const __m512 t = _mm512_permutexvar_ps(_mm512_cvtps_epi32(n16), tab);
+  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(1.6666666666666666e-1f), r, _mm512_set1_ps(0.5f));
+  q = _mm512_mul_ps(_mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f)), r);  // e^r - 1
+  return _mm512_scalef_ps(_mm512_fmadd_ps(t, q, t), _mm512_mul_ps(n16, _mm512_set1_ps(0.0625f)));
 }
 
 // step_forward on one vector (same selects and NaN rules); y stored when not null
@@ -101,6 +106,48 @@ inline void step16(__m512& aa, __m512& bb, __m512& pp, const float* kt, const fl
   aa = _mm512_fmadd_ps(e1, a, _mm512_mul_ps(e2, vv));
   bb = _mm512_fmadd_ps(e1, b, e2);
   pp = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q), m, d);
+}
+
+// One reverse step of backward_task's sweep on 16 lanes: the scalar loop's formulas.
+// a, b, p: the state before the step; ga..gu: that loop's per-lane adjoints, updated.
+inline void back16(const float* kt, const float* vt, const float* gyt, float* gkt, float* gvt, const float* a_,
+                   const float* b_, const float* p_, const float* u_, const float* nw_, float* ga_, float* gb_,
+                   float* gq_, float* gp_, float* gw_, float* gu_) {
+  const __m512 zero = _mm512_setzero_ps(), ones = _mm512_set1_ps(1.0f), sign = _mm512_set1_ps(-0.0f);
+  const __m512 kk = _mm512_loadu_ps(kt), vv = _mm512_loadu_ps(vt), a = _mm512_loadu_ps(a_);
+  const __m512 b = _mm512_loadu_ps(b_), p = _mm512_loadu_ps(p_), nw = _mm512_loadu_ps(nw_);
+  const __m512 ga = _mm512_loadu_ps(ga_), gb = _mm512_loadu_ps(gb_), gq = _mm512_loadu_ps(gq_);
+  const __m512 gp = _mm512_loadu_ps(gp_);
+  const __m512 uk = _mm512_add_ps(_mm512_loadu_ps(u_), kk);
+  const __m512 d = _mm512_sub_ps(p, uk);
+  const __m512 e = exp16(_mm512_or_ps(d, sign));
+  const __mmask16 ge = _mm512_cmp_ps_mask(d, zero, _CMP_GE_OQ);
+  const __m512 e1 = _mm512_mask_blend_ps(ge, e, ones), e2 = _mm512_mask_blend_ps(ge, ones, e);
+  const __m512 m = _mm512_mask_blend_ps(ge, uk, p);
+  const __m512 den = _mm512_fmadd_ps(e1, b, e2);
+  const __m512 yy = _mm512_div_ps(_mm512_fmadd_ps(e1, a, _mm512_mul_ps(e2, vv)), den);
+  const __m512 gyd = _mm512_div_ps(_mm512_loadu_ps(gyt), den);
+  const __m512 gcur = _mm512_mul_ps(_mm512_mul_ps(gyd, e2), _mm512_sub_ps(vv, yy));
+  _mm512_storeu_ps(gu_, _mm512_add_ps(_mm512_loadu_ps(gu_), gcur));
+  const __m512 f = exp16(_mm512_add_ps(kk, gq));  // e^{k_t} alpha_{t+1} = ga f
+  const __mmask16 take_k = _mm512_cmp_ps_mask(kk, _mm512_add_ps(p, nw), _CMP_GT_OQ);
+  const __m512 gk = _mm512_fmadd_ps(f, _mm512_fmadd_ps(ga, vv, gb), gcur);
+  _mm512_storeu_ps(gkt, _mm512_add_ps(gk, _mm512_maskz_mov_ps(take_k, gp)));
+  _mm512_storeu_ps(gvt, _mm512_fmadd_ps(gyd, e2, _mm512_mul_ps(f, ga)));
+  const __m512 ew = exp16(_mm512_add_ps(_mm512_add_ps(gq, p), nw));
+  const __m512 gp_w = _mm512_mask_blend_ps(take_k, gp, zero);  // gp stays with the decayed past
+  const __m512 dw = _mm512_fmadd_ps(ew, _mm512_fmadd_ps(ga, a, _mm512_mul_ps(gb, b)), gp_w);
+  _mm512_storeu_ps(gw_, _mm512_sub_ps(_mm512_loadu_ps(gw_), dw));
+  _mm512_storeu_ps(gp_, gp_w);
+  // alpha_t = gy_t / D_t + e^{-w} alpha_{t+1}, in running-max form
+  const __m512 x1 = _mm512_add_ps(gq, nw), x2 = _mm512_xor_ps(m, sign), dd = _mm512_sub_ps(x1, x2);
+  const __m512 sx = exp16(_mm512_or_ps(dd, sign));
+  const __mmask16 ge2 = _mm512_cmp_ps_mask(dd, zero, _CMP_GE_OQ);
+  const __m512 s1 = _mm512_mask_blend_ps(ge2, sx, ones), s2 = _mm512_mask_blend_ps(ge2, ones, sx);
+  const __m512 s2g = _mm512_mul_ps(s2, gyd);
+  _mm512_storeu_ps(ga_, _mm512_fmadd_ps(s1, ga, s2g));
+  _mm512_storeu_ps(gb_, _mm512_fnmadd_ps(s2g, yy, _mm512_mul_ps(s1, gb)));
+  _mm512_storeu_ps(gq_, _mm512_mask_blend_ps(ge2, x2, x1));
 }
 #endif
 
@@ -245,6 +292,14 @@ void backward_task(const T* k, const T* v, const T* gy, const T* st, const T* gs
       const Lanes<T, W>& b4 = buf[t - t0];
       const T *kt = k + t * C, *vt = v + t * C, *gyt = gy + t * C;
       T *gkt = gk + t * C, *gvt = gv + t * C;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float> && W % 16 == 0) {
+        for (int i = 0; i < W; i += 16)
+          back16(kt + i, vt + i, gyt + i, gkt + i, gvt + i, b4.aa + i, b4.bb + i, b4.pp + i, u + i, negw + i, ga + i,
+                 gb + i, gq + i, gp + i, gw + i, gu + i);
+        continue;
+      }
+#endif
 #pragma omp simd
       for (int j = 0; j < W; ++j) {
         const T kk = kt[j], vv = vt[j], a = b4.aa[j], b = b4.bb[j], p = b4.pp[j];
@@ -287,18 +342,29 @@ void backward_task(const T* k, const T* v, const T* gy, const T* st, const T* gs
 }
 
 // Tasks: for each b, full blocks of W channels, then the remaining channels one by one.
+// Handed out one at a time from a counter, not in fixed shares: on a shared machine a thread
+// that the OS parks then holds up one task instead of half of them. Every task writes its
+// own outputs, so the results do not depend on which thread ran it.
 template <int W, typename F>
 void for_tasks(int64_t Bn, int64_t C, int64_t work_per_task, const F& f) {
-  const int64_t full = C / W, tail = C - full * W, per_b = full + tail;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_task, 1));
-  at::parallel_for(0, Bn * per_b, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / per_b, r = i % per_b;
-      if (r < full)
-        f(b, r * W, std::integral_constant<int, W>());
-      else
-        f(b, full * W + (r - full), std::integral_constant<int, 1>());
-    }
+  const int64_t full = C / W, tail = C - full * W, per_b = full + tail, n = Bn * per_b;
+  const auto run = [&](int64_t i) {
+    const int64_t b = i / per_b, r = i % per_b;
+    if (r < full)
+      f(b, r * W, std::integral_constant<int, W>());
+    else
+      f(b, full * W + (r - full), std::integral_constant<int, 1>());
+  };
+  // as many workers as the work is worth (about 32768 lane-steps each), at most one per thread
+  const int64_t worth = n * std::max<int64_t>(work_per_task, 1) / 32768;
+  const int64_t workers = std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), worth, n});
+  if (workers <= 1) {
+    for (int64_t i = 0; i < n; ++i) run(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) run(i);
   });
 }
 
