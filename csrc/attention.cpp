@@ -44,20 +44,41 @@ void check_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
+// rotary tables fused into the cpu kernels: both or neither, (L, R/2) with L == S and R <= E, q's dtype
+void check_rotary(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& cos,
+                  const std::optional<at::Tensor>& sin) {
+  const bool has_cos = cos.has_value() && cos->defined(), has_sin = sin.has_value() && sin->defined();
+  TORCH_CHECK(has_cos == has_sin, "cos and sin must be given together");
+  if (!has_cos) return;
+  SEQKERN_CHECK_DIM((*cos), 2);
+  TORCH_CHECK(sin->sizes() == cos->sizes(), "sin must have the shape of cos ", cos->sizes(), ", got ", sin->sizes());
+  TORCH_CHECK(q.size(2) == k.size(2) && cos->size(0) == q.size(2), "rotary needs L == S == cos.size(0), got L=",
+              q.size(2), " S=", k.size(2), " and cos of shape ", cos->sizes());
+  TORCH_CHECK(2 * cos->size(1) <= q.size(3), "cos has ", cos->size(1), " columns: rotary dim exceeds head dim E=",
+              q.size(3));
+  SEQKERN_CHECK_SAME((*cos), q);
+  SEQKERN_CHECK_SAME((*sin), q);
+}
+
 std::tuple<at::Tensor, at::Tensor> sdpa_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const std::optional<at::Tensor>& mask, double dropout_p,
-                                                    bool is_causal, double scale, int64_t seed) {
+                                                    bool is_causal, double scale, int64_t seed,
+                                                    const std::optional<at::Tensor>& cos,
+                                                    const std::optional<at::Tensor>& sin) {
   check_sdpa(q, k, v, mask, dropout_p);
+  check_rotary(q, k, cos, sin);
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "the cpu attention kernel supports float32 and float64, got query of dtype ", q.scalar_type());
-  return seqkern::cpu::sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, seed);
+  return seqkern::cpu::sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, seed, cos, sin);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
-    bool is_causal, double scale, int64_t seed) {
+    bool is_causal, double scale, int64_t seed, const std::optional<at::Tensor>& cos,
+    const std::optional<at::Tensor>& sin) {
   check_sdpa(q, k, v, mask, dropout_p);
+  check_rotary(q, k, cos, sin);
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "the cpu attention kernel supports float32 and float64, got query of dtype ", q.scalar_type());
   TORCH_CHECK(out.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}),
@@ -68,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward_cpu(
   SEQKERN_CHECK_SAME(dout, q);
   SEQKERN_CHECK_SAME(out, q);
   SEQKERN_CHECK_SAME(lse, q);
-  return seqkern::cpu::sdpa_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed);
+  return seqkern::cpu::sdpa_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, cos, sin);
 }
 
 #ifdef SEQKERN_WITH_CUDA
@@ -111,8 +132,12 @@ seqkern::cuda::AttnParams cuda_params(const at::Tensor& q, const at::Tensor& k, 
 
 std::tuple<at::Tensor, at::Tensor> sdpa_forward_cuda(const at::Tensor& q_, const at::Tensor& k_,
                                                      const at::Tensor& v_, const std::optional<at::Tensor>& mask_,
-                                                     double dropout_p, bool is_causal, double scale, int64_t seed) {
+                                                     double dropout_p, bool is_causal, double scale, int64_t seed,
+                                                     const std::optional<at::Tensor>& cos,
+                                                     const std::optional<at::Tensor>& sin) {
   check_sdpa(q_, k_, v_, mask_, dropout_p);
+  TORCH_CHECK(!cos.has_value() && !sin.has_value(),
+              "the cuda attention kernel does not fuse rotary (seqkern applies it in a separate pass first)");
   const c10::cuda::CUDAGuard guard(q_.device());
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const at::Tensor mask = mask_.has_value() && mask_->defined() ? *mask_ : at::Tensor();
@@ -129,8 +154,11 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward_cuda(const at::Tensor& q_, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward_cuda(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const std::optional<at::Tensor>& mask_, const at::Tensor& out_, const at::Tensor& lse_, double dropout_p,
-    bool is_causal, double scale, int64_t seed) {
+    bool is_causal, double scale, int64_t seed, const std::optional<at::Tensor>& cos,
+    const std::optional<at::Tensor>& sin) {
   check_sdpa(q_, k_, v_, mask_, dropout_p);
+  TORCH_CHECK(!cos.has_value() && !sin.has_value(),
+              "the cuda attention kernel does not fuse rotary (seqkern applies it in a separate pass first)");
   const c10::cuda::CUDAGuard guard(q_.device());
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const at::Tensor dout = dout_.contiguous(), out = out_.contiguous(), lse = lse_.sum(-1).to(at::kFloat).contiguous();
@@ -155,9 +183,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward_cuda(
 
 TORCH_LIBRARY_FRAGMENT(seqkern_C, m) {
   m.def("sdpa_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float dropout_p, bool is_causal, float scale, "
-        "int seed) -> (Tensor, Tensor)");
+        "int seed, Tensor? cos=None, Tensor? sin=None) -> (Tensor, Tensor)");
   m.def("sdpa_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
-        "float dropout_p, bool is_causal, float scale, int seed) -> (Tensor, Tensor, Tensor)");
+        "float dropout_p, bool is_causal, float scale, int seed, Tensor? cos=None, Tensor? sin=None) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {

@@ -14,6 +14,9 @@ Canonical shapes as in seqkern/ops/attention.py: q (B, Hq, L, E), k (B, Hk, S, E
 head dims padded to a power of two inside the tiles; the additive mask is read through strides
 (0 along broadcast dims). Dropout uses the counter hash shared with the other backends
 (lowbias32 of (row, column) with row = bh * L + i), so the mask never exists in memory.
+Rotary (``cos``/``sin`` given, rotate-half layout): q and k tiles are rotated as they are loaded
+(their partner columns loaded beside them), never written back; the backward rotates each dq/dk
+tile back at the end of the program that owns it.
 Imports nothing from seqkern.
 """
 import os
@@ -45,6 +48,27 @@ def _dropout_scale(bh, L, offs_m, offs_n, seed, threshold, inv_keep):
 
 
 @triton.jit
+def _rotate(x, base, row, col, E, HALF, cos_ptr, sin_ptr, valid, INVERSE: tl.constexpr, ACC: tl.constexpr):
+    """Rotary (rotate-half layout) of the tile x = base[row, col] (row: position, col: feature; 2-D
+    broadcastable index tiles): its partner columns col +- HALF are loaded and combined with the
+    cos/sin of the row's position in ACC, then rounded to x's dtype as the separate rotary pass
+    does. INVERSE rotates by the opposite angle (the adjoint, for dq/dk)."""
+    first = col < HALF
+    rot = valid & (col < 2 * HALF)
+    partner = tl.where(first, col + HALF, col - HALF)
+    j = tl.where(first, col, col - HALF)
+    r64 = row.to(tl.int64)
+    xp = tl.load(base + r64 * E + partner, mask=rot, other=0.0).to(ACC)
+    c = tl.load(cos_ptr + r64 * HALF + j, mask=rot, other=1.0).to(ACC)
+    sn = tl.load(sin_ptr + r64 * HALF + j, mask=rot, other=0.0).to(ACC)
+    if INVERSE:
+        sn = tl.where(first, sn, -sn)
+    else:
+        sn = tl.where(first, -sn, sn)
+    return (x.to(ACC) * c + xp * sn).to(x.dtype)
+
+
+@triton.jit
 def _scores(q, k_tile_t, qk_scale, log2e, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml, sms,
             HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
     """Scores of one tile in base 2 (s * log2 e), -inf where masked or out of range."""
@@ -65,9 +89,9 @@ def _scores(q, k_tile_t, qk_scale, log2e, bh, b, h, offs_m, offs_n, L, S, mask_p
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, smb, smh, sml, sms,
-                Hq, G, L, S, E, EV, c_ptr, seed, threshold,
+                Hq, G, L, S, E, EV, c_ptr, seed, threshold, cos_ptr, sin_ptr, HALF,
                 HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-                ACC: tl.constexpr,
+                ACC: tl.constexpr, ROTARY: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     qk_scale = tl.load(c_ptr)
     inv_keep = tl.load(c_ptr + 2)
@@ -83,6 +107,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, smb, smh, sml, sm
     rn = tl.arange(0, BLOCK_N)
     q = tl.load(q_ptr + (bh * L + offs_m[:, None]).to(tl.int64) * E + offs_d[None, :],
                 mask=(offs_m[:, None] < L) & (offs_d[None, :] < E), other=0.0)
+    if ROTARY:
+        q = _rotate(q, q_ptr + bh * L * E, offs_m[:, None], offs_d[None, :], E, HALF, cos_ptr, sin_ptr,
+                    offs_m[:, None] < L, False, ACC)
     k_base = k_ptr + bhk.to(tl.int64) * S * E
     v_base = v_ptr + bhk.to(tl.int64) * S * EV
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
@@ -96,6 +123,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, smb, smh, sml, sm
         offs_n = start_n + rn
         kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * E + offs_d[:, None],
                      mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0)
+        if ROTARY:
+            kt = _rotate(kt, k_base, offs_n[None, :], offs_d[:, None], E, HALF, cos_ptr, sin_ptr, offs_n[None, :] < S,
+                         False, ACC)
         s = _scores(q, kt, qk_scale, log2e, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml, sms,
                     HAS_MASK, CAUSAL, IEEE, ACC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -179,9 +209,9 @@ def _p_tile(q, kt, qk_scale, log2e, hi, lo, z, bh, b, h, offs_m, offs_n, L, S, m
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                     mask_ptr, smb, smh, sml, sms, Hq, G, L, S, E, EV, c_ptr, seed, threshold,
-                     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-                     ACC: tl.constexpr,
+                     mask_ptr, smb, smh, sml, sms, Hq, G, L, S, E, EV, c_ptr, seed, threshold, cos_ptr, sin_ptr,
+                     HALF, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                     ACC: tl.constexpr, ROTARY: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr):
     qk_scale = tl.load(c_ptr)
@@ -199,6 +229,9 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     rm = tl.arange(0, BLOCK_M)
     kt = tl.load(k_ptr + (bhk * S + offs_n[None, :]).to(tl.int64) * E + offs_d[:, None],
                  mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0)
+    if ROTARY:
+        kt = _rotate(kt, k_ptr + bhk * S * E, offs_n[None, :], offs_d[:, None], E, HALF, cos_ptr, sin_ptr,
+                     offs_n[None, :] < S, False, ACC)
     vt = tl.load(v_ptr + (bhk * S + offs_n[None, :]).to(tl.int64) * EV + offs_dv[:, None],
                  mask=(offs_n[None, :] < S) & (offs_dv[:, None] < EV), other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), ACC)
@@ -214,6 +247,9 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
             rmask = offs_m < L
             q = tl.load(q_ptr + (bh * L + offs_m[:, None]).to(tl.int64) * E + offs_d[None, :],
                         mask=rmask[:, None] & (offs_d[None, :] < E), other=0.0)
+            if ROTARY:
+                q = _rotate(q, q_ptr + bh * L * E, offs_m[:, None], offs_d[None, :], E, HALF, cos_ptr, sin_ptr,
+                            rmask[:, None], False, ACC)
             do = tl.load(do_ptr + (bh * L + offs_m[:, None]).to(tl.int64) * EV + offs_dv[None, :],
                          mask=rmask[:, None] & (offs_dv[None, :] < EV), other=0.0)
             hi, lo, z, delta = _load_lse(lse_ptr, delta_ptr, bh, offs_m, L)
@@ -235,17 +271,25 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
             else:
                 dv += tl.dot(tl.trans(pv.to(do.dtype)), do).to(ACC)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q).to(ACC)
-    tl.store(dk_ptr + (bhk * S + offs_n[:, None]).to(tl.int64) * E + offs_d[None, :],
-             (dk * scale).to(dk_ptr.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_d[None, :] < E))
+    dk = dk * scale
+    dk_ptrs = dk_ptr + (bhk * S + offs_n[:, None]).to(tl.int64) * E + offs_d[None, :]
+    dk_mask = (offs_n[:, None] < S) & (offs_d[None, :] < E)
+    if ROTARY:  # dk of the rotated k -> of k: the partner columns go through memory (this program's rows)
+        tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=dk_mask)
+        tl.debug_barrier()
+        dk = _rotate(dk, dk_ptr + bhk * S * E, offs_n[:, None], offs_d[None, :], E, HALF, cos_ptr, sin_ptr,
+                     offs_n[:, None] < S, True, ACC)
+        tl.debug_barrier()
+    tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=dk_mask)
     tl.store(dv_ptr + (bhk * S + offs_n[:, None]).to(tl.int64) * EV + offs_dv[None, :],
              dv.to(dv_ptr.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV))
 
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                   mask_ptr, smb, smh, sml, sms, Hq, G, L, S, E, EV, c_ptr, seed, threshold,
-                   HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-                   ACC: tl.constexpr,
+                   mask_ptr, smb, smh, sml, sms, Hq, G, L, S, E, EV, c_ptr, seed, threshold, cos_ptr, sin_ptr,
+                   HALF, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                   ACC: tl.constexpr, ROTARY: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     qk_scale = tl.load(c_ptr)
     scale = tl.load(c_ptr + 1)
@@ -263,6 +307,9 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     rmask = offs_m < L
     q = tl.load(q_ptr + (bh * L + offs_m[:, None]).to(tl.int64) * E + offs_d[None, :],
                 mask=rmask[:, None] & (offs_d[None, :] < E), other=0.0)
+    if ROTARY:
+        q = _rotate(q, q_ptr + bh * L * E, offs_m[:, None], offs_d[None, :], E, HALF, cos_ptr, sin_ptr,
+                    rmask[:, None], False, ACC)
     do = tl.load(do_ptr + (bh * L + offs_m[:, None]).to(tl.int64) * EV + offs_dv[None, :],
                  mask=rmask[:, None] & (offs_dv[None, :] < EV), other=0.0)
     hi, lo, z, delta = _load_lse(lse_ptr, delta_ptr, bh, offs_m, L)
@@ -276,6 +323,9 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         offs_n = start_n + rn
         kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * E + offs_d[:, None],
                      mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0)
+        if ROTARY:
+            kt = _rotate(kt, k_base, offs_n[None, :], offs_d[:, None], E, HALF, cos_ptr, sin_ptr, offs_n[None, :] < S,
+                         False, ACC)
         vt = tl.load(v_base + offs_n[None, :].to(tl.int64) * EV + offs_dv[:, None],
                      mask=(offs_n[None, :] < S) & (offs_dv[:, None] < EV), other=0.0)
         p = _p_tile(q, kt, qk_scale, log2e, hi, lo, z, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml,
@@ -291,8 +341,16 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
             dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee").to(ACC)
         else:
             dq += tl.dot(ds.to(kt.dtype), tl.trans(kt)).to(ACC)
-    tl.store(dq_ptr + (bh * L + offs_m[:, None]).to(tl.int64) * E + offs_d[None, :],
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=rmask[:, None] & (offs_d[None, :] < E))
+    dq = dq * scale
+    dq_ptrs = dq_ptr + (bh * L + offs_m[:, None]).to(tl.int64) * E + offs_d[None, :]
+    dq_mask = rmask[:, None] & (offs_d[None, :] < E)
+    if ROTARY:  # dq of the rotated q -> of q, as for dk
+        tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=dq_mask)
+        tl.debug_barrier()
+        dq = _rotate(dq, dq_ptr + bh * L * E, offs_m[:, None], offs_d[None, :], E, HALF, cos_ptr, sin_ptr,
+                     rmask[:, None], True, ACC)
+        tl.debug_barrier()
+    tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=dq_mask)
 
 
 # ---------------------------------------------------------------------------
@@ -373,7 +431,14 @@ def _consts(q, scale, inv_keep):
     return torch.tensor([scale * LOG2E, scale, inv_keep, LOG2E], dtype=_acc(q.dtype), device=q.device)
 
 
-def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, seed):
+def _rotary_args(q, cos, sin):
+    """(cos, sin, R/2) for the kernels; any pointer and 0 without rotary."""
+    if cos is None:
+        return q, q, 0
+    return cos.contiguous(), sin.contiguous(), cos.shape[1]
+
+
+def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, seed, cos=None, sin=None):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, Hq, L, E = q.shape
     Hk, S, EV = k.shape[1], k.shape[2], v.shape[3]
@@ -390,13 +455,15 @@ def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, seed):
     sd, thr, inv_keep, drop = _dropout_args(dropout_p, seed)
     bd, bdv = max(16, triton.next_power_of_2(E)), max(16, triton.next_power_of_2(EV))
     consts = dict(HAS_MASK=has_mask, CAUSAL=is_causal, DROPOUT=drop, IEEE=q.dtype in (torch.float32, torch.float64),
-                  ACC=tl.float64 if q.dtype == torch.float64 else tl.float32, BLOCK_D=bd, BLOCK_DV=bdv)
-    args = (q, k, v, out, lse, mp, smb, smh, sml, sms, Hq, G, L, S, E, EV, _consts(q, scale, inv_keep), sd, thr)
+                  ACC=tl.float64 if q.dtype == torch.float64 else tl.float32, ROTARY=cos is not None,
+                  BLOCK_D=bd, BLOCK_DV=bdv)
+    args = (q, k, v, out, lse, mp, smb, smh, sml, sms, Hq, G, L, S, E, EV, _consts(q, scale, inv_keep), sd, thr,
+            *_rotary_args(q, cos, sin))
     _run(_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(L, bm), B * Hq), args, consts, max(bd, bdv), (B * Hq, L, S))
     return out, lse
 
 
-def attention_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed):
+def attention_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, cos=None, sin=None):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
     B, Hq, L, E = q.shape
@@ -415,8 +482,10 @@ def attention_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scal
     sd, thr, inv_keep, drop = _dropout_args(dropout_p, seed)
     bd = max(16, triton.next_power_of_2(E))
     consts = dict(HAS_MASK=has_mask, CAUSAL=is_causal, DROPOUT=drop, IEEE=q.dtype in (torch.float32, torch.float64),
-                  ACC=tl.float64 if q.dtype == torch.float64 else tl.float32, BLOCK_D=bd, BLOCK_DV=bdv)
-    common = (mp, smb, smh, sml, sms, Hq, G, L, S, E, EV, _consts(q, scale, inv_keep), sd, thr)
+                  ACC=tl.float64 if q.dtype == torch.float64 else tl.float32, ROTARY=cos is not None,
+                  BLOCK_D=bd, BLOCK_DV=bdv)
+    common = (mp, smb, smh, sml, sms, Hq, G, L, S, E, EV, _consts(q, scale, inv_keep), sd, thr,
+              *_rotary_args(q, cos, sin))
     _run(_bwd_dkdv_kernel, "bwd", lambda bm, bn: (triton.cdiv(S, bn), B * Hk),
          (q, k, v, dout, lse, delta, dk, dv) + common, consts, max(bd, bdv), (B * Hq, L, S))
     _run(_bwd_dq_kernel, "bwd", lambda bm, bn: (triton.cdiv(L, bm), B * Hq),

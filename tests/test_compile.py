@@ -244,7 +244,10 @@ def test_compile_sdpa_with_rotary(backend):
         qr2, kr2 = rope(q, k)
         b = SF.scaled_dot_product_attention(qr2, kr2.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                             attn_mask=mask, backend=backend)
-        return a, b
+        # rotary fused into the attention kernels' loads (cos/sin reach the op)
+        c = SF.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, rotary=(cos, sin),
+                                            backend=backend)
+        return a, b, c
 
     check_compiled(fn, (q, k, v))
 

@@ -163,6 +163,35 @@ void block_logits(T* s, int64_t ld, const T* Q, const T* K, int64_t nq, int64_t 
   }
 }
 
+// Rotary embedding fused into the loads (rotate-half layout of seqkern/ops/rotary.py): n rows of
+// x at positions t0.. into dst (dst may be x), the first 2*half features pairwise (j, j + half)
+// by the angles of the row's position, the rest copied. inverse rotates by the opposite angles
+// (the adjoint: what the gradients of the rotated q/k need to become gradients of q/k).
+template <typename T>
+struct Rotary {
+  const T* cos = nullptr;  // (L, half), contiguous; nullptr: no rotary
+  const T* sin = nullptr;
+  int64_t half = 0;
+};
+
+template <typename T>
+void rotate_rows(T* dst, const T* x, int64_t n, int64_t E, const Rotary<T>& rot, int64_t t0, bool inverse) {
+  const int64_t half = rot.half;
+  for (int64_t r = 0; r < n; ++r) {
+    const T* c = rot.cos + (t0 + r) * half;
+    const T* sn = rot.sin + (t0 + r) * half;
+    const T* xr = x + r * E;
+    T* dr = dst + r * E;
+    const T sg = inverse ? T(-1) : T(1);
+    for (int64_t j = 0; j < half; ++j) {
+      const T x1 = xr[j], x2 = xr[j + half], sj = sg * sn[j];
+      dr[j] = x1 * c[j] - x2 * sj;
+      dr[j + half] = x2 * c[j] + x1 * sj;
+    }
+    if (dr != xr) std::copy(xr + 2 * half, xr + E, dr + 2 * half);
+  }
+}
+
 // the backward recomputes the logits with the very same tile products as the forward, so that
 // exp(s - lse) sees bit-identical s even for huge logits
 constexpr int64_t kFwdBQ = 64, kFwdBK = 128;
@@ -170,15 +199,21 @@ constexpr int64_t kBwdBQ = 64, kBwdBK = 128;
 
 template <typename T>
 void forward_impl(const T* q, const T* k, const T* v, const MaskView& mv, T* out, T* lse, int64_t Bn, int64_t Hq,
-                  int64_t Hk, int64_t L, int64_t S, int64_t E, int64_t Ev, T scale, bool causal, const Dropout& dp) {
+                  int64_t Hk, int64_t L, int64_t S, int64_t E, int64_t Ev, T scale, bool causal, const Dropout& dp,
+                  const Rotary<T>& rot) {
   const int64_t G = Hq / Hk, nqb = (L + kFwdBQ - 1) / kFwdBQ;
   const T ninf = static_cast<T>(kNegInf), inv_keep = static_cast<T>(dp.inv_keep);
   at::parallel_for(0, Bn * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> sbuf(kFwdBQ * kFwdBK), acc(kFwdBQ * std::max<int64_t>(Ev, 1)), m(kFwdBQ), l(kFwdBQ), sh(kFwdBQ);
+    std::vector<T> qrot(rot.cos ? kFwdBQ * E : 0), krot(rot.cos ? kFwdBK * E : 0);  // rotated q/k blocks
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, i0 = (t % nqb) * kFwdBQ, b = bh / Hq, h = bh % Hq;
       const int64_t nq = std::min(kFwdBQ, L - i0);
       const T* Q = q + (bh * L + i0) * E;
+      if (rot.cos) {  // the query block once per task
+        rotate_rows(qrot.data(), Q, nq, E, rot, i0, false);
+        Q = qrot.data();
+      }
       const T* K = k + (b * Hk + h / G) * S * E;
       const T* V = v + (b * Hk + h / G) * S * Ev;
       std::fill(m.begin(), m.end(), ninf);
@@ -189,7 +224,12 @@ void forward_impl(const T* q, const T* k, const T* v, const MaskView& mv, T* out
       for (int64_t j0 = 0; j0 < kend; j0 += kFwdBK) {
         const int64_t nk = std::min(kFwdBK, kend - j0);
         T* s = sbuf.data();
-        block_logits<T>(s, kFwdBK, Q, K + j0 * E, nq, nk, E, scale, mv, b, h, i0, j0, causal);
+        const T* Kb = K + j0 * E;
+        if (rot.cos) {  // each key block as it is loaded
+          rotate_rows(krot.data(), Kb, nk, E, rot, j0, false);
+          Kb = krot.data();
+        }
+        block_logits<T>(s, kFwdBK, Q, Kb, nq, nk, E, scale, mv, b, h, i0, j0, causal);
         for (int64_t r = 0; r < nq; ++r) {
           T* sr = s + r * kFwdBK;
           T mx = ninf;
@@ -242,12 +282,13 @@ void forward_impl(const T* q, const T* k, const T* v, const MaskView& mv, T* out
 template <typename T>
 void backward_impl(const T* dout, const T* q, const T* k, const T* v, const MaskView& mv, const T* out, const T* lse,
                    T* dq, T* dk, T* dv, int64_t Bn, int64_t Hq, int64_t Hk, int64_t L, int64_t S, int64_t E, int64_t Ev,
-                   T scale, bool causal, const Dropout& dp) {
+                   T scale, bool causal, const Dropout& dp, const Rotary<T>& rot) {
   const int64_t G = Hq / Hk;
   const T ninf = static_cast<T>(kNegInf), inv_keep = static_cast<T>(dp.inv_keep);
   at::parallel_for(0, Bn * Hk, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> pbuf(kBwdBQ * kBwdBK), dpbuf(kBwdBQ * kBwdBK), delta(G * L), rowdelta(kBwdBQ);
     std::vector<T> opad(kBwdBK * Ev, T(0)), vpad(kBwdBK * Ev, T(0));  // zero rows past the block
+    std::vector<T> qrot(rot.cos ? kBwdBQ * E : 0), krot(rot.cos ? kBwdBK * E : 0);  // rotated q/k blocks
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / Hk, hk = t % Hk;
       const T* K = k + t * S * E;
@@ -279,6 +320,11 @@ void backward_impl(const T* dout, const T* q, const T* k, const T* v, const Mask
           std::copy(Vb, Vb + nk * Ev, vpad.begin());
           Vb = vpad.data();
         }
+        const T* Kb = K + j0 * E;
+        if (rot.cos) {
+          rotate_rows(krot.data(), Kb, nk, E, rot, j0, false);
+          Kb = krot.data();
+        }
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = hk * G + g, bh = b * Hq + h;
           // causal: query blocks entirely above the diagonal of this key block see none of it
@@ -286,10 +332,14 @@ void backward_impl(const T* dout, const T* q, const T* k, const T* v, const Mask
           for (int64_t i0 = istart; i0 < L; i0 += kBwdBQ) {
             const int64_t nq = std::min(kBwdBQ, L - i0);
             const T* Q = q + (bh * L + i0) * E;
+            if (rot.cos) {
+              rotate_rows(qrot.data(), Q, nq, E, rot, i0, false);
+              Q = qrot.data();
+            }
             const T* dO = dout + (bh * L + i0) * Ev;
             T* P = pbuf.data();
             T* dP = dpbuf.data();
-            block_logits<T>(P, kBwdBK, Q, K + j0 * E, nq, nk, E, scale, mv, b, h, i0, j0, causal);
+            block_logits<T>(P, kBwdBK, Q, Kb, nq, nk, E, scale, mv, b, h, i0, j0, causal);
             T* dlt = rowdelta.data();
             for (int64_t r = 0; r < nq; ++r) {
               T* pr = P + r * kBwdBK;
@@ -335,12 +385,37 @@ void backward_impl(const T* dout, const T* q, const T* k, const T* v, const Mask
             }
             gemm_rm<T>(true, false, nk, Ev, nq, T(1), P, kBwdBK, dO, Ev, T(1), dV + j0 * Ev, Ev);
             gemm_rm<T>(true, false, nk, E, nq, scale, dP, kBwdBK, Q, E, T(1), dK + j0 * E, E);
-            gemm_rm<T>(false, false, nq, E, nk, scale, dP, kBwdBK, K + j0 * E, E, T(1), dq + (bh * L + i0) * E, E);
+            gemm_rm<T>(false, false, nq, E, nk, scale, dP, kBwdBK, Kb, E, T(1), dq + (bh * L + i0) * E, E);
           }
+        }
+      }
+      if (rot.cos) {  // gradients of the rotated q/k -> of q/k; this task owns these rows
+        rotate_rows(dK, dK, S, E, rot, 0, true);
+        for (int64_t g = 0; g < G; ++g) {
+          T* dQ = dq + (b * Hq + hk * G + g) * L * E;
+          rotate_rows(dQ, dQ, L, E, rot, 0, true);
         }
       }
     }
   });
+}
+
+// contiguous cos/sin (the binding checked them), or undefined tensors without rotary
+std::pair<at::Tensor, at::Tensor> rotary_tables(const std::optional<at::Tensor>& cos,
+                                                const std::optional<at::Tensor>& sin) {
+  if (!cos.has_value() || !cos->defined()) return {};
+  return {cos->contiguous(), sin->contiguous()};
+}
+
+template <typename T>
+Rotary<T> rotary_of(const at::Tensor& cos, const at::Tensor& sin) {
+  Rotary<T> r;
+  if (cos.defined()) {
+    r.cos = cos.const_data_ptr<T>();
+    r.sin = sin.const_data_ptr<T>();
+    r.half = cos.size(1);
+  }
+  return r;
 }
 
 MaskView mask_view(const std::optional<at::Tensor>& mask, int64_t Bn, int64_t Hq, int64_t L, int64_t S) {
@@ -361,8 +436,11 @@ MaskView mask_view(const std::optional<at::Tensor>& mask, int64_t Bn, int64_t Hq
 
 std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                                 const std::optional<at::Tensor>& mask, double dropout_p,
-                                                bool is_causal, double scale, int64_t seed) {
+                                                bool is_causal, double scale, int64_t seed,
+                                                const std::optional<at::Tensor>& cos_,
+                                                const std::optional<at::Tensor>& sin_) {
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const std::pair<at::Tensor, at::Tensor> rot = rotary_tables(cos_, sin_);
   const int64_t Bn = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3), Hk = k.size(1), S = k.size(2),
                 Ev = v.size(3);
   at::Tensor out = at::empty({Bn, Hq, L, Ev}, q.options());
@@ -373,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q_, const at::
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "seqkern_sdpa_forward", [&] {
     forward_impl<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
                            mv, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), Bn, Hq, Hk, L, S, E, Ev,
-                           static_cast<scalar_t>(scale), is_causal, dp);
+                           static_cast<scalar_t>(scale), is_causal, dp, rotary_of<scalar_t>(rot.first, rot.second));
   });
   return {out, lse};
 }
@@ -383,9 +461,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& d
                                                              const std::optional<at::Tensor>& mask,
                                                              const at::Tensor& out_, const at::Tensor& lse_,
                                                              double dropout_p, bool is_causal, double scale,
-                                                             int64_t seed) {
+                                                             int64_t seed, const std::optional<at::Tensor>& cos_,
+                                                             const std::optional<at::Tensor>& sin_) {
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), dout = dout_.contiguous(),
                    out = out_.contiguous(), lse = lse_.contiguous();
+  const std::pair<at::Tensor, at::Tensor> rot = rotary_tables(cos_, sin_);
   const int64_t Bn = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3), Hk = k.size(1), S = k.size(2),
                 Ev = v.size(3);
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
@@ -397,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(const at::Tensor& d
                             k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), mv,
                             out.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
                             dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), Bn, Hq, Hk, L, S, E, Ev,
-                            static_cast<scalar_t>(scale), is_causal, dp);
+                            static_cast<scalar_t>(scale), is_causal, dp, rotary_of<scalar_t>(rot.first, rot.second));
   });
   return {dq, dk, dv};
 }

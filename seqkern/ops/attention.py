@@ -291,27 +291,51 @@ def scaled_dot_product_attention_reference(query, key, value, attn_mask=None, dr
 # backend kernels: forward -> (O, lse), backward -> (dq, dk, dv)
 # ---------------------------------------------------------------------------
 
-def _cpu_fwd(q, k, v, mask, dropout_p, is_causal, scale, seed):
-    return torch.ops.seqkern_C.sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, seed)
+# cos/sin (None: no rotary) are fused into the loads of q and k by the cpu and triton kernels; the
+# cuda and reference ones get them rotated beforehand (scaled_dot_product_attention never passes
+# them cos/sin, and these wrappers rotate if called directly)
+
+def _rotate(q, k, cos, sin):
+    from .rotary import _rotate_reference
+
+    return _rotate_reference(q, cos, sin, False), _rotate_reference(k, cos, sin, False)
 
 
-def _cpu_bwd(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed):
-    return torch.ops.seqkern_C.sdpa_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed)
+def _cpu_fwd(q, k, v, mask, dropout_p, is_causal, scale, seed, cos=None, sin=None):
+    if cos is not None and q.device.type != "cpu":
+        q, k = _rotate(q, k, cos, sin)
+        cos = sin = None
+    return torch.ops.seqkern_C.sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, seed, cos, sin)
 
 
-def _triton_fwd(q, k, v, mask, dropout_p, is_causal, scale, seed):
+def _cpu_bwd(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, cos=None, sin=None):
+    if cos is not None and q.device.type != "cpu":
+        from .rotary import _rotate_reference
+
+        qr, kr = _rotate(q, k, cos, sin)
+        dq, dk, dv = torch.ops.seqkern_C.sdpa_backward(dout, qr, kr, v, mask, out, lse, dropout_p, is_causal,
+                                                       scale, seed)
+        return (_rotate_reference(dq, cos, sin, False, inverse=True).contiguous(),
+                _rotate_reference(dk, cos, sin, False, inverse=True).contiguous(), dv)
+    return torch.ops.seqkern_C.sdpa_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed,
+                                             cos, sin)
+
+
+def _triton_fwd(q, k, v, mask, dropout_p, is_causal, scale, seed, cos=None, sin=None):
     from seqkern.kernels import attention as K
 
-    return K.attention_forward(q, k, v, mask, dropout_p, is_causal, scale, seed)
+    return K.attention_forward(q, k, v, mask, dropout_p, is_causal, scale, seed, cos, sin)
 
 
-def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed):
+def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, cos=None, sin=None):
     from seqkern.kernels import attention as K
 
-    return K.attention_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed)
+    return K.attention_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, cos, sin)
 
 
-def _ref_fwd(q, k, v, mask, dropout_p, is_causal, scale, seed):
+def _ref_fwd(q, k, v, mask, dropout_p, is_causal, scale, seed, cos=None, sin=None):
+    if cos is not None:
+        q, k = _rotate(q, k, cos, sin)
     out, lse = sdpa_reference_canonical(q, k, v, mask, dropout_p, is_causal, scale, seed)
     return out.contiguous(), torch.stack((lse, torch.zeros_like(lse)), -1)
 
@@ -322,9 +346,17 @@ def _lse_natural(lse, backend):
     return full * math.log(2.0) if backend == "triton" else full
 
 
-def _ref_bwd(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed):
+def _ref_bwd(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, cos=None, sin=None):
     lse = _lse_natural(lse, "reference")
-    dq, dk, dv, _ = sdpa_reference_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed)
+    if cos is not None:
+        from .rotary import _rotate_reference
+
+        qr, kr = _rotate(q, k, cos, sin)
+        dq, dk, dv, _ = sdpa_reference_backward(dout, qr, kr, v, mask, out, lse, dropout_p, is_causal, scale, seed)
+        dq = _rotate_reference(dq, cos, sin, False, inverse=True)
+        dk = _rotate_reference(dk, cos, sin, False, inverse=True)
+    else:
+        dq, dk, dv, _ = sdpa_reference_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
@@ -334,13 +366,14 @@ _BWD = {"reference": _ref_bwd, "cpu": _cpu_bwd, "cuda": _cpu_bwd, "triton": _tri
 
 @torch.library.custom_op("seqkern::sdpa_forward", mutates_args=())
 def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool,
-                  scale: float, seed: int, backend: str) -> Tuple[Tensor, Tensor]:
-    out, lse = _FWD[backend](q, k, v, mask, dropout_p, is_causal, scale, seed)
+                  scale: float, seed: int, backend: str, cos: Optional[Tensor] = None,
+                  sin: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    out, lse = _FWD[backend](q, k, v, mask, dropout_p, is_causal, scale, seed, cos, sin)
     return out, lse
 
 
 @_sdpa_forward.register_fake
-def _(q, k, v, mask, dropout_p, is_causal, scale, seed, backend):
+def _(q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos=None, sin=None):
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], 2, dtype=_acc_dtype(q.dtype))
     return out, lse
@@ -348,41 +381,44 @@ def _(q, k, v, mask, dropout_p, is_causal, scale, seed, backend):
 
 @torch.library.custom_op("seqkern::sdpa_backward", mutates_args=())
 def _sdpa_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
-                   dropout_p: float, is_causal: bool, scale: float, seed: int,
-                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _BWD[backend](dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed)
+                   dropout_p: float, is_causal: bool, scale: float, seed: int, backend: str,
+                   cos: Optional[Tensor] = None, sin: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _BWD[backend](dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, cos, sin)
     return dq, dk, dv
 
 
 @_sdpa_backward.register_fake
-def _(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, backend):
+def _(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, backend, cos=None, sin=None):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, dropout_p, is_causal, scale, seed, backend = inputs
+    q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin = inputs
     out, lse = output
     ctx.args = (dropout_p, is_causal, scale, seed, backend)
-    ctx.save_for_backward(q, k, v, mask, out, lse)
+    ctx.save_for_backward(q, k, v, mask, out, lse, cos, sin)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, mask, out, lse = ctx.saved_tensors
+    q, k, v, mask, out, lse, cos, sin = ctx.saved_tensors
     dropout_p, is_causal, scale, seed, backend = ctx.args
     if backend != "reference":
         B.check_no_double_backward(OP, backend)
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = _sdpa_backward(dout.contiguous(), q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed,
-                                backend)
+                                backend, cos, sin)
     dmask = None
     if mask is not None and ctx.needs_input_grad[3]:
         # the fused kernels never form dS; the rare gradient w.r.t. an additive mask comes from the equations
-        dmask = sdpa_reference_backward(dout, q, k, v, mask, out, _lse_natural(lse, backend), dropout_p,
+        qr, kr = (q, k) if cos is None else _rotate(q, k, cos, sin)
+        dmask = sdpa_reference_backward(dout, qr, kr, v, mask, out, _lse_natural(lse, backend), dropout_p,
                                         is_causal, scale, seed, need_dmask=True)[3]
-    return dq, dk, dv, dmask, None, None, None, None, None
+    # cos/sin are constants of the fused rotary (scaled_dot_product_attention takes the separate,
+    # differentiable rotary pass when they require grad)
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None
 
 
 _sdpa_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -445,9 +481,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """torch.nn.functional.scaled_dot_product_attention on a seqkern backend (see the module docstring).
 
     ``rotary=(cos, sin)`` (tables from ``seqkern.functional.rotary_cos_sin``, one row per query/key
-    position) rotates query and key before attention, as ``apply_rotary`` does. Today that is the fused
-    rotary kernel followed by the attention kernel (one extra pass over q and k); rotating inside the
-    attention kernels' loads is still to do.
+    position, so L == S; rotate-half layout, ``interleaved=False``) rotates query and key before
+    attention, as ``apply_rotary`` does. The ``cpu`` and ``triton`` kernels rotate q and k as they load
+    them and never write the rotated tensors; their backward rotates dq and dk back. cos/sin are
+    constants there: when either requires grad, and on ``cuda`` and ``reference``, the separate
+    (differentiable) rotary pass runs first instead.
 
     Under ``torch.autocast`` it follows torch's rule for SDPA: floating inputs are cast to the autocast
     dtype (CPU bf16, CUDA fp16/bf16); fp64 stays fp64.
@@ -461,20 +499,32 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             query, key, value = cast(query), cast(key), cast(value)
             if attn_mask is not None and attn_mask.is_floating_point():
                 attn_mask = cast(attn_mask)
+    cos = sin = None
     if rotary is not None:
-        from .rotary import apply_rotary
+        from . import rotary as R
 
         if not (isinstance(rotary, (tuple, list)) and len(rotary) == 2):
             raise TypeError(f"rotary must be a (cos, sin) pair of tensors, got {type(rotary).__name__}")
-        query, key = apply_rotary(query, key, rotary[0], rotary[1], backend=backend)
+        cos, sin = rotary
+        R._validate(query, key, cos, sin, False)
     _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     q, k, v, mask, out_shape = _canonical(query, key, value, attn_mask, enable_gqa)
     sc = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     dropout_p = float(dropout_p)
     name = B.select(OP, backend, q, k, v, mask, dropout_p, is_causal)
+    if cos is not None:
+        if name in ("cpu", "triton") and not (cos.requires_grad or sin.requires_grad):
+            tab = q.dtype if name == "cpu" else _acc_dtype(q.dtype)  # as the reference rotates
+            cos, sin = cos.to(tab).contiguous(), sin.to(tab).contiguous()
+        else:  # the separate rotary pass (differentiable in cos/sin too), then plain attention
+            from .rotary import apply_rotary
+
+            query, key = apply_rotary(query, key, cos, sin, backend=backend)
+            q, k, v, mask, out_shape = _canonical(query, key, value, attn_mask, enable_gqa)
+            cos = sin = None
     seed = _draw_seed(dropout_p)
     if name == "reference":
         out, _ = sdpa_reference_canonical(q, k, v, mask, dropout_p, is_causal, sc, seed)
     else:
-        out, _ = _sdpa_forward(q, k, v, mask, dropout_p, is_causal, sc, seed, name)
+        out, _ = _sdpa_forward(q, k, v, mask, dropout_p, is_causal, sc, seed, name, cos, sin)
     return out.reshape(out_shape)
