@@ -7,6 +7,8 @@
   number of tokens.
 - Several Python threads calling the ops at once get the results of serial calls.
 """
+import copy
+import faulthandler
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -117,6 +119,20 @@ def test_rwkv_block_step_mode_memory_constant_in_tokens():
 # threads
 # ---------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _watchdog():
+    # a deadlock would hold CI until its limit: dump every thread's stack and exit instead
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def own_copy(job):
+    """The job with its own leaf tensors: threads share no tensor that autograd accumulates into (a
+    shared leaf once deadlocked torch 2.13's grad-accumulator lock against the GIL, outside seqkern)."""
+    return (job[0], copy.deepcopy(job[1]), *job[2:])
+
+
 def thread_cases():
     # the kernels: the reference is plain PyTorch (it runs in the all-at-once test below)
     return [pytest.param(op, "cpu", id=f"{op}-cpu") for op in TYPICAL]
@@ -135,7 +151,7 @@ def test_threads_equal_serial(op, backend):
     serial = [forward_backward(call, args, backend) for call, args in jobs]
     with ThreadPoolExecutor(max_workers=4) as pool:
         for _ in range(2):
-            parallel = list(pool.map(lambda j: forward_backward(j[0], j[1], backend), jobs))
+            parallel = list(pool.map(lambda j: forward_backward(j[0], j[1], backend), map(own_copy, jobs)))
             for i, ((o1, g1), (o2, g2)) in enumerate(zip(serial, parallel)):
                 for a, b in zip(o1 + g1, o2 + g2):
                     assert torch.equal(a, b), f"{op}/{backend}: job {i} differs when run in threads"
@@ -151,7 +167,7 @@ def test_every_op_in_threads_at_once_equals_serial():
         jobs += [(call, args, be) for be in backends_for(op) if be != "triton"]
     serial = [forward_backward(*j) for j in jobs]
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        parallel = list(pool.map(lambda j: forward_backward(*j), jobs + jobs))
+        parallel = list(pool.map(lambda j: forward_backward(*j), map(own_copy, jobs + jobs)))
     for i, ((o1, g1), (o2, g2)) in enumerate(zip(serial + serial, parallel)):
         for a, b in zip(o1 + g1, o2 + g2):
             assert torch.equal(a, b), f"job {i % len(jobs)} ({jobs[i % len(jobs)][2]}) differs when run in threads"
