@@ -31,7 +31,7 @@ def cases(size, device):
         return [_case(1, 2, 40, 16, c, m, device, "float32") for c in (False, True) for m in modes]
     if size == "cpu":
         return [_case(2, 8, n, 64, c, m, device, "float32")
-                for c in (False, True) for m in modes for n in (512, 1024, 2048)]
+                for c in (False, True) for m in modes for n in (512, 2048)]
     # D=128 first and N=8k (the goal shape) first within it: a device check that runs
     # out of time still has the cases that matter most
     for d in (128, 64):

@@ -36,10 +36,7 @@ def cases(size, device):
             for mode in ("fwd", "fwdbwd"):
                 out.append(_case(op, 256, 32, 256, 256, mode, device))
             out.append(_case(op, 1024, 1, 256, 256, "fwd", device))
-        for op in ("lstm", "gru"):
-            for mode in ("fwd", "fwdbwd"):
-                out.append(_case(op, 100, 64, 512, 512, mode, device))
-        return out
+        return out  # the issue's shapes only: `make bench` must finish in 10 minutes on 2 cores
     for op in ("lstm", "gru"):  # the training shapes of the issue first
         for B, H in ((64, 512), (8, 256)):
             for mode in ("fwdbwd", "fwd"):

@@ -28,7 +28,7 @@ def cases(size, device):
     if size == "quick":
         return [_case(2, 12, 8, m, device) for m in modes]
     if size == "cpu":
-        return [_case(8, t, 512, m, device) for m in modes for t in (256, 512, 1024)]
+        return [_case(8, t, 512, m, device) for m in modes for t in (256, 1024)]
     # the shape first: a device check that runs out of time still has it
     return [_case(8, t, 1024, m, device) for t in (4096, 1024, 2048) for m in modes]
 
