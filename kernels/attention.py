@@ -19,6 +19,7 @@ Rotary (``cos``/``sin`` given, rotate-half layout): q and k tiles are rotated as
 tile back at the end of the program that owns it.
 Imports nothing from seqkern.
 """
+import functools
 import os
 
 import torch
@@ -428,7 +429,14 @@ def _acc(dtype):
 def _consts(q, scale, inv_keep):
     """The kernels' float scalars (scale * log2 e, scale, 1 / (1 - p), log2 e) as a tensor of the
     accumulation dtype: a Python float argument would reach the kernel as fp32."""
-    return torch.tensor([scale * LOG2E, scale, inv_keep, LOG2E], dtype=_acc(q.dtype), device=q.device)
+    return _consts_cached(float(scale), float(inv_keep), _acc(q.dtype), q.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _consts_cached(scale, inv_keep, dtype, device):
+    # cached: building it is a host-to-device copy, which would stall every launch on a GPU (a model
+    # uses a handful of (scale, dropout) pairs); the kernels only read it
+    return torch.tensor([scale * LOG2E, scale, inv_keep, LOG2E], dtype=dtype, device=device)
 
 
 def _rotary_args(q, cos, sin):

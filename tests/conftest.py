@@ -5,6 +5,7 @@
   seqkern.kernels.
 - `cuda`-marked tests are skipped with a reason when no GPU is present.
 """
+import faulthandler
 import os
 
 if os.environ.get("SEQKERN_TEST_NO_INTERPRET") != "1":
@@ -26,6 +27,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def watchdog():
+    """For modules whose failure mode is a hang (a kernel looping on NaN/inf, a deadlock between
+    threads): after 300 s dump every thread's stack and exit, instead of holding CI to its limit."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ held to the fp64 reference, within twice the fp32 reference's own error.
 
 Known bugs that the owner has not fixed yet are in KNOWN: strict xfails, so the fix
 turns them into failures until the entry is removed."""
-import faulthandler
 import re
 
 import pytest
@@ -22,12 +21,7 @@ from reliability import Arg, assert_parity, assert_parity_vs_fp64, backends_for,
 ERRORS = (ValueError, TypeError, RuntimeError)
 
 
-@pytest.fixture(autouse=True)
-def _watchdog():
-    # a kernel that loops forever on NaN/inf would hang CI: dump the stacks and exit instead
-    faulthandler.dump_traceback_later(300, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+pytestmark = pytest.mark.usefixtures("watchdog")  # a kernel looping forever on NaN/inf must not hang CI
 
 
 def names(arg):

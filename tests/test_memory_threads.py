@@ -8,7 +8,6 @@
 - Several Python threads calling the ops at once get the results of serial calls.
 """
 import copy
-import faulthandler
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -119,12 +118,7 @@ def test_rwkv_block_step_mode_memory_constant_in_tokens():
 # threads
 # ---------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def _watchdog():
-    # a deadlock would hold CI until its limit: dump every thread's stack and exit instead
-    faulthandler.dump_traceback_later(300, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+pytestmark = pytest.mark.usefixtures("watchdog")  # a deadlock between threads must not hang CI
 
 
 def own_copy(job):

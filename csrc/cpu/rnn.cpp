@@ -201,6 +201,61 @@ inline void copy_row(T* dst, const T* src, int64_t n) { std::memcpy(dst, src, n 
 template <typename T>
 inline void zero_row(T* dst, int64_t n) { std::memset(dst, 0, n * sizeof(T)); }
 
+// Gate gradients of step s, batch row b, hidden units [j0, j0 + nj): one body for the whole-row
+// backward and the thread-sliced one. dh = da + db (two rows, so the loop has no branch); dg: the
+// step's gradients of the pre-activations (a G*H row); dgt: the same in time order (gru: its n gate
+// without r; the other cells copy dg when `separate`); dc: lstm cell-gradient row, updated in place;
+// dnext: gru's direct term dh * z. Every row pointer is at unit 0 of its row.
+template <typename T>
+void gate_grads(const Shape& d, const Workspace<T>& ws, int64_t s, int64_t b, const T* da, const T* db, T* dg,
+                T* dgt, bool separate, T* dc, T* dnext, int64_t j0, int64_t nj) {
+  const int64_t H = d.H, B = d.B, GH = d.GH(), j1 = j0 + nj;
+  if (d.cell == Cell::kLSTM) {
+    const T* gr = ws.gates + (s * B + b) * GH;
+    const T* cn = ws.c + ((s + 1) * B + b) * H;
+    const T* cp = ws.c + (s * B + b) * H;
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) {
+      const T dhv = da[j] + db[j];
+      const T i = gr[j], f = gr[H + j], g = gr[2 * H + j], o = gr[3 * H + j];
+      const T tc = tanh_(cn[j]);
+      const T dcv = dc[j] + dhv * o * (T(1) - tc * tc);
+      dg[j] = dcv * g * i * (T(1) - i);
+      dg[H + j] = dcv * cp[j] * f * (T(1) - f);
+      dg[2 * H + j] = dcv * i * (T(1) - g * g);
+      dg[3 * H + j] = dhv * tc * o * (T(1) - o);
+      dc[j] = dcv * f;
+    }
+  } else if (d.cell == Cell::kGRU) {
+    const T* gr = ws.gates + (s * B + b) * GH;
+    const T* hnr = ws.hn + (s * B + b) * H;
+    const T* hp = ws.h + (s * B + b) * H;
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) {
+      const T dhv = da[j] + db[j];
+      const T r = gr[j], z = gr[H + j], n = gr[2 * H + j];
+      const T dn = dhv * (T(1) - z) * (T(1) - n * n);
+      const T dz = dhv * (hp[j] - n) * z * (T(1) - z);
+      const T dr = dn * hnr[j] * r * (T(1) - r);
+      dg[j] = dr; dg[H + j] = dz; dg[2 * H + j] = dn * r;
+      dgt[j] = dr; dgt[H + j] = dz; dgt[2 * H + j] = dn;
+      dnext[j] = dhv * z;
+    }
+    return;  // dgt written above
+  } else {
+    const T* hn = ws.h + ((s + 1) * B + b) * H;
+    if (d.cell == Cell::kRNNTanh) {
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) dg[j] = (da[j] + db[j]) * (T(1) - hn[j] * hn[j]);
+    } else {
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) dg[j] = hn[j] > T(0) ? da[j] + db[j] : T(0);
+    }
+  }
+  if (separate)
+    for (int64_t g = 0; g < d.G; ++g) copy_row(dgt + g * H + j0, dg + g * H + j0, nj);
+}
+
 // One GRU row: gates (in place, pre-activation in, activations out), W_hn h + b_hn, new h.
 // A free function with plain pointer arguments: inside the lambda gcc would not vectorise it.
 template <typename T>
@@ -651,55 +706,8 @@ void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, 
         continue;
       }
       const int64_t t = time_of(s, L, reverse);
-      const T* din = (s + 1 < L ? dhh : dhTp) + b * H + j0;
-      const T* dyr = dyp + (t * B + b) * H + j0;
-      T* dgt = dgi + (t * B + b) * ldg + j0;
-      if (lstm) {
-        const T* gr = ws.gates + (s * B + b) * GH + j0;
-        const T* cn = ws.c + ((s + 1) * B + b) * H + j0;
-        const T* cp = ws.c + (s * B + b) * H + j0;
-        T* dcr = dcc + b * H + j0;
-#pragma omp simd
-        for (int64_t j = 0; j < nj; ++j) {
-          const T dhv = din[j] + dyr[j];
-          const T ii = gr[j], f = gr[H + j], g = gr[2 * H + j], o = gr[3 * H + j];
-          const T tc = tanh_(cn[j]);
-          const T dc = dcr[j] + dhv * o * (T(1) - tc * tc);
-          dg[j] = dc * g * ii * (T(1) - ii);
-          dg[H + j] = dc * cp[j] * f * (T(1) - f);
-          dg[2 * H + j] = dc * ii * (T(1) - g * g);
-          dg[3 * H + j] = dhv * tc * o * (T(1) - o);
-          dcr[j] = dc * f;
-        }
-        if (separate)
-          for (int64_t g = 0; g < 4; ++g) copy_row(dgt + g * H, dg + g * H, nj);
-      } else if (gru) {
-        const T* gr = ws.gates + (s * B + b) * GH + j0;
-        const T* hnr = ws.hn + (s * B + b) * H + j0;
-        const T* hp = ws.h + (s * B + b) * H + j0;
-        T* dnext = dhh + b * H + j0;  // becomes dh * z here, then the GEMM adds dgh @ W_hh
-#pragma omp simd
-        for (int64_t j = 0; j < nj; ++j) {
-          const T dhv = din[j] + dyr[j];
-          const T r = gr[j], z = gr[H + j], n = gr[2 * H + j];
-          const T dn = dhv * (T(1) - z) * (T(1) - n * n);
-          const T dz = dhv * (hp[j] - n) * z * (T(1) - z);
-          const T dr = dn * hnr[j] * r * (T(1) - r);
-          dg[j] = dr; dg[H + j] = dz; dg[2 * H + j] = dn * r;
-          dgt[j] = dr; dgt[H + j] = dz; dgt[2 * H + j] = dn;
-          dnext[j] = dhv * z;
-        }
-      } else {
-        const T* hn = ws.h + ((s + 1) * B + b) * H + j0;
-        if (d.cell == Cell::kRNNTanh) {
-#pragma omp simd
-          for (int64_t j = 0; j < nj; ++j) dg[j] = (din[j] + dyr[j]) * (T(1) - hn[j] * hn[j]);
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < nj; ++j) dg[j] = hn[j] > T(0) ? din[j] + dyr[j] : T(0);
-        }
-        if (separate) copy_row(dgt, dg, nj);
-      }
+      gate_grads<T>(d, ws, s, b, (s + 1 < L ? dhh : dhTp) + b * H, dyp + (t * B + b) * H, dgs + b * ldg,
+                    dgi + (t * B + b) * ldg, separate, lstm ? dcc + b * H : nullptr, dhh + b * H, j0, nj);
     }
   }, [&](int64_t i, int64_t step) {
     const int64_t s = Tn - 1 - step;
@@ -947,55 +955,9 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
         const int64_t t = time_of(s, L, reverse);
         const T* din = (s + 1 < L ? dhh : dhTp) + b * P;
         const T* dyr = dyp + (t * B + b) * P;
-        T* dgt = dgi + (t * B + b) * ldg;
-        if (lstm) {
-          const T* gr = ws.gates + (s * B + b) * GH;
-          const T* cn = ws.c + ((s + 1) * B + b) * H;
-          const T* cp = ws.c + (s * B + b) * H;
-          T* dcr = dcc + b * H;
-          // dh = dhc (projected) or din + dy: two rows either way, so the loop has no branch
-          const T* da = proj ? dhc + b * H : din;
-          const T* db = proj ? zrow : dyr;
-#pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            const T dhv = da[j] + db[j];
-            const T i = gr[j], f = gr[H + j], g = gr[2 * H + j], o = gr[3 * H + j];
-            const T tc = tanh_(cn[j]);
-            const T dc = dcr[j] + dhv * o * (T(1) - tc * tc);
-            dg[j] = dc * g * i * (T(1) - i);
-            dg[H + j] = dc * cp[j] * f * (T(1) - f);
-            dg[2 * H + j] = dc * i * (T(1) - g * g);
-            dg[3 * H + j] = dhv * tc * o * (T(1) - o);
-            dcr[j] = dc * f;
-          }
-          if (separate) copy_row(dgt, dg, GH);
-        } else if (gru) {
-          const T* gr = ws.gates + (s * B + b) * GH;
-          const T* hnr = ws.hn + (s * B + b) * H;
-          const T* hp = ws.h + (s * B + b) * H;
-          T* dnext = dhh + b * H;  // becomes dh * z here, then the GEMM adds dgh @ W_hh
-#pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            const T dhv = din[j] + dyr[j];
-            const T r = gr[j], z = gr[H + j], n = gr[2 * H + j];
-            const T dn = dhv * (T(1) - z) * (T(1) - n * n);
-            const T dz = dhv * (hp[j] - n) * z * (T(1) - z);
-            const T dr = dn * hnr[j] * r * (T(1) - r);
-            dg[j] = dr; dg[H + j] = dz; dg[2 * H + j] = dn * r;
-            dgt[j] = dr; dgt[H + j] = dz; dgt[2 * H + j] = dn;
-            dnext[j] = dhv * z;
-          }
-        } else {
-          const T* hn = ws.h + ((s + 1) * B + b) * H;
-          if (d.cell == Cell::kRNNTanh) {
-#pragma omp simd
-            for (int64_t j = 0; j < H; ++j) dg[j] = (din[j] + dyr[j]) * (T(1) - hn[j] * hn[j]);
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < H; ++j) dg[j] = hn[j] > T(0) ? din[j] + dyr[j] : T(0);
-          }
-          if (separate) copy_row(dgt, dg, GH);
-        }
+        // lstm with a projection: dh = dhc (the gradient through w_hr), else din + dy
+        gate_grads<T>(d, ws, s, b, proj ? dhc + b * H : din, proj ? zrow : dyr, dg, dgi + (t * B + b) * ldg,
+                      separate, lstm ? dcc + b * H : nullptr, dhh + b * H, 0, H);
       }
     });
     // gru keeps the direct term dh * z written above (beta = 1)

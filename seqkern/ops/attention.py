@@ -291,9 +291,9 @@ def scaled_dot_product_attention_reference(query, key, value, attn_mask=None, dr
 # backend kernels: forward -> (O, lse), backward -> (dq, dk, dv)
 # ---------------------------------------------------------------------------
 
-# cos/sin (None: no rotary) are fused into the loads of q and k by the cpu and triton kernels; the
-# cuda and reference ones get them rotated beforehand (scaled_dot_product_attention never passes
-# them cos/sin, and these wrappers rotate if called directly)
+# cos/sin (None: no rotary) are fused into the loads of q and k by the cpu and triton kernels;
+# scaled_dot_product_attention rotates beforehand for cuda and reference (the cuda binding refuses
+# cos/sin; the reference wrappers rotate if the op is called with them directly)
 
 def _rotate(q, k, cos, sin):
     from .rotary import _rotate_reference
@@ -302,21 +302,10 @@ def _rotate(q, k, cos, sin):
 
 
 def _cpu_fwd(q, k, v, mask, dropout_p, is_causal, scale, seed, cos=None, sin=None):
-    if cos is not None and q.device.type != "cpu":
-        q, k = _rotate(q, k, cos, sin)
-        cos = sin = None
     return torch.ops.seqkern_C.sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, seed, cos, sin)
 
 
 def _cpu_bwd(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, cos=None, sin=None):
-    if cos is not None and q.device.type != "cpu":
-        from .rotary import _rotate_reference
-
-        qr, kr = _rotate(q, k, cos, sin)
-        dq, dk, dv = torch.ops.seqkern_C.sdpa_backward(dout, qr, kr, v, mask, out, lse, dropout_p, is_causal,
-                                                       scale, seed)
-        return (_rotate_reference(dq, cos, sin, False, inverse=True).contiguous(),
-                _rotate_reference(dk, cos, sin, False, inverse=True).contiguous(), dv)
     return torch.ops.seqkern_C.sdpa_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed,
                                              cos, sin)
 
