@@ -348,3 +348,19 @@ def test_cpu_fp32_simd_chunked_equals_whole_bitwise():
         yc, sc = SF.wkv4(td, tf, k[:, a:b], v[:, a:b], sc, backend="cpu")
         ys.append(yc)
     assert torch.equal(torch.cat(ys, 1), y) and torch.equal(sc, s)
+
+
+def test_cpu_fp32_large_output_streamed_equals_chunks_and_reference():
+    # y of 8 MiB and more is written with non-temporal stores (csrc/cpu/wkv.cpp, kStreamBytes);
+    # chunks of a quarter stay under that size: the two store paths must give the same bits.
+    # C = 1024 + 6 keeps a scalar tail next to the streamed 64-lane blocks.
+    td, tf, k, v, st = make(2, 1024, 1030, dtype=torch.float32, state=True)
+    assert 2 * 1024 * 1030 * 4 >= 8 << 20
+    y, s = SF.wkv4(td, tf, k, v, st, backend="cpu")
+    ys, sc = [], st
+    for a in range(0, 1024, 256):
+        yc, sc = SF.wkv4(td, tf, k[:, a:a + 256], v[:, a:a + 256], sc, backend="cpu")
+        ys.append(yc)
+    assert torch.equal(torch.cat(ys, 1), y) and torch.equal(sc, s)
+    y_r, s_r = wkv4_reference(td, tf, k[:, :64], v[:, :64], st)
+    torch.testing.assert_close(y[:, :64], y_r, **TOL[torch.float32])
