@@ -114,6 +114,31 @@ def test_rwkv_block_step_mode_memory_constant_in_tokens():
     assert long <= short + 4096, f"RWKV4Block step mode: peak {short} B over 16 tokens, {long} B over 128"
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_rnn_backward_allocates_nothing_the_size_of_the_workspace(mode):
+    # the saved-activation workspace is an output of the forward op; autograd must not hand the
+    # backward a zero gradient for it (a fill as big as every activation of the sequence)
+    require_family("rnn")
+    require_backend("lstm", "cpu")
+    from seqkern import functional as SF
+    from seqkern.ops.rnn import workspace_numel
+
+    T, Bsz, I, H = 40, 8, 16, 64
+    G = 4 if mode == "lstm" else 3
+    x = torch.randn(T, Bsz, I, requires_grad=True)
+    w = [torch.randn(G * H, I, requires_grad=True), torch.randn(G * H, H, requires_grad=True)]
+    if mode == "lstm":
+        y, _ = SF.lstm(x, None, *w, backend="cpu")
+    else:
+        y, _ = SF.gru(x, None, *w, backend="cpu")
+    ws_bytes = workspace_numel(mode, T, Bsz, H, H, True) * 4
+    gy = torch.randn_like(y)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.autograd.grad(y, [x, *w], gy)
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert ws_bytes not in sizes, f"the backward allocated {ws_bytes} B, the workspace's size"
+
+
 # ---------------------------------------------------------------------------
 # threads
 # ---------------------------------------------------------------------------

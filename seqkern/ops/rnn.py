@@ -319,6 +319,9 @@ def _setup_context(ctx, inputs, output):
     mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, backend = inputs
     y, _, _, ws = output
     ctx.mode, ctx.reverse, ctx.backend, ctx.save = mode, reverse, backend, save
+    # the workspace is no output to differentiate: without this autograd materialises a zero
+    # gradient the size of every saved activation (tens of MiB filled per backward)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y, ws)
 
 
