@@ -313,7 +313,7 @@ def test_compile_fullgraph(backend):
 
 @pytest.mark.parametrize("causal,mask", [(True, False), (False, True)])
 def test_cpu_many_blocks_match_reference(causal, mask):
-    """Lengths past the cpu kernel's tiles (256 queries x 512 keys), not multiples of them: the online
+    """Lengths past the cpu kernel's tiles (128 queries x 128 keys), not multiples of them: the online
     softmax across key blocks, causal block skipping and the backward's block loops."""
     q, k, v = _inputs((1, 2, 300, 16), (1, 1, 1100, 16))
     m = (torch.rand(300, 1100) > 0.5) if mask else None
