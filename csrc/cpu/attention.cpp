@@ -163,16 +163,21 @@ inline float row_max<float>(const float* x, int64_t n) {
 template <>
 inline float exp_shift_sum<float>(float* x, int64_t n, float hi, float lo) {
   const __m512 h = _mm512_set1_ps(hi), l = _mm512_set1_ps(lo);
+  const bool sub_lo = lo != 0.0f;  // the forward's lo = 0: (x - hi) - 0 is x - hi, one op fewer
+  const auto arg = [&](__m512 v) {
+    v = _mm512_sub_ps(v, h);
+    return sub_lo ? _mm512_sub_ps(v, l) : v;
+  };
   __m512 acc = _mm512_setzero_ps();
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + c), h), l));
+    const __m512 e = exp16(arg(_mm512_loadu_ps(x + c)));
     _mm512_storeu_ps(x + c, e);
     acc = _mm512_add_ps(acc, e);
   }
   if (c < n) {
     const __mmask16 k = static_cast<__mmask16>((1u << (n - c)) - 1u);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + c), h), l));
+    const __m512 e = exp16(arg(_mm512_maskz_loadu_ps(k, x + c)));
     _mm512_mask_storeu_ps(x + c, k, e);
     acc = _mm512_mask_add_ps(acc, k, acc, e);
   }
@@ -322,7 +327,10 @@ void forward_impl(const T* q, const T* k, const T* v, const MaskView& mv, T* out
           // the shift is the running max when finite, else 0 (as the reference: a +inf logit then
           // gives NaN exactly where the reference has NaN); sh[r] = -inf: nothing accumulated yet
           const T shift = std::isfinite(m_new) ? m_new : T(0);
-          const T alpha = (sh[r] == ninf || l[r] == T(0)) ? T(0) : static_cast<T>(std::exp(sh[r] - shift));
+          // an unchanged shift (the usual case once the row's max is found) rescales by exactly 1
+          const T alpha = (sh[r] == ninf || l[r] == T(0)) ? T(0)
+                          : sh[r] == shift               ? T(1)
+                                                         : static_cast<T>(std::exp(sh[r] - shift));
           l[r] = l[r] * alpha + exp_shift_sum(sr, nk, shift, T(0));
           m[r] = m_new;
           sh[r] = shift;
