@@ -350,3 +350,29 @@ def test_cpu_fp32_vector_softmax_matches_reference(causal):
     ref = torch.autograd.grad((want * g.double()).sum(), (qd, kd, vd))
     for name, a, b in zip("qkv", got, ref):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-4, msg=lambda s: f"d{name}: {s}")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 40, 16), (3, 2, 300, 16)])
+def test_cpu_task_counter_same_bits_for_any_thread_count(shape):
+    """Tasks go to threads from a shared counter (csrc/cpu/attention.cpp, dynamic_tasks): fewer tasks than
+    threads and many more, both equal to the reference; with many tasks the bits do not depend on the number
+    of threads. (A single task runs outside any parallel region, where MKL may thread the block products
+    itself and sum in another order.)"""
+    q, k, v = _inputs(shape, shape, dtype=torch.float32)
+    g = torch.randn(shape)
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = SF.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cpu")
+            runs.append((out, *torch.autograd.grad((out * g).sum(), (q, k, v))))
+    finally:
+        torch.set_num_threads(before)
+    want = A.scaled_dot_product_attention_reference(q, k, v, is_causal=True)
+    for run in runs:
+        torch.testing.assert_close(run[0], want)
+    if shape[0] * shape[1] > 1:
+        for other in runs[1:]:
+            for a, b in zip(runs[0], other):
+                assert torch.equal(a, b)

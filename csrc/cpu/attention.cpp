@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -279,6 +280,19 @@ void rotate_rows(T* dst, const T* x, int64_t n, int64_t E, const Rotary<T>& rot,
   }
 }
 
+// Runs worker(next) on up to one thread per task; workers take task ids from the shared counter
+// one at a time (next_task) instead of a contiguous share each, so a core slowed by other load on
+// the machine takes fewer tasks instead of the whole call waiting for it. A task's result does not
+// depend on the thread that runs it (deterministic).
+template <typename F>
+void dynamic_tasks(int64_t n, const F& worker) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next); });
+}
+inline int64_t next_task(std::atomic<int64_t>& next) { return next.fetch_add(1, std::memory_order_relaxed); }
+
 // the backward recomputes the logits with the very same tile products as the forward, so that
 // exp(s - lse) sees bit-identical s even for huge logits
 // 128 x 128 tiles: MKL packs both operands of every product, and 128 query rows halve the packing of
@@ -294,10 +308,11 @@ void forward_impl(const T* q, const T* k, const T* v, const MaskView& mv, T* out
                   const Rotary<T>& rot) {
   const int64_t G = Hq / Hk, nqb = (L + kFwdBQ - 1) / kFwdBQ;
   const T ninf = static_cast<T>(kNegInf), inv_keep = static_cast<T>(dp.inv_keep);
-  at::parallel_for(0, Bn * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+  const int64_t ntasks = Bn * Hq * nqb;
+  dynamic_tasks(ntasks, [&](std::atomic<int64_t>& next) {
     std::vector<T> sbuf(kFwdBQ * kFwdBK), acc(kFwdBQ * std::max<int64_t>(Ev, 1)), m(kFwdBQ), l(kFwdBQ), sh(kFwdBQ);
     std::vector<T> qrot(rot.cos ? kFwdBQ * E : 0), krot(rot.cos ? kFwdBK * E : 0);  // rotated q/k blocks
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t; (t = next_task(next)) < ntasks;) {
       const int64_t bh = t / nqb, i0 = (t % nqb) * kFwdBQ, b = bh / Hq, h = bh % Hq;
       const int64_t nq = std::min(kFwdBQ, L - i0);
       const T* Q = q + (bh * L + i0) * E;
@@ -370,11 +385,12 @@ void backward_impl(const T* dout, const T* q, const T* k, const T* v, const Mask
                    T scale, bool causal, const Dropout& dp, const Rotary<T>& rot) {
   const int64_t G = Hq / Hk;
   const T ninf = static_cast<T>(kNegInf), inv_keep = static_cast<T>(dp.inv_keep);
-  at::parallel_for(0, Bn * Hk, 1, [&](int64_t begin, int64_t end) {
+  const int64_t ntasks = Bn * Hk;
+  dynamic_tasks(ntasks, [&](std::atomic<int64_t>& next) {
     std::vector<T> pbuf(kBwdBQ * kBwdBK), dpbuf(kBwdBQ * kBwdBK), delta(G * L), rowdelta(kBwdBQ);
     std::vector<T> opad(kBwdBK * Ev, T(0)), vpad(kBwdBK * Ev, T(0));  // zero rows past the block
     std::vector<T> qrot(rot.cos ? kBwdBQ * E : 0), krot(rot.cos ? kBwdBK * E : 0);  // rotated q/k blocks
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t; (t = next_task(next)) < ntasks;) {
       const int64_t b = t / Hk, hk = t % Hk;
       const T* K = k + t * S * E;
       const T* V = v + t * S * Ev;
