@@ -313,7 +313,7 @@ def test_compile_fullgraph(backend):
 
 @pytest.mark.parametrize("causal,mask", [(True, False), (False, True)])
 def test_cpu_many_blocks_match_reference(causal, mask):
-    """Lengths past the cpu kernel's tiles (256 queries x 512 keys), not multiples of them: the online
+    """Lengths past the cpu kernel's tiles (128 queries x 128 keys), not multiples of them: the online
     softmax across key blocks, causal block skipping and the backward's block loops."""
     q, k, v = _inputs((1, 2, 300, 16), (1, 1, 1100, 16))
     m = (torch.rand(300, 1100) > 0.5) if mask else None
@@ -323,3 +323,30 @@ def test_cpu_many_blocks_match_reference(causal, mask):
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((want * g).sum(), (q, k, v))):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_fp32_vector_softmax_matches_reference(causal):
+    """fp32 goes through the kernel's 16-lane exp/max/sum sweeps: key blocks whose length is no multiple
+    of 16 (the masked tail), logits whose differences reach the clamp ends (-104: subnormal and 0 results)
+    and -inf, additive -inf/-100/-90 entries, against the fp64 reference."""
+    torch.manual_seed(3)
+    q, k, v = _inputs((2, 2, 150, 24), (2, 2, 150 if causal else 301, 24), dtype=torch.float32)
+    with torch.no_grad():
+        q.mul_(torch.linspace(0.1, 6.0, 150).view(1, 1, -1, 1))  # rows from flat to very peaked
+    m = None
+    if not causal:
+        m = torch.zeros(150, 301)
+        m[:, 5::7] = float("-inf")
+        m[:, 3::11] = -100.0
+        m[:, 2::13] = -90.0
+    out = SF.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal, backend="cpu")
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = A.scaled_dot_product_attention_reference(qd, kd, vd, attn_mask=None if m is None else m.double(),
+                                                    is_causal=causal)
+    torch.testing.assert_close(out.double(), want, **TOL[torch.float32])
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), (q, k, v))
+    ref = torch.autograd.grad((want * g.double()).sum(), (qd, kd, vd))
+    for name, a, b in zip("qkv", got, ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-4, msg=lambda s: f"d{name}: {s}")
