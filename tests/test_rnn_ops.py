@@ -195,13 +195,13 @@ SLICED = [("lstm", 32, 200, False), ("lstm", 5, 256, False), ("gru", 32, 200, Fa
           ("rnn_tanh", 64, 200, False), ("rnn_relu", 64, 200, False)]
 
 
-def _sliced_run(kind, Bsz, H, dtype, threads, plain):
+def _sliced_run(kind, Bsz, H, dtype, threads, plain, T=6):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(7)
-        inputs = make_inputs(kind, 6, Bsz, 24, H, dtype=dtype, scale=0.3)
-        lengths = None if plain else [(3 * b) % 7 for b in range(Bsz)]
+        inputs = make_inputs(kind, T, Bsz, 24, H, dtype=dtype, scale=0.3)
+        lengths = None if plain else [(3 * b) % (T + 1) for b in range(Bsz)]
         got = run_all(kind, inputs, lengths, not plain, "cpu")
         outs = [o for o in got if o is not None]
         ls = leaves(inputs)
@@ -211,19 +211,35 @@ def _sliced_run(kind, Bsz, H, dtype, threads, plain):
         torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("kind,Bsz,H,plain", SLICED, ids=[f"{c[0]}-B{c[1]}{'-plain' * c[3]}" for c in SLICED])
-def test_cpu_sliced_steps_match_reference_and_thread_count(kind, Bsz, H, plain):
-    require("cpu")
-    inputs, lengths, outs, grads = _sliced_run(kind, Bsz, H, F64, 2, plain)
+def _check_sliced(kind, Bsz, H, plain, T=6):
+    inputs, lengths, outs, grads = _sliced_run(kind, Bsz, H, F64, 2, plain, T)
     want = [o for o in run_all(kind, inputs, lengths, not plain, "reference") if o is not None]
     wgrads = torch.autograd.grad(want, leaves(inputs), [torch.ones_like(o) * (i + 1) for i, o in enumerate(want)])
     for a, b in zip(outs + grads, [w.detach() for w in want] + list(wgrads)):
         torch.testing.assert_close(a, b, **TOL[F64])
     for dtype in (F64, torch.float32):  # every result bitwise the same whatever the thread count
-        one = _sliced_run(kind, Bsz, H, dtype, 1, plain)
-        two = _sliced_run(kind, Bsz, H, dtype, 2, plain)
+        one = _sliced_run(kind, Bsz, H, dtype, 1, plain, T)
+        two = _sliced_run(kind, Bsz, H, dtype, 2, plain, T)
         for a, b in zip(one[2] + one[3], two[2] + two[3]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind,Bsz,H,plain", SLICED, ids=[f"{c[0]}-B{c[1]}{'-plain' * c[3]}" for c in SLICED])
+def test_cpu_sliced_steps_match_reference_and_thread_count(kind, Bsz, H, plain):
+    require("cpu")
+    _check_sliced(kind, Bsz, H, plain)
+
+
+# the sliced backward adds the weight and bias gradients up in chunks of ceil(256 / B) steps (8 at
+# B = 32): T = 19 gives two whole chunks and a partial one, T = 8 exactly one
+CHUNKED = [("lstm", 19, True), ("lstm", 19, False), ("gru", 19, True), ("gru", 19, False), ("rnn_tanh", 19, False),
+           ("lstm", 8, True), ("gru", 8, False)]
+
+
+@pytest.mark.parametrize("kind,T,plain", CHUNKED, ids=[f"{c[0]}-T{c[1]}{'-plain' * c[2]}" for c in CHUNKED])
+def test_cpu_weight_gradients_over_several_chunks(kind, T, plain):
+    require("cpu")
+    _check_sliced(kind, 32, 200, plain, T)
 
 
 @pytest.mark.parametrize("backend", REF_CPU)

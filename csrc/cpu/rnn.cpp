@@ -4,8 +4,10 @@
 // then per step one recurrent GEMM (BLAS straight into a preallocated buffer, no ATen
 // dispatch in the loop) and one fused gate kernel, parallel over batch rows.
 // Backward walks the steps in reverse: per step one fused gate-gradient kernel and one
-// GEMM back through W_hh; the weight and input gradients are then a few large GEMMs
-// over all steps, the bias gradients column sums (no atomics, deterministic).
+// GEMM back through W_hh (and one for dx); without a projection the weight and bias
+// gradients are added up inside the loop every few steps from the cache-hot gate
+// gradients, with a projection they are large GEMMs over all steps and column sums after
+// it (either way no atomics, deterministic).
 //
 // Step s of batch row b works on time index t(s, b) (reverse / lengths; see
 // seqkern/ops/rnn.py). Everything the backward needs is stored in step order, so each
@@ -317,26 +319,31 @@ struct StepBuffers {
 
 constexpr int64_t kLanes = 16;  // columns per packed block: one zmm of fp32
 
-// One 16-column block of a tile: packed weights (K x 16), output and optional addend (both
-// with the tile's ldc; the addend is read before the output is written, so they may alias),
-// valid columns n (<= 16).
+// One 16-column block of a tile: weights (K rows of 16, ldw apart: packed, or 16 columns of a
+// row-major matrix), output and optional addend (both with the tile's ldc; the addend is read
+// before the output is written, so they may alias), valid columns n (<= 16; lanes past n are
+// read, so the 16 columns must lie inside the allocation, and are never stored).
 template <typename T>
 struct Blk {
   const T* w;
   T* c;
   const T* add;
   int n;
+  int64_t ldw = kLanes;
 };
 
 // The left operand of a tile: rows of A1 (K1 columns) then rows of A2 (K2 columns), as if
-// side by side (the forward's [x_t | h] against the packed [W_ih | W_hh] rows).
+// side by side (the forward's [x_t | h] against the packed [W_ih | W_hh] rows). Element (r, k)
+// of a segment is at r * ld + k * ks: ks > 1 reads a transposed matrix (the weight gradients'
+// features are the columns of x and h).
 template <typename T>
 struct Lhs {
   const T* a1;
   int64_t ld1, k1;
   const T* a2;
   int64_t ld2, k2;
-  Lhs rows_from(int64_t r) const { return {a1 + r * ld1, ld1, k1, a2 + r * ld2, ld2, k2}; }
+  int64_t ks = 1;
+  Lhs rows_from(int64_t r) const { return {a1 + r * ld1, ld1, k1, a2 + r * ld2, ld2, k2, ks}; }
 };
 
 // C[r][col] = add[r][col] + sum_k A[r][k] * W[k][col] for R rows and NB blocks, in registers.
@@ -352,9 +359,9 @@ void tile(const Lhs<T>& A, const Blk<T>* blk, int64_t ldc) {
     const int64_t lda = seg ? A.ld2 : A.ld1, K = seg ? A.k2 : A.k1, k0 = seg ? A.k1 : 0;
     for (int64_t k = 0; k < K; ++k)
       for (int q = 0; q < NB; ++q) {
-        const T* w = blk[q].w + (k0 + k) * kLanes;
+        const T* w = blk[q].w + (k0 + k) * blk[q].ldw;
         for (int r = 0; r < R; ++r) {
-          const T av = a[r * lda + k];
+          const T av = a[r * lda + k * A.ks];
 #pragma omp simd
           for (int l = 0; l < kLanes; ++l) acc[r][q][l] = std::fma(av, w[l], acc[r][q][l]);
         }
@@ -368,13 +375,18 @@ void tile(const Lhs<T>& A, const Blk<T>* blk, int64_t ldc) {
 #if defined(__AVX512F__)
 // fp32 with AVX-512: the same chain per column (fma == _mm512_fmadd_ps), accumulators
 // pinned in zmm registers (R * NB <= 24), the row value broadcast from memory.
-template <int R, int NB>
-inline void tile_f32_seg(const float* __restrict A, int64_t lda, int64_t K, const float* const* w, __m512 (&acc)[R][NB]) {
+// Packed: the strides of the per-step GEMMs, fixed at compile time; else those given (the
+// weight gradients). Always inlined: out of line the accumulators would live in memory (the
+// per-step GEMMs ran at half speed when the two instances stopped being inlined).
+template <int R, int NB, bool Packed>
+__attribute__((always_inline)) inline void tile_f32_seg(const float* __restrict A, int64_t lda, int64_t ks_, int64_t K,
+                                                        const float* const* w, int64_t ldw_, __m512 (&acc)[R][NB]) {
+  const int64_t ks = Packed ? 1 : ks_, ldw = Packed ? kLanes : ldw_;
   for (int64_t k = 0; k < K; ++k) {
     __m512 wv[NB];
-    for (int q = 0; q < NB; ++q) wv[q] = _mm512_loadu_ps(w[q] + k * kLanes);
+    for (int q = 0; q < NB; ++q) wv[q] = _mm512_loadu_ps(w[q] + k * ldw);
     for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      const __m512 a = _mm512_set1_ps(A[r * lda + k * ks]);
       for (int q = 0; q < NB; ++q) acc[r][q] = _mm512_fmadd_ps(a, wv[q], acc[r][q]);
     }
   }
@@ -391,11 +403,18 @@ void tile_f32(const Lhs<float>& A, const Blk<float>* blk, int64_t ldc) {
     for (int r = 0; r < R; ++r)
       acc[r][q] = blk[q].add ? _mm512_maskz_loadu_ps(m[q], blk[q].add + r * ldc) : _mm512_setzero_ps();
   }
-  if (A.k1 > 0) {
-    tile_f32_seg<R, NB>(A.a1, A.ld1, A.k1, w, acc);
-    for (int q = 0; q < NB; ++q) w[q] += A.k1 * kLanes;
+  const int64_t ldw = blk[0].ldw;  // one stride for the tile's blocks
+  if (ldw == kLanes && A.ks == 1) {
+    if (A.k1 > 0) {
+      tile_f32_seg<R, NB, true>(A.a1, A.ld1, 1, A.k1, w, kLanes, acc);
+      for (int q = 0; q < NB; ++q) w[q] += A.k1 * kLanes;
+    }
+    tile_f32_seg<R, NB, true>(A.a2, A.ld2, 1, A.k2, w, kLanes, acc);
+  } else {
+    tile_f32_seg<R, NB, false>(A.a1, A.ld1, A.ks, A.k1, w, ldw, acc);
+    for (int q = 0; q < NB; ++q) w[q] += A.k1 * ldw;
+    tile_f32_seg<R, NB, false>(A.a2, A.ld2, A.ks, A.k2, w, ldw, acc);
   }
-  tile_f32_seg<R, NB>(A.a2, A.ld2, A.k2, w, acc);
   for (int q = 0; q < NB; ++q)
     for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(blk[q].c + r * ldc, m[q], acc[r][q]);
 }
@@ -672,67 +691,122 @@ void forward_persistent(const Shape& d, const T* xw, const T* x, const T* w_ih, 
 
 // Backward steps (no projection). Per step: the gate gradients of the slice's units (they
 // need only dh of those units, which the slice computed itself), a barrier, then dh of the
-// slice's units = the step's gate gradients (all units) @ W_hh[:, slice] (+ dh * z for gru).
-// dx, when given, is done the same way while the step's gradients are in cache: the slice's
-// share of dx's columns, from the input-side gradients (the same rows but for gru's n gate,
-// whose time-ordered rows are the step's only without lengths and reverse).
+// slice's units = the step's gate gradients (all units) @ W_hh[:, slice] (+ dh * z for gru)
+// and, while the step's gradients are in cache, the slice's share of dx's columns.
+// The gate gradients live in a ring of C steps, in step order, not in a (T, B, G*H) buffer:
+// when the C steps of a chunk are done each slice adds the weight gradients of its own gate
+// columns, [x | h] of the chunk's rows, transposed, @ their gradients, to dW^T (features x G*H)
+// and their column sums to the bias gradients. Its own columns only: no barrier, and every
+// column is summed in the same order (chunks from the last, rows in step order) whatever the
+// slicing, so the results do not depend on the thread count.
+// dwi (I x G*H), dwh (H x G*H), dbi, dbh (G*H): zero on entry, null when not wanted; dbh ==
+// dbi but for gru (whose n gate has r in on the recurrent side, not on the input side).
 template <typename T>
-void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, const T* w_ih, const int64_t* len,
-                         bool reverse, const T* dyp, const T* dhTp, T* dgh, T* dgi, int64_t ldg, T* dhh, T* dcc,
-                         T* dx, const at::TensorOptions& opt) {
-  const int64_t Tn = d.T, B = d.B, H = d.H, GH = d.GH(), I = dx ? d.I : 0;
-  const bool lstm = d.cell == Cell::kLSTM, gru = d.cell == Cell::kGRU, separate = dgi != dgh;
-  const Slices sl(H, 2 * B * GH * (H + I), GH * (H + I) * int64_t(sizeof(T)));
+void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, const T* w_ih, const T* x,
+                         const int64_t* len, bool reverse, const T* dyp, const T* dhTp, T* dhh, T* dcc, T* dx,
+                         T* dwi, T* dwh, T* dbi, T* dbh, const at::TensorOptions& opt) {
+  const int64_t Tn = d.T, B = d.B, H = d.H, GH = d.GH(), I = d.I, Ix = dx ? I : 0;
+  const bool lstm = d.cell == Cell::kLSTM, gru = d.cell == Cell::kGRU;
+  const Slices sl(H, 2 * B * GH * (H + Ix), GH * (H + Ix) * int64_t(sizeof(T)));
   const at::Tensor packed = pack_backward(w_hh, GH, H, sl.nub, opt);
   const T* wp = packed.data_ptr<T>();
-  const int64_t nvb = (I + kLanes - 1) / kLanes;  // dx's 16-column blocks
-  const at::Tensor packed_x = pack_backward(w_ih, GH, I, nvb, opt);
+  const int64_t nvb = (Ix + kLanes - 1) / kLanes;  // dx's 16-column blocks
+  const at::Tensor packed_x = pack_backward(w_ih, GH, Ix, nvb, opt);
   const T* wpx = packed_x.data_ptr<T>();
+  const bool perm = len || reverse;  // rows of a step belong to different times
   // rows of a step go to dx at their own times under lengths or reverse: through a buffer
-  const bool scatter = I > 0 && (len || reverse);
-  const at::Tensor xbuf_t = at::empty({scatter ? sl.ns * B * I : 0}, opt);
+  const at::Tensor xbuf_t = at::empty({perm && Ix > 0 ? sl.ns * B * I : 0}, opt);
+  // chunks of about 256 rows: the weight-gradient tiles run long over k, the ring stays small
+  const int64_t C = std::max<int64_t>(2, (256 + B - 1) / B);
+  // rows padded by 16: a 4 KiB row stride (G*H = 1024 fp32) would put the rows that a step's
+  // GEMM tile reads together into the same L1 cache set
+  const int64_t ldg = GH + kLanes;
+  const at::Tensor ring_t = at::empty({(gru ? 2 : 1) * C * B * ldg}, opt);
+  T* ringh = ring_t.data_ptr<T>();
+  T* ringi = gru ? ringh + C * B * ldg : ringh;  // input side: gru's n gate without r
+  // the chunk's [x | h] rows in step order, per slice: under lengths or reverse x's rows come
+  // from their own times, and the row stride is padded (x's 1 KiB stride would put the rows
+  // that one tile reads into 4 of the 64 L1 sets)
+  const int64_t ldf = I + H + kLanes;
+  const at::Tensor xh_t = at::empty({dwi || dwh ? sl.ns * C * B * ldf : 0}, opt);
   run_slices(sl, Tn, [&](int64_t i, int64_t step) {
     const int64_t s = Tn - 1 - step;
     const int64_t u0 = sl.u0(i), u1 = sl.u1(i), j0 = u0 * kLanes, nj = std::min(H, u1 * kLanes) - j0;
-    T* dgs = dgh + s * B * ldg;
+    T* dgs = ringh + (s % C) * B * ldg;
+    T* dis = ringi + (s % C) * B * ldg;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t L = len ? len[b] : Tn;
-      T* dg = dgs + b * ldg + j0;
       if (s >= L) {
         for (int64_t g = 0; g < d.G; ++g) {
-          zero_row(dg + g * H, nj);
-          if (separate) zero_row(dgi + (s * B + b) * ldg + g * H + j0, nj);
+          zero_row(dgs + b * ldg + g * H + j0, nj);
+          if (gru) zero_row(dis + b * ldg + g * H + j0, nj);
         }
         continue;
       }
       const int64_t t = time_of(s, L, reverse);
       gate_grads<T>(d, ws, s, b, (s + 1 < L ? dhh : dhTp) + b * H, dyp + (t * B + b) * H, dgs + b * ldg,
-                    dgi + (t * B + b) * ldg, separate, lstm ? dcc + b * H : nullptr, dhh + b * H, j0, nj);
+                    dis + b * ldg, false, lstm ? dcc + b * H : nullptr, dhh + b * H, j0, nj);
     }
   }, [&](int64_t i, int64_t step) {
     const int64_t s = Tn - 1 - step;
     const int64_t u0 = sl.u0(i), u1 = sl.u1(i);
+    const T* dgs = ringh + (s % C) * B * ldg;
+    const T* dis = ringi + (s % C) * B * ldg;
     std::vector<Blk<T>> blk;
-    blk.reserve(u1 - u0);
+    blk.reserve((u1 - u0) * d.G);
     for (int64_t u = u0; u < u1; ++u) {
       T* c = dhh + u * kLanes;
       blk.push_back({wp + u * GH * kLanes, c, gru ? c : nullptr, int(std::min(kLanes, H - u * kLanes))});
     }
-    const Lhs<T> a{nullptr, 0, 0, dgh + s * B * ldg, ldg, GH};
-    tiles<T>(a, B, blk, H);
+    tiles<T>(Lhs<T>{nullptr, 0, 0, dgs, ldg, GH}, B, blk, H);
     const int64_t v0 = i * nvb / sl.ns, v1 = (i + 1) * nvb / sl.ns;
-    if (v0 == v1) return;
-    const Lhs<T> ax{nullptr, 0, 0, (gru ? dgi : dgh) + s * B * ldg, ldg, GH};
-    T* cx = scatter ? xbuf_t.data_ptr<T>() + i * B * I : dx + s * B * I;
-    blk.clear();
-    for (int64_t v = v0; v < v1; ++v)
-      blk.push_back({wpx + v * GH * kLanes, cx + v * kLanes, nullptr, int(std::min(kLanes, I - v * kLanes))});
-    tiles<T>(ax, B, blk, I);
-    if (scatter) {
-      const int64_t c0 = v0 * kLanes, nc = std::min(I, v1 * kLanes) - c0;
-      for (int64_t b = 0; b < B; ++b)
-        copy_row(dx + (time_of(s, len ? len[b] : Tn, reverse) * B + b) * I + c0, cx + b * I + c0, nc);
+    if (v0 < v1) {
+      T* cx = perm ? xbuf_t.data_ptr<T>() + i * B * I : dx + s * B * I;
+      blk.clear();
+      for (int64_t v = v0; v < v1; ++v)
+        blk.push_back({wpx + v * GH * kLanes, cx + v * kLanes, nullptr, int(std::min(kLanes, I - v * kLanes))});
+      tiles<T>(Lhs<T>{nullptr, 0, 0, dis, ldg, GH}, B, blk, I);
+      if (perm) {
+        const int64_t c0 = v0 * kLanes, nc = std::min(I, v1 * kLanes) - c0;
+        for (int64_t b = 0; b < B; ++b)
+          copy_row(dx + (time_of(s, len ? len[b] : Tn, reverse) * B + b) * I + c0, cx + b * I + c0, nc);
+      }
     }
+    if (s % C) return;
+    // the chunk of steps s .. s + n - 1 is complete: its rows are the ring's first n * B
+    const int64_t rows = (std::min(Tn, s + C) - s) * B;
+    auto weight_grads = [&](const T* feat, int64_t nf, int64_t ldf, const T* ring, T* dw) {
+      blk.clear();
+      for (int64_t u = u0; u < u1; ++u)
+        for (int64_t g = 0; g < d.G; ++g) {
+          const int64_t col = g * H + u * kLanes;
+          blk.push_back({ring + col, dw + col, dw + col, int(std::min(kLanes, H - u * kLanes)), ldg});
+        }
+      tiles<T>(Lhs<T>{nullptr, 0, 0, feat, 1, rows, ldf}, nf, blk, GH);
+    };
+    if (dwi || dwh) {
+      T* xh = xh_t.data_ptr<T>() + i * C * B * ldf;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t b = r % B;
+        if (dwi) copy_row(xh + r * ldf, x + (time_of(s + r / B, len ? len[b] : Tn, reverse) * B + b) * I, I);
+        if (dwh) copy_row(xh + r * ldf + I, ws.h + (s * B + r) * H, H);
+      }
+      if (dwi) weight_grads(xh, I, ldf, ringi, dwi);
+      if (dwh) weight_grads(xh + I, H, ldf, ringh, dwh);
+    }
+    auto bias_grads = [&](const T* ring, T* db) {
+      for (int64_t g = 0; g < d.G; ++g) {
+        T* o = db + g * H + u0 * kLanes;
+        const int64_t n = std::min(H, u1 * kLanes) - u0 * kLanes;
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* a = ring + r * ldg + g * H + u0 * kLanes;
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) o[j] += a[j];
+        }
+      }
+    };
+    if (dbi) bias_grads(ringi, dbi);
+    if (dbh && dbh != dbi) bias_grads(ringh, dbh);
   });
 }
 
@@ -885,50 +959,31 @@ void column_sum(const T* a, int64_t rows, int64_t cols, int64_t lda, T* out) {
   });
 }
 
+// Backward with a projection (or an empty batch): per step, parallel over rows, the gate
+// gradients of all steps kept whole; then the weight and input gradients as GEMMs over all
+// steps, the bias gradients column sums.
 template <typename T>
-std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, const at::Tensor& dhT,
-                                       const at::Tensor& dcT, const at::Tensor& x, const at::Tensor& w_ih,
-                                       const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh,
-                                       const at::Tensor& w_hr, const at::Tensor& lengths, bool reverse,
-                                       const at::Tensor& ws_t, const std::vector<bool>& need) {
+void backward_loop(const Shape& d, const Workspace<T>& ws, const T* dyp, const T* dhTp, const at::Tensor& x,
+                   const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& b_ih,
+                   const at::Tensor& b_hh, const int64_t* len, bool reverse, T* dhh, T* dcc,
+                   const std::vector<bool>& need, const at::Tensor& dx_t, std::vector<at::Tensor>& out) {
   const auto opt = x.options();
   const int64_t Tn = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH(), TB = Tn * B;
   const bool proj = d.proj(), lstm = d.cell == Cell::kLSTM, gru = d.cell == Cell::kGRU;
-  Workspace<T> ws(d, ws_t.data_ptr<T>());
-  const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
-  const T* dyp = dy.data_ptr<T>();
-  const T* dhTp = dhT.data_ptr<T>();
-
   // gradients of the gates' pre-activations: step order (for W_hh) and time order (for
   // W_ih and x); the same buffer unless they differ (gru's n gate, or reversed order)
-  // rows padded by 16: a 4 KiB row stride (G*H = 1024 fp32) would put the rows that a step's
-  // GEMM tile reads together into the same L1 cache set
   const int64_t ldg = GH + kLanes;
   at::Tensor dgh_t = at::empty({TB * ldg}, opt);
   at::Tensor dgi_t = (gru || reverse) ? at::empty({TB * ldg}, opt) : dgh_t;
-  advise_huge(dgh_t.data_ptr(), dgh_t.numel() * sizeof(T));
-  if (dgi_t.data_ptr() != dgh_t.data_ptr()) advise_huge(dgi_t.data_ptr(), dgi_t.numel() * sizeof(T));
   T* dgh = dgh_t.data_ptr<T>();
   T* dgi = dgi_t.data_ptr<T>();
   const bool separate = dgi != dgh;
-  at::Tensor dhh_t = at::zeros({B, P}, opt);  // gradient into h from the step after
-  T* dhh = dhh_t.data_ptr<T>();
-  at::Tensor dcc_t = lstm ? dcT.clone() : at::Tensor();
-  T* dcc = lstm ? dcc_t.data_ptr<T>() : nullptr;
   at::Tensor dr_t = proj ? at::empty({TB, P}, opt) : at::Tensor();
   at::Tensor dhc_t = proj ? at::empty({B, H}, opt) : at::Tensor();
   const T* w_hr_p = proj ? w_hr.data_ptr<T>() : nullptr;
   const at::Tensor zeros_t = at::zeros({H}, opt);
   const T* zrow = zeros_t.data_ptr<T>();
-
-  // dx inside the step loop (for gru only when step s is time s in every row)
-  const bool step_dx = need[0] && !proj && B > 0 && !(gru && (len || reverse));
-  at::Tensor dx_t = need[0] ? at::empty({Tn, B, d.I}, opt) : at::Tensor();
-  if (need[0]) advise_huge(dx_t.data_ptr(), dx_t.numel() * sizeof(T));
-  if (!proj && B > 0)
-    backward_persistent<T>(d, ws, w_hh.data_ptr<T>(), w_ih.data_ptr<T>(), len, reverse, dyp, dhTp, dgh, dgi, ldg, dhh,
-                           dcc, step_dx ? dx_t.data_ptr<T>() : nullptr, opt);
-  else for (int64_t s = Tn - 1; s >= 0; --s) {  // with a projection: per step, parallel over rows
+  for (int64_t s = Tn - 1; s >= 0; --s) {
     T* dgs = dgh + s * B * ldg;
     T* drs = proj ? dr_t.data_ptr<T>() + s * B * P : nullptr;
     if (proj) {  // gradient of h (the projection's output), then back through w_hr
@@ -964,20 +1019,10 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
     gemm<T>(false, false, B, P, GH, T(1), dgs, ldg, w_hh.data_ptr<T>(), P, gru ? T(1) : T(0), dhh, P);
   }
 
-  std::vector<at::Tensor> out(8);
-  for (auto& t : out) t = at::empty({0}, opt);  // distinct tensors: outputs of an op may not alias
   if (need[0]) {
     out[0] = dx_t;
-    if (!step_dx) gemm<T>(false, false, TB, d.I, GH, T(1), dgi, ldg, w_ih.data_ptr<T>(), d.I, T(0), dx_t.data_ptr<T>(), d.I);
+    gemm<T>(false, false, TB, d.I, GH, T(1), dgi, ldg, w_ih.data_ptr<T>(), d.I, T(0), dx_t.data_ptr<T>(), d.I);
   }
-  if (need[1]) {  // rows whose sequence is empty pass dh_T straight through
-    out[1] = at::empty({B, P}, opt);
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t L = len ? len[b] : Tn;
-      copy_row(out[1].data_ptr<T>() + b * P, (L > 0 ? dhh : dhTp) + b * P, P);
-    }
-  }
-  if (need[2] && lstm) out[2] = dcc_t;
   if (need[3]) {
     out[3] = at::empty({GH, d.I}, opt);
     gemm<T>(true, false, GH, d.I, TB, T(1), dgi, ldg, x.data_ptr<T>(), d.I, T(0), out[3].data_ptr<T>(), d.I);
@@ -999,6 +1044,56 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
     out[7] = at::empty({P, H}, opt);
     gemm<T>(true, false, P, H, TB, T(1), dr_t.data_ptr<T>(), P, ws.hc, H, T(0), out[7].data_ptr<T>(), H);
   }
+}
+
+template <typename T>
+std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, const at::Tensor& dhT,
+                                       const at::Tensor& dcT, const at::Tensor& x, const at::Tensor& w_ih,
+                                       const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh,
+                                       const at::Tensor& w_hr, const at::Tensor& lengths, bool reverse,
+                                       const at::Tensor& ws_t, const std::vector<bool>& need) {
+  const auto opt = x.options();
+  const int64_t Tn = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH();
+  const bool proj = d.proj(), lstm = d.cell == Cell::kLSTM, gru = d.cell == Cell::kGRU;
+  Workspace<T> ws(d, ws_t.data_ptr<T>());
+  const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  const T* dyp = dy.data_ptr<T>();
+  const T* dhTp = dhT.data_ptr<T>();
+
+  at::Tensor dhh_t = at::zeros({B, P}, opt);  // gradient into h from the step after
+  T* dhh = dhh_t.data_ptr<T>();
+  at::Tensor dcc_t = lstm ? dcT.clone() : at::Tensor();
+  T* dcc = lstm ? dcc_t.data_ptr<T>() : nullptr;
+  at::Tensor dx_t = need[0] ? at::empty({Tn, B, d.I}, opt) : at::Tensor();
+  if (need[0]) advise_huge(dx_t.data_ptr(), dx_t.numel() * sizeof(T));
+  std::vector<at::Tensor> out(8);
+  for (auto& t : out) t = at::empty({0}, opt);  // distinct tensors: outputs of an op may not alias
+  const bool gbi = need[5] && b_ih.defined(), gbh = need[6] && b_hh.defined();
+  if (!proj && B > 0) {  // everything inside the step loop
+    at::Tensor dwi_t = need[3] ? at::zeros({d.I, GH}, opt) : at::Tensor();
+    at::Tensor dwh_t = need[4] ? at::zeros({H, GH}, opt) : at::Tensor();
+    // lstm and rnn: the same gradients on both sides, so one sum serves both biases
+    at::Tensor dbi_t = (gbi || (gbh && !gru)) ? at::zeros({GH}, opt) : at::Tensor();
+    at::Tensor dbh_t = gru ? (gbh ? at::zeros({GH}, opt) : at::Tensor()) : dbi_t;
+    auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    backward_persistent<T>(d, ws, w_hh.data_ptr<T>(), w_ih.data_ptr<T>(), x.data_ptr<T>(), len, reverse, dyp, dhTp,
+                           dhh, dcc, ptr(dx_t), ptr(dwi_t), ptr(dwh_t), ptr(dbi_t), ptr(dbh_t), opt);
+    if (need[0]) out[0] = dx_t;
+    if (need[3]) out[3] = dwi_t.t().contiguous();
+    if (need[4]) out[4] = dwh_t.t().contiguous();
+    if (gbi) out[5] = dbi_t;
+    if (gbh) out[6] = gru || !gbi ? dbh_t : dbh_t.clone();
+  } else {
+    backward_loop<T>(d, ws, dyp, dhTp, x, w_ih, w_hh, w_hr, b_ih, b_hh, len, reverse, dhh, dcc, need, dx_t, out);
+  }
+  if (need[1]) {  // rows whose sequence is empty pass dh_T straight through
+    out[1] = at::empty({B, P}, opt);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t L = len ? len[b] : Tn;
+      copy_row(out[1].data_ptr<T>() + b * P, (L > 0 ? dhh : dhTp) + b * P, P);
+    }
+  }
+  if (need[2] && lstm) out[2] = dcc_t;
   return out;
 }
 
