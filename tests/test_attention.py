@@ -284,6 +284,22 @@ def test_bad_input_names_the_argument(bad, match):
         SF.scaled_dot_product_attention(**kw)
 
 
+@pytest.mark.parametrize("shapes", [
+    [(2, 1, 3), (4, 3), (1,)], [(0,), (1,)], [(0, 1), (1, 5)], [(), (3, 2)], [(1, 1), ()],
+    [(2,), (3,)], [(0,), (2,)], [(2, 0), (2, 3)], [(3, 1, 2), (4, 1)], [(7,), (7,), (1,)],
+])
+def test_broadcast_is_torch_broadcast_shapes(shapes):
+    # the plain-Python shape broadcast of the dispatch path (torch's costs ~35 us a call)
+    try:
+        want = torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        with pytest.raises(RuntimeError):
+            A._broadcast(*shapes)
+        return
+    got = A._broadcast(*shapes)
+    assert isinstance(got, torch.Size) and got == want
+
+
 def test_backend_unavailable_and_automatic_choice():
     q, k, v = _inputs((1, 2, 5, 8), (1, 2, 5, 8), dtype=torch.float16, grad=False)
     with pytest.raises(seqkern.BackendUnavailable, match="cpu"):
