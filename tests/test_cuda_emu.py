@@ -237,7 +237,7 @@ def _attention(lib, case, dtype):
     want, want_lse = A.sdpa_reference_canonical(*d64, p, causal, prm.scale, seed)
     close(out, want, dtype, "out")
     close(lse, want_lse, dtype, "lse")
-    dout = torch.randn(B, Hq, L, Ev, dtype=torch.float64).to(dtype)
+    dout = torch.randn(B, Hq, L, Ev, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(dtype)
     dq, dk, dv = poisoned(*q.shape, dtype=dtype), poisoned(*k.shape, dtype=dtype), poisoned(*v.shape, dtype=dtype)
     delta = poisoned(B, Hq, L, dtype=torch.float32)
     call(lib, "emu_attention_backward", ctypes.byref(prm), ptr(dout), ptr(out), ptr(lse), ptr(delta), ptr(dq),
@@ -249,6 +249,7 @@ def _attention(lib, case, dtype):
     if mask is not None and torch.isinf(mask).all(-1).any():
         dead = torch.isinf(mask).all(-1).expand(B, Hq, L)
         assert torch.isneginf(lse[dead]).all() and (out[dead] == 0).all() and (dq[dead] == 0).all()
+    return out, lse, dq, dk, dv
 
 
 def test_attention_rejects_fp64(lib):
@@ -539,3 +540,32 @@ def test_rnn_persistent(lib, case):
 def test_rnn_persistent_uneven_blocks(lib):
     # H = 137 > 132 SMs: 69 blocks of 2 hidden units, the last with 1; fp64
     _rnn_check(lib, "lstm", [3, 1], True, False, torch.float64, persistent=True, T=3, B=2, I=3, H=137)
+
+
+# ---------------------------------------------------------------------------
+# races: the emulator runs each thread from one barrier to the next in one go, in the order set
+# here; a result that changes with the order reads shared or global memory that another thread
+# writes without a barrier in between
+# ---------------------------------------------------------------------------
+
+def _schedule_probe(lib):
+    outs = []
+    for case in (ATTN_CASES[1], ATTN_CASES[4], ATTN_CASES[7]):
+        outs += _attention(lib, case, torch.float32)
+    outs.append(_rnn_check(lib, "lstm", [4, 1, 0, 3, 2], True, False, torch.float32, persistent=True,
+                           T=4, B=5, I=5, H=20))
+    outs.append(_rnn_check(lib, "gru", None, False, False, torch.float32, persistent=True, T=3, B=2, I=3, H=137))
+    return outs
+
+
+@pytest.mark.parametrize("order,seed", [(1, 0), (2, 1), (2, 2)], ids=["descending", "shuffled1", "shuffled2"])
+def test_results_do_not_depend_on_the_schedule(lib, order, seed):
+    runs = []
+    for o in (0, order):
+        lib.sk_emu_set_schedule(o, seed)
+        try:
+            runs.append(_schedule_probe(lib))
+        finally:
+            lib.sk_emu_set_schedule(0, 0)
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a, b), f"output {i} differs between thread orders"

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <map>
+#include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -57,6 +59,12 @@ Block* g_cur_block = nullptr;
 std::string g_fail;
 bool g_failed = false;
 uint64_t g_together = 1;  // blocks resident at once
+// Order in which a pass of the scheduler resumes the threads: 0 ascending, 1 descending, 2 shuffled
+// each pass. Threads run from one barrier/collective to the next without interruption, so code that
+// reads what another thread writes between two barriers sees the write or not depending on the
+// order: a result that changes with the order is a race on the GPU.
+int g_order = 0;
+std::mt19937 g_rng(0);
 long g_spins = 0;
 cudaError_t g_last = cudaSuccess;
 void (*g_body)(void*) = nullptr;
@@ -308,9 +316,14 @@ void init_fiber(Fiber& f, size_t i) {
 
 // Runs the fibers of `blocks` together until all are done (or one fails).
 void schedule() {
+  std::vector<size_t> order(g_fibers.size());
+  std::iota(order.begin(), order.end(), size_t(0));
+  if (g_order == 1) std::reverse(order.begin(), order.end());
   for (;;) {
     bool ran = false, live = false;
-    for (Fiber& f : g_fibers) {
+    if (g_order == 2) std::shuffle(order.begin(), order.end(), g_rng);
+    for (size_t idx : order) {
+      Fiber& f = g_fibers[idx];
       if (g_failed) return;
       if (f.state == 2) continue;
       live = true;
@@ -462,3 +475,7 @@ cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 
 extern "C" const char* sk_emu_last_failure() { return sk_emu::g_fail.c_str(); }
+extern "C" void sk_emu_set_schedule(int order, unsigned seed) {
+  sk_emu::g_order = order;
+  sk_emu::g_rng.seed(seed);
+}
