@@ -52,7 +52,7 @@ __device__ __forceinline__ void load_tile(float* dst, int pitch, const T* src, i
 
 template <typename T, int NT>
 __global__ void fwd_kernel(AttnParams p, T* __restrict__ out, float* __restrict__ lse) {
-  extern __shared__ float smem[];
+  SK_DYNAMIC_SMEM(float, smem);
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
   float* Ks = smem;                  // kTile x (E + 1)
   float* Vs = Ks + kTile * (E + 1);  // kTile x Ev
@@ -134,7 +134,7 @@ __global__ void dkdv_kernel(AttnParams p, const T* __restrict__ dout,
                                                            const float* __restrict__ lse,
                                                            const float* __restrict__ delta, T* __restrict__ dk,
                                                            T* __restrict__ dv) {
-  extern __shared__ float smem[];
+  SK_DYNAMIC_SMEM(float, smem);
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
   float* Qs = smem;                    // kTile x (E + 1)
   float* dOs = Qs + kTile * (E + 1);   // kTile x (Ev + 1)
@@ -199,7 +199,7 @@ template <typename T, int NT>
 __global__ void dq_kernel(AttnParams p, const T* __restrict__ dout,
                                                          const float* __restrict__ lse,
                                                          const float* __restrict__ delta, T* __restrict__ dq) {
-  extern __shared__ float smem[];
+  SK_DYNAMIC_SMEM(float, smem);
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
   float* Ks = smem;                   // kTile x (E + 1)
   float* Vs = Ks + kTile * (E + 1);   // kTile x (Ev + 1)
@@ -264,7 +264,7 @@ cudaError_t forward_t(const AttnParams& p, void* out, float* lse, cudaStream_t s
   const size_t smem = sizeof(float) * (kTile * (p.E + 1) + kTile * p.Ev + kWarps * p.E);
   cudaError_t err = prepare(fwd_kernel<T, NT>, smem);
   if (err != cudaSuccess) return err;
-  fwd_kernel<T, NT><<<static_cast<unsigned>(blocks), kWarps * 32, smem, stream>>>(p, static_cast<T*>(out), lse);
+  SK_LAUNCH(static_cast<unsigned>(blocks), kWarps * 32, smem, stream, fwd_kernel<T, NT>)(p, static_cast<T*>(out), lse);
   return cudaGetLastError();
 }
 
@@ -274,7 +274,7 @@ cudaError_t backward_t(const AttnParams& p, const void* dout_, const void* out_,
   const T* dout = static_cast<const T*>(dout_);
   const int64_t rows = p.B * p.Hq * p.L;
   if (rows > 0) {
-    delta_kernel<T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(
+    SK_LAUNCH(static_cast<unsigned>((rows + kWarps - 1) / kWarps), kWarps * 32, 0, stream, delta_kernel<T>)(
         dout, static_cast<const T*>(out_), delta, rows, p.Ev);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -285,7 +285,7 @@ cudaError_t backward_t(const AttnParams& p, const void* dout_, const void* out_,
     const size_t smem = sizeof(float) * (kTile * (p.E + 1) + kTile * (p.Ev + 1) + kWarps * (p.E + p.Ev) + 2 * kTile);
     cudaError_t err = prepare(dkdv_kernel<T, NT>, smem);
     if (err != cudaSuccess) return err;
-    dkdv_kernel<T, NT><<<static_cast<unsigned>(kv_blocks), kWarps * 32, smem, stream>>>(
+    SK_LAUNCH(static_cast<unsigned>(kv_blocks), kWarps * 32, smem, stream, dkdv_kernel<T, NT>)(
         p, dout, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv));
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -295,8 +295,8 @@ cudaError_t backward_t(const AttnParams& p, const void* dout_, const void* out_,
     const size_t smem = sizeof(float) * (kTile * (p.E + 1) + kTile * (p.Ev + 1) + kWarps * (p.E + p.Ev));
     cudaError_t err = prepare(dq_kernel<T, NT>, smem);
     if (err != cudaSuccess) return err;
-    dq_kernel<T, NT><<<static_cast<unsigned>(q_blocks), kWarps * 32, smem, stream>>>(p, dout, lse, delta,
-                                                                                  static_cast<T*>(dq));
+    SK_LAUNCH(static_cast<unsigned>(q_blocks), kWarps * 32, smem, stream, dq_kernel<T, NT>)(p, dout, lse, delta,
+                                                                                          static_cast<T*>(dq));
     return cudaGetLastError();
   }
   return cudaSuccess;
