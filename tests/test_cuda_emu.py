@@ -25,7 +25,7 @@ EMU = os.path.join(ROOT, "tests", "cuda_emu")
 ASAN = os.environ.get("SEQKERN_EMU_ASAN") == "1"
 CXX = os.environ.get("CXX", "g++")
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))) + [
-    os.path.join(EMU, "emu.cpp"), os.path.join(EMU, "api.cpp")]
+    os.path.join(EMU, "emu.cpp"), os.path.join(EMU, "api.cpp"), os.path.join(EMU, "selftest.cu")]
 FLAGS = ["-std=c++17", "-O1", "-fPIC", "-DSEQKERN_CUDA_EMULATE", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas",
          "-I", os.path.join(EMU, "include"), "-I", os.path.join(ROOT, "csrc")]
 if ASAN:
@@ -128,6 +128,54 @@ def close(got, want, dtype, what):
     torch.testing.assert_close(got.to(want.dtype), want, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("which,code,message", [
+    (0, 719, "divergent warp collective"),
+    (1, 719, "exited"),
+    (2, 719, "__syncthreads reached at different lines"),
+    (3, 719, "deadlock"),
+    (4, 1, ""),  # cudaErrorInvalidValue: more dynamic shared memory than the kernel's attribute allows
+    (5, 0, ""),
+    (6, 719, "static __shared__ variable in a cooperative kernel"),
+    (7, 719, "spin loop that never ends"),
+    (9, 9, ""),  # cudaErrorInvalidConfiguration
+    (10, 9, ""),
+])
+def test_emulator_reports(lib, which, code, message):
+    """The emulator turns what is undefined or fails on a GPU into an error with a message."""
+    buf = torch.zeros(1024)
+    assert lib.emu_selftest(which, ptr(buf)) == code
+    assert message in lib.emu_last_failure().decode()
+    assert lib.emu_selftest(5, ptr(buf)) == 0  # and the next launch runs normally
+
+
+def test_emulator_primitives(lib):
+    out = torch.full((64, 4), -1, dtype=torch.int32)
+    assert lib.emu_selftest(8, ptr(out)) == 0
+    t = torch.arange(64)
+    bits = ((63 - t) % 3 == 0).view(2, 32)  # per warp: bit lane of (63 - lane') % 3 == 0
+    ballot = [sum(1 << i for i in range(32) if bits[w, i]) for w in range(2)]
+    want_ballot = torch.tensor([ballot[i // 32] for i in range(64)], dtype=torch.int64).to(torch.int32)
+    assert torch.equal(out[:, 0], want_ballot)
+    assert torch.equal(out[:, 1], torch.where(t % 32 >= 3, t - 3, t).to(torch.int32))
+    assert torch.equal(out[:, 2], torch.tensor([0] * 32 + [1] * 32, dtype=torch.int32))
+    assert torch.equal(out[:, 3], torch.tensor([1] * 32 + [0] * 32, dtype=torch.int32))
+
+
+def test_half_conversions_round_to_nearest_even(lib):
+    # every fp32 bit pattern class: subnormal/normal/overflow boundaries, ties, NaN, inf
+    x = torch.cat((torch.randn(20000) * torch.logspace(-9, 5, 20000), torch.tensor(
+        [0.0, -0.0, 65504.0, 65519.99, 65520.0, -65520.0, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14,
+         1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, float("inf"), float("-inf"), float("nan"), 3.4e38])))
+    for dt in (torch.float16, torch.bfloat16):
+        got = torch.empty(x.shape, dtype=dt)
+        back = torch.empty(x.shape, dtype=torch.float32)
+        lib.emu_convert(DT[dt], ptr(x), ptr(got), ptr(back), I64(x.numel()))
+        want = x.to(dt)
+        assert torch.equal(got.view(torch.int16)[~want.isnan()], want.view(torch.int16)[~want.isnan()]), dt
+        assert got.isnan().equal(want.isnan())
+        assert torch.equal(back, want.float()) or torch.equal(back.isnan(), want.isnan())
+
+
 def test_struct_layouts(lib):
     got = (ctypes.c_int64 * 10)()
     lib.emu_layouts(got)
@@ -222,8 +270,25 @@ def test_attention_forward_backward(lib, case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_attention_half_types(lib, dtype):
-    _attention(lib, ATTN_CASES[1], dtype)
+@pytest.mark.parametrize("case", [ATTN_CASES[1], ATTN_CASES[7]], ids=["gqa-additive", "dead-rows-dropout"])
+def test_attention_half_types(lib, case, dtype):
+    _attention(lib, case, dtype)
+
+
+@pytest.mark.parametrize("L,S", [(5, 0), (0, 7)])
+def test_attention_empty_side(lib, L, S):
+    """No keys: out 0, lse -inf, dq 0; no queries: dk, dv 0 (the kernels launch for one side only)."""
+    q, k, v = torch.randn(1, 2, L, 8), torch.randn(1, 2, S, 8), torch.randn(1, 2, S, 8)
+    prm = _attn_params(q, k, v, None, False, 0.0, 0, torch.float32)
+    out, lse = poisoned(1, 2, L, 8, dtype=torch.float32), poisoned(1, 2, L, dtype=torch.float32)
+    call(lib, "emu_attention_forward", ctypes.byref(prm), ptr(out), ptr(lse))
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    dq, dk, dv = poisoned(*q.shape, dtype=torch.float32), poisoned(*k.shape, dtype=torch.float32), poisoned(
+        *v.shape, dtype=torch.float32)
+    dout, delta = torch.randn(1, 2, L, 8), torch.empty(1, 2, L)  # held: ptr() keeps no reference
+    call(lib, "emu_attention_backward", ctypes.byref(prm), ptr(dout), ptr(out), ptr(lse), ptr(delta), ptr(dq),
+         ptr(dk), ptr(dv))
+    assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
 
 
 def _attention(lib, case, dtype):
@@ -535,6 +600,21 @@ def test_rnn_persistent(lib, case):
     y = _rnn_check(lib, *case, torch.float32, persistent=True, **dims)
     y_steps = _rnn_check(lib, *case, torch.float32, persistent=False, **dims)
     close(y, y_steps, torch.float32, "persistent vs steps")
+
+
+def test_rnn_persistent_large_shared_memory(lib):
+    # fp64 LSTM H=600: 120 blocks of 5 units, 96 KB of W_hh each: past the 48 KB default, so the
+    # launcher must raise the kernel's limit first (the emulator refuses the launch otherwise)
+    _rnn_check(lib, "lstm", None, False, False, torch.float64, persistent=True, T=2, B=1, I=2, H=600)
+
+
+def test_rnn_persistent_declines_what_does_not_fit(lib):
+    # fp64 LSTM H=1024 B=16: 8 units per block need 266 KB of shared memory (227 KB on the device)
+    T, B, H = 2, 16, 1024
+    shape = _shape("lstm", torch.float64, T, B, H, H, False, False, None)
+    assert lib.emu_rnn_persistent_supported(ctypes.byref(shape))
+    a = RnnPersistentForward()
+    assert lib.emu_rnn_persistent_forward(ctypes.byref(shape), ctypes.byref(a)) == 801  # cudaErrorNotSupported
 
 
 def test_rnn_persistent_uneven_blocks(lib):

@@ -8,6 +8,9 @@
 #include "cuda/rotary.h"
 #include "cuda/wkv.h"
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 namespace sc = seqkern::cuda;
 
 extern "C" {
@@ -52,6 +55,19 @@ int emu_rnn_backward_step(const sc::RnnShape* d, int64_t s, const sc::RnnBackwar
 int emu_rnn_persistent_supported(const sc::RnnShape* d) { return sc::rnn_persistent_supported(*d); }
 int emu_rnn_persistent_forward(const sc::RnnShape* d, const sc::RnnPersistentForward* a) {
   return sc::rnn_persistent_forward(*d, *a, nullptr);
+}
+
+// fp32 -> half type -> fp32 through the emulator's conversions (checked against torch's)
+void emu_convert(int dtype, const float* x, void* h, float* back, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (dtype == 2) {
+      static_cast<__half*>(h)[i] = __float2half(x[i]);
+      back[i] = __half2float(static_cast<__half*>(h)[i]);
+    } else {
+      static_cast<__nv_bfloat16*>(h)[i] = __float2bfloat16(x[i]);
+      back[i] = __bfloat162float(static_cast<__nv_bfloat16*>(h)[i]);
+    }
+  }
 }
 
 // (size, offset of the last field) of each struct, in the order the test lists them
