@@ -1,4 +1,6 @@
-// Flash-style attention on CUDA (SIMT, fp32 accumulation for every dtype).
+// Flash-style attention on CUDA (SIMT, fp32 accumulation for every dtype). fp16/bf16 with head dims up to
+// 128 go to the tensor-core kernels of attention_mma.cu instead when AttnParams::mma is set (opt-in through
+// SEQKERN_ATTN_MMA=1 until a GPU run has verified them); this file stays the default and the fallback.
 //
 // Forward: one warp per query row, eight rows per block; keys stream through shared memory in tiles
 // of 32, one key per lane: the lane computes its score, the warp does the online-softmax update with
@@ -7,6 +9,7 @@
 // row looping over query tiles (and the GQA group's heads); dQ with one warp per query row looping
 // over key tiles. P is recomputed from the saved log-sum-exp, never stored.
 #include "cuda/attention.h"
+#include "cuda/attention_dropout.h"
 
 #include <type_traits>
 
@@ -24,21 +27,6 @@ __device__ __forceinline__ float warp_max(float x) {
 __device__ __forceinline__ float warp_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
   return x;
-}
-
-__device__ __forceinline__ uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-__device__ __forceinline__ uint32_t row_hash(const AttnParams& p, int64_t row) {
-  return mix32(static_cast<uint32_t>(static_cast<uint64_t>(row)) ^ p.seed);
-}
-__device__ __forceinline__ float dropout_scale(const AttnParams& p, uint32_t rh, int64_t j) {
-  return (mix32(rh ^ static_cast<uint32_t>(j)) >> 8) >= p.threshold ? p.inv_keep : 0.0f;
 }
 
 // Scaled score of (i, j) given the dot product; -inf when masked out, causal-excluded or out of range.
@@ -64,7 +52,7 @@ __device__ __forceinline__ void load_tile(float* dst, int pitch, const T* src, i
 
 template <typename T, int NT>
 __global__ void fwd_kernel(AttnParams p, T* __restrict__ out, float* __restrict__ lse) {
-  extern __shared__ float smem[];
+  SK_DYNAMIC_SMEM(float, smem);
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
   float* Ks = smem;                  // kTile x (E + 1)
   float* Vs = Ks + kTile * (E + 1);  // kTile x Ev
@@ -146,7 +134,7 @@ __global__ void dkdv_kernel(AttnParams p, const T* __restrict__ dout,
                                                            const float* __restrict__ lse,
                                                            const float* __restrict__ delta, T* __restrict__ dk,
                                                            T* __restrict__ dv) {
-  extern __shared__ float smem[];
+  SK_DYNAMIC_SMEM(float, smem);
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
   float* Qs = smem;                    // kTile x (E + 1)
   float* dOs = Qs + kTile * (E + 1);   // kTile x (Ev + 1)
@@ -211,7 +199,7 @@ template <typename T, int NT>
 __global__ void dq_kernel(AttnParams p, const T* __restrict__ dout,
                                                          const float* __restrict__ lse,
                                                          const float* __restrict__ delta, T* __restrict__ dq) {
-  extern __shared__ float smem[];
+  SK_DYNAMIC_SMEM(float, smem);
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
   float* Ks = smem;                   // kTile x (E + 1)
   float* Vs = Ks + kTile * (E + 1);   // kTile x (Ev + 1)
@@ -276,7 +264,7 @@ cudaError_t forward_t(const AttnParams& p, void* out, float* lse, cudaStream_t s
   const size_t smem = sizeof(float) * (kTile * (p.E + 1) + kTile * p.Ev + kWarps * p.E);
   cudaError_t err = prepare(fwd_kernel<T, NT>, smem);
   if (err != cudaSuccess) return err;
-  fwd_kernel<T, NT><<<static_cast<unsigned>(blocks), kWarps * 32, smem, stream>>>(p, static_cast<T*>(out), lse);
+  SK_LAUNCH(static_cast<unsigned>(blocks), kWarps * 32, smem, stream, fwd_kernel<T, NT>)(p, static_cast<T*>(out), lse);
   return cudaGetLastError();
 }
 
@@ -286,17 +274,18 @@ cudaError_t backward_t(const AttnParams& p, const void* dout_, const void* out_,
   const T* dout = static_cast<const T*>(dout_);
   const int64_t rows = p.B * p.Hq * p.L;
   if (rows > 0) {
-    delta_kernel<T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(
+    SK_LAUNCH(static_cast<unsigned>((rows + kWarps - 1) / kWarps), kWarps * 32, 0, stream, delta_kernel<T>)(
         dout, static_cast<const T*>(out_), delta, rows, p.Ev);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
+  if (attention_mma_fits(p)) return attention_backward_mma(p, dout, lse, delta, dq, dk, dv, stream);
   const int64_t kv_blocks = p.B * p.Hk * ((p.S + kWarps - 1) / kWarps);
   if (kv_blocks > 0) {
     const size_t smem = sizeof(float) * (kTile * (p.E + 1) + kTile * (p.Ev + 1) + kWarps * (p.E + p.Ev) + 2 * kTile);
     cudaError_t err = prepare(dkdv_kernel<T, NT>, smem);
     if (err != cudaSuccess) return err;
-    dkdv_kernel<T, NT><<<static_cast<unsigned>(kv_blocks), kWarps * 32, smem, stream>>>(
+    SK_LAUNCH(static_cast<unsigned>(kv_blocks), kWarps * 32, smem, stream, dkdv_kernel<T, NT>)(
         p, dout, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv));
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -306,8 +295,8 @@ cudaError_t backward_t(const AttnParams& p, const void* dout_, const void* out_,
     const size_t smem = sizeof(float) * (kTile * (p.E + 1) + kTile * (p.Ev + 1) + kWarps * (p.E + p.Ev));
     cudaError_t err = prepare(dq_kernel<T, NT>, smem);
     if (err != cudaSuccess) return err;
-    dq_kernel<T, NT><<<static_cast<unsigned>(q_blocks), kWarps * 32, smem, stream>>>(p, dout, lse, delta,
-                                                                                  static_cast<T*>(dq));
+    SK_LAUNCH(static_cast<unsigned>(q_blocks), kWarps * 32, smem, stream, dq_kernel<T, NT>)(p, dout, lse, delta,
+                                                                                          static_cast<T*>(dq));
     return cudaGetLastError();
   }
   return cudaSuccess;
@@ -339,6 +328,7 @@ cudaError_t backward_d(const AttnParams& p, const void* dout, const void* out, c
 
 cudaError_t attention_forward(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
   if (p.Hk <= 0 || p.Hq % p.Hk != 0) return cudaErrorInvalidValue;
+  if (attention_mma_fits(p)) return attention_forward_mma(p, out, lse, stream);
   return dispatch(p.dtype, [&](auto t) {
     using T = decltype(t);
     if constexpr (std::is_same_v<T, double>) return cudaErrorInvalidValue;  // fp32 accumulation only

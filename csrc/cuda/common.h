@@ -1,5 +1,8 @@
 // What every CUDA family shares: the dtype tag the bindings pass across the torch-free boundary
-// and, for nvcc only, the load/store conversions and the dtype dispatch of the launchers.
+// and, for device code, the load/store conversions, the dtype dispatch of the launchers and the
+// launch macros. Device code also compiles as host C++ against the CUDA emulator of the tests
+// (tests/cuda_emu, -DSEQKERN_CUDA_EMULATE), which cannot parse `<<<...>>>` or `extern __shared__`:
+// launch with SK_LAUNCH and declare dynamic shared memory with SK_DYNAMIC_SMEM.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -10,7 +13,7 @@ enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
 }  // namespace seqkern::cuda
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(SEQKERN_CUDA_EMULATE)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -46,4 +49,15 @@ cudaError_t dispatch(DType dtype, F&& f) {
 }
 
 }  // namespace seqkern::cuda
+
+// SK_LAUNCH(grid, block, smem, stream, kernel)(args...): `kernel` last, so that template arguments
+// with commas need no parentheses.
+// SK_DYNAMIC_SMEM(T, name): `name` points at the launch's dynamic shared memory, 16-byte aligned.
+#ifdef SEQKERN_CUDA_EMULATE
+#define SK_LAUNCH(grid, block, smem, stream, ...) ::sk_emu::launch(grid, block, smem, stream, __VA_ARGS__)
+#define SK_DYNAMIC_SMEM(T, name) T* const name = static_cast<T*>(::sk_emu::dynamic_smem())
+#else
+#define SK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define SK_DYNAMIC_SMEM(T, name) extern __shared__ __align__(16) T name[]
+#endif
 #endif

@@ -199,6 +199,7 @@ __device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int
     __threadfence();
     atomicAdd(counter, 1u);
     while (*reinterpret_cast<volatile unsigned int*>(counter) < target) {
+      __nanosleep(32);  // fewer polls of the L2 line the arriving blocks write to
     }
     __threadfence();
   }
@@ -208,9 +209,9 @@ __device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int
 template <typename T, int MODE>
 __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(RnnShape d, RnnPersistentForward a, int HB) {
   constexpr int G = MODE == 0 ? 4 : MODE == 1 ? 3 : 1;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ int64_t lens[kMaxPersistentBatch];
-  T* w = reinterpret_cast<T*>(smem_raw);  // this block's G * hb rows of W_hh, for every step
+  SK_DYNAMIC_SMEM(unsigned char, smem_raw);
+  int64_t* lens = reinterpret_cast<int64_t*>(smem_raw);  // kMaxPersistentBatch
+  T* w = reinterpret_cast<T*>(lens + kMaxPersistentBatch);  // this block's G * hb rows of W_hh, for every step
   T* pre = w + static_cast<int64_t>(G) * HB * d.P;  // (B, G * hb) recurrent half of the gates
   const int64_t H = d.H, P = d.P, B = d.B, GH = G * H;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * HB;
@@ -311,7 +312,8 @@ cudaError_t launch_persistent(const RnnShape& d, const RnnPersistentForward& a, 
   int nb = static_cast<int>(d.H < sms ? d.H : sms);
   int HB = static_cast<int>((d.H + nb - 1) / nb);
   nb = static_cast<int>((d.H + HB - 1) / HB);
-  const size_t smem = (static_cast<size_t>(G) * HB * d.P + static_cast<size_t>(d.B) * G * HB) * sizeof(T);
+  const size_t smem = kMaxPersistentBatch * sizeof(int64_t) +
+                      (static_cast<size_t>(G) * HB * d.P + static_cast<size_t>(d.B) * G * HB) * sizeof(T);
   if (smem > static_cast<size_t>(optin)) return cudaErrorNotSupported;
   auto fn = persistent_forward_kernel<T, MODE>;
   if (smem > 48 * 1024) {
@@ -325,7 +327,7 @@ cudaError_t launch_persistent(const RnnShape& d, const RnnPersistentForward& a, 
   RnnShape dd = d;
   RnnPersistentForward aa = a;
   void* args[] = {&dd, &aa, &HB};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(fn), dim3(nb), dim3(kThreads), args, smem, stream);
+  return cudaLaunchCooperativeKernel(fn, dim3(nb), dim3(kThreads), args, smem, stream);
 }
 
 }  // namespace
@@ -335,7 +337,7 @@ cudaError_t rnn_forward_step(const RnnShape& d, int64_t s, const RnnForwardStep&
   return dispatch(d.dtype, [&](auto t) {
     return by_variant(d, [&](auto v) {
       using V = decltype(v);
-      forward_step_kernel<decltype(t), V::mode, V::proj><<<grid_for(d.B * d.H), kThreads, 0, stream>>>(d, s, a);
+      SK_LAUNCH(grid_for(d.B * d.H), kThreads, 0, stream, forward_step_kernel<decltype(t), V::mode, V::proj>)(d, s, a);
       return cudaGetLastError();
     });
   });
@@ -346,7 +348,7 @@ cudaError_t rnn_backward_step(const RnnShape& d, int64_t s, const RnnBackwardSte
   return dispatch(d.dtype, [&](auto t) {
     return by_variant(d, [&](auto v) {
       using V = decltype(v);
-      backward_step_kernel<decltype(t), V::mode, V::proj><<<grid_for(d.B * d.H), kThreads, 0, stream>>>(d, s, a);
+      SK_LAUNCH(grid_for(d.B * d.H), kThreads, 0, stream, backward_step_kernel<decltype(t), V::mode, V::proj>)(d, s, a);
       return cudaGetLastError();
     });
   });
@@ -356,7 +358,7 @@ cudaError_t rnn_proj_forward_fix(const RnnShape& d, int64_t s, void* hx, const v
   if (d.B * d.P == 0) return cudaSuccess;
   return dispatch(d.dtype, [&](auto t) {
     using T = decltype(t);
-    proj_forward_fix_kernel<T><<<grid_for(d.B * d.P), kThreads, 0, stream>>>(
+    SK_LAUNCH(grid_for(d.B * d.P), kThreads, 0, stream, proj_forward_fix_kernel<T>)(
         d, s, static_cast<T*>(hx), static_cast<const T*>(hp), static_cast<T*>(y));
     return cudaGetLastError();
   });
@@ -367,7 +369,7 @@ cudaError_t rnn_proj_backward_in(const RnnShape& d, int64_t s, void* dr, const v
   if (d.B * d.P == 0) return cudaSuccess;
   return dispatch(d.dtype, [&](auto t) {
     using T = decltype(t);
-    proj_backward_in_kernel<T><<<grid_for(d.B * d.P), kThreads, 0, stream>>>(
+    SK_LAUNCH(grid_for(d.B * d.P), kThreads, 0, stream, proj_backward_in_kernel<T>)(
         d, s, static_cast<T*>(dr), static_cast<const T*>(dhh), static_cast<const T*>(dhT), static_cast<const T*>(dy));
     return cudaGetLastError();
   });

@@ -45,7 +45,7 @@ cudaError_t launch(const void* x, void* out, const void* cos, const void* sin, i
   const int threads = 256;
   const int64_t blocks = (total + threads - 1) / threads;
   const int grid = static_cast<int>(blocks < 65535 * 16 ? blocks : 65535 * 16);
-  rotary_kernel<T><<<grid, threads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(out),
+  SK_LAUNCH(grid, threads, 0, stream, rotary_kernel<T>)(static_cast<const T*>(x), static_cast<T*>(out),
                                                  static_cast<const T*>(cos), static_cast<const T*>(sin), rows, T_, D,
                                                  half, interleaved, inverse);
   return cudaGetLastError();

@@ -116,7 +116,7 @@ cudaError_t fwd(const void* negw, const void* u, const void* k, const void* v, c
   using A = typename Acc<T>::type;
   if (B * C == 0) return cudaSuccess;
   auto kernel = saved != nullptr ? wkv4_fwd_kernel<T, A, true> : wkv4_fwd_kernel<T, A, false>;
-  kernel<<<grid_for(B, C), kThreads, 0, stream>>>(
+  SK_LAUNCH(grid_for(B, C), kThreads, 0, stream, kernel)(
       static_cast<const A*>(negw), static_cast<const A*>(u), static_cast<const T*>(k), static_cast<const T*>(v),
       static_cast<const A*>(state), static_cast<T*>(y), static_cast<A*>(state_out), static_cast<A*>(saved), B, T_, C);
   return cudaGetLastError();
@@ -128,7 +128,7 @@ cudaError_t bwd(const void* negw, const void* u, const void* k, const void* v, c
                 void* gw_bc, void* gu_bc, int64_t B, int64_t T_, int64_t C, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   if (B * C == 0) return cudaSuccess;
-  wkv4_bwd_kernel<T, A><<<grid_for(B, C), kThreads, 0, stream>>>(
+  SK_LAUNCH(grid_for(B, C), kThreads, 0, stream, wkv4_bwd_kernel<T, A>)(
       static_cast<const A*>(negw), static_cast<const A*>(u), static_cast<const T*>(k), static_cast<const T*>(v),
       static_cast<const A*>(state), static_cast<const A*>(saved), static_cast<const A*>(state_T),
       static_cast<const T*>(gy), static_cast<const A*>(gstate), static_cast<T*>(gk), static_cast<T*>(gv),
