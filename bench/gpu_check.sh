@@ -10,13 +10,15 @@
 # 465 s, so that the whole call fits 8 minutes):
 #   1. environment (nvidia-smi, versions); carried wheels installed if a dependency is missing
 #   2. build seqkern._C with the CUDA kernels (SEQKERN_CUDA=1, MAX_JOBS = cores)
-#   3. pytest tests -m cuda (the GPU tests of every family)
+#   3. pytest tests -m cuda (the GPU tests of every family), then the attention ones again with
+#      SEQKERN_ATTN_MMA=1 (the opt-in tensor-core kernels of csrc/cuda/attention_mma.cu)
 #   4. the GPU benchmark sizes of the family issues (bench/test_bench_*.py --bench-size gpu),
-#      one pytest run per family (attention in two: D=128, then D=64), most important first
+#      one pytest run per family (attention in two: D=128, then D=64), most important first;
+#      after attention D=128, its seqkern-cuda and torch-flash cases again with SEQKERN_ATTN_MMA=1
 #   5. the report (markdown) of every JSON that came out
 # Files under $OUT (at most 8, flat: what the device tool brings back):
-#   log.txt, bench_attention_d128.json, bench_attention_d64.json, bench_rnn.json, bench_wkv.json,
-#   bench_rotary.json, report.md
+#   log.txt, bench_attention_d128.json, bench_attention_d128_mma.json, bench_attention_d64.json,
+#   bench_rnn.json, bench_wkv.json, bench_rotary.json, report.md
 # Back here, the plots and bench/results/h200/ come from the JSONs:
 #   python bench/report.py <files_at>/bench_*.json --out bench/results/h200
 # A step that fails or runs out of time is logged and the next one still runs; the exit
@@ -111,6 +113,8 @@ $PY -c "import seqkern, json; from seqkern import backends as B; print('cuda ker
 
 # 3. GPU tests -------------------------------------------------------------
 step tests 90 150 $PY -m pytest tests -m cuda -q -p no:cacheprovider -o addopts= -rfE --durations=10
+step "tests mma" 45 140 env SEQKERN_ATTN_MMA=1 $PY -m pytest tests -m cuda -k "attention or sdpa" -q \
+  -p no:cacheprovider -o addopts= -rfE --durations=5
 
 # 4. benchmarks: the family issues' GPU sizes ------------------------------
 bench() {  # bench NAME MAX RESERVE FAMILY [extra seqkern-bench args]
@@ -121,7 +125,8 @@ bench() {  # bench NAME MAX RESERVE FAMILY [extra seqkern-bench args]
     --json "$OUT/bench_$name.json" "$@"
 }
 bench attention_d128 70 105 attention -k D128
-bench rnn 50 70 rnn
+SEQKERN_ATTN_MMA=1 bench attention_d128_mma 45 80 attention -k "D128 and (seqkern-cuda or torch-flash)"
+bench rnn 50 60 rnn
 bench wkv 50 45 wkv
 bench attention_d64 35 25 attention -k D64
 bench rotary 25 5 rotary

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "checks.h"
 #include "cpu/attention.h"
@@ -127,6 +129,9 @@ seqkern::cuda::AttnParams cuda_params(const at::Tensor& q, const at::Tensor& k, 
   p.seed = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffu);
   p.threshold = static_cast<uint32_t>(std::min(16777216.0, std::nearbyint(dropout_p * 16777216.0)));
   p.inv_keep = dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.0f;
+  // the tensor-core kernels are opt-in until verified on a GPU; read at each call like SEQKERN_BACKEND
+  const char* mma = std::getenv("SEQKERN_ATTN_MMA");
+  p.mma = mma != nullptr && std::string(mma) == "1";
   return p;
 }
 

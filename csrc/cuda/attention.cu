@@ -1,4 +1,6 @@
-// Flash-style attention on CUDA (SIMT, fp32 accumulation for every dtype).
+// Flash-style attention on CUDA (SIMT, fp32 accumulation for every dtype). fp16/bf16 with head dims up to
+// 128 go to the tensor-core kernels of attention_mma.cu instead when AttnParams::mma is set (opt-in through
+// SEQKERN_ATTN_MMA=1 until a GPU run has verified them); this file stays the default and the fallback.
 //
 // Forward: one warp per query row, eight rows per block; keys stream through shared memory in tiles
 // of 32, one key per lane: the lane computes its score, the warp does the online-softmax update with
@@ -7,6 +9,7 @@
 // row looping over query tiles (and the GQA group's heads); dQ with one warp per query row looping
 // over key tiles. P is recomputed from the saved log-sum-exp, never stored.
 #include "cuda/attention.h"
+#include "cuda/attention_dropout.h"
 
 #include <type_traits>
 
@@ -24,21 +27,6 @@ __device__ __forceinline__ float warp_max(float x) {
 __device__ __forceinline__ float warp_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
   return x;
-}
-
-__device__ __forceinline__ uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-__device__ __forceinline__ uint32_t row_hash(const AttnParams& p, int64_t row) {
-  return mix32(static_cast<uint32_t>(static_cast<uint64_t>(row)) ^ p.seed);
-}
-__device__ __forceinline__ float dropout_scale(const AttnParams& p, uint32_t rh, int64_t j) {
-  return (mix32(rh ^ static_cast<uint32_t>(j)) >> 8) >= p.threshold ? p.inv_keep : 0.0f;
 }
 
 // Scaled score of (i, j) given the dot product; -inf when masked out, causal-excluded or out of range.
@@ -291,6 +279,7 @@ cudaError_t backward_t(const AttnParams& p, const void* dout_, const void* out_,
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
+  if (attention_mma_fits(p)) return attention_backward_mma(p, dout, lse, delta, dq, dk, dv, stream);
   const int64_t kv_blocks = p.B * p.Hk * ((p.S + kWarps - 1) / kWarps);
   if (kv_blocks > 0) {
     const size_t smem = sizeof(float) * (kTile * (p.E + 1) + kTile * (p.Ev + 1) + kWarps * (p.E + p.Ev) + 2 * kTile);
@@ -339,6 +328,7 @@ cudaError_t backward_d(const AttnParams& p, const void* dout, const void* out, c
 
 cudaError_t attention_forward(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
   if (p.Hk <= 0 || p.Hq % p.Hk != 0) return cudaErrorInvalidValue;
+  if (attention_mma_fits(p)) return attention_forward_mma(p, out, lse, stream);
   return dispatch(p.dtype, [&](auto t) {
     using T = decltype(t);
     if constexpr (std::is_same_v<T, double>) return cudaErrorInvalidValue;  // fp32 accumulation only

@@ -22,6 +22,9 @@ struct AttnParams {
   bool dropout;
   uint32_t seed, threshold;
   float inv_keep;
+  // fp16/bf16 through the tensor-core kernels (attention_mma.cu) where they fit; off by default until a GPU
+  // run has verified them: the binding sets it only when SEQKERN_ATTN_MMA=1
+  bool mma;
 };
 
 // out (B, Hq, L, Ev) in the input dtype; lse (B, Hq, L) fp32, natural log, -inf for fully masked rows.
@@ -29,4 +32,13 @@ cudaError_t attention_forward(const AttnParams& p, void* out, float* lse, cudaSt
 // delta: fp32 workspace of B*Hq*L; dq, dk, dv in the input dtype, every element written.
 cudaError_t attention_backward(const AttnParams& p, const void* dout, const void* out, const float* lse,
                                float* delta, void* dq, void* dk, void* dv, cudaStream_t stream);
+
+// Tensor-core path (attention_mma.cu): mma.sync m16n8k16 for fp16/bf16 with E, Ev <= kAttnMmaMaxHeadDim,
+// taken by the two entry points above when p.mma is set and attention_mma_fits(p).
+constexpr int64_t kAttnMmaMaxHeadDim = 128;
+bool attention_mma_fits(const AttnParams& p);
+cudaError_t attention_forward_mma(const AttnParams& p, void* out, float* lse, cudaStream_t stream);
+// dq, dk, dv from a delta = rowsum(dout * out) already computed
+cudaError_t attention_backward_mma(const AttnParams& p, const void* dout, const float* lse, const float* delta,
+                                   void* dq, void* dk, void* dv, cudaStream_t stream);
 }  // namespace seqkern::cuda

@@ -1,0 +1,606 @@
+// Flash attention on tensor cores (FlashAttention-2 schedule, mma.sync m16n8k16, fp32 accumulation) for
+// fp16 and bf16 with head dims up to 128. OPT-IN: attention_forward/attention_backward take this path only
+// when AttnParams::mma is set, which the binding does only under SEQKERN_ATTN_MMA=1, until a GPU run has
+// verified it (it has been checked on the CPU through the emulation of csrc/cuda/mma.h only).
+//
+// Blocks of 4 warps; each warp owns 16 rows of the block's 64 (queries in the forward and dQ, keys in
+// dK/dV), so the softmax statistics of a row stay within the 4 lanes of a quad (shuffles, no shared
+// memory). Tiles live in shared memory as 16-bit values with a row pitch of D + 8 halves: rows stay
+// 16-byte aligned for cp.async and ldmatrix, and the 8 rows of an ldmatrix land in distinct banks.
+// Head dims are padded to multiples of 16 with zeros in shared memory; the k-loops skip whole steps past
+// E or Ev (warp-uniform), so E = 40 costs 3 steps, not the 8 of the compiled D = 128.
+// Scores are kept in log2 units (scale * log2 e folded in, the mask times log2 e) so each probability
+// is one ex2; lse is stored in natural log as the SIMT kernel does.
+// Backward: delta = rowsum(dO * O) comes from attention.cu; dK/dV per key block over every query tile of
+// the GQA group's heads (P^T and dS^T recomputed from lse), dQ per query block over key tiles: no atomics.
+#include <cmath>
+
+#include "cuda/attention.h"
+#include "cuda/attention_dropout.h"
+#include "cuda/mma.h"
+
+// csrc/cuda/common.h defines these (launches and dynamic shared memory that the CPU emulation of the
+// tests can express); the plain CUDA spelling where it does not yet
+#ifndef SK_LAUNCH
+#define SK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+#ifndef SK_DYNAMIC_SMEM
+#define SK_DYNAMIC_SMEM(T, name) extern __shared__ __align__(16) T name[]
+#endif
+
+namespace seqkern::cuda {
+namespace {
+
+using mma::cp_async16;
+using mma::cp_async_commit;
+using mma::cp_async_wait;
+using mma::fast_exp2;
+using mma::ldsm_x4;
+using mma::ldsm_x4_trans;
+using mma::mma16816;
+using mma::pack2;
+
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kRows = 64;      // rows of a block: 16 per warp
+constexpr int kPad = 8;        // halves of padding per shared row
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct alignas(16) Chunk {
+  uint32_t w[4];
+};
+
+// rows x D tile of a row-major tensor (row pitch ld, `cols` meaningful columns, `valid` meaningful rows)
+// into shared memory; the rest of the tile is zero so padded dot products and P V stay exact. With `vec`
+// (every row start 16-byte aligned and cols % 8 == 0) rows go through cp.async, to be waited for.
+template <int ROWS, int D>
+__device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, int64_t ld, int64_t valid, int cols,
+                                          bool vec) {
+  constexpr int kChunks = D / 8;
+  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    uint16_t* d = dst + r * (D + kPad) + c;
+    Chunk z{{0u, 0u, 0u, 0u}};
+    if (r < valid && c < cols) {
+      const uint16_t* s = src + r * ld + c;
+      if (vec) {
+        cp_async16(d, s);
+        continue;
+      }
+      for (int e = 0; e < 8; e += 2) {
+        const uint32_t lo = c + e < cols ? s[e] : 0u, hi = c + e + 1 < cols ? s[e + 1] : 0u;
+        z.w[e / 2] = lo | (hi << 16);
+      }
+    }
+    *reinterpret_cast<Chunk*>(d) = z;
+  }
+}
+
+// Lane offsets of ldmatrix.x4 row addresses within a 16x16 block of a shared tile:
+// "A" order (matrices: rows 0-7 | rows 8-15, then columns 8-15) serves A operands and transposed B operands;
+// "B" order (columns 0-7 | 8-15 first, then rows 8-15) serves B operands stored n-major (K for Q K^T).
+__device__ __forceinline__ int a_row(int lane) { return (lane & 7) + ((lane >> 3) & 1) * 8; }
+__device__ __forceinline__ int a_col(int lane) { return (lane >> 4) * 8; }
+__device__ __forceinline__ int b_row(int lane) { return (lane & 7) + (lane >> 4) * 8; }
+__device__ __forceinline__ int b_col(int lane) { return ((lane >> 3) & 1) * 8; }
+
+// Score of (i, j) in log2 units from the raw dot product; -inf when out of range, causal-excluded or
+// masked to -inf.
+template <bool BF16>
+__device__ __forceinline__ float score2(const AttnParams& p, float dot, float scale2, int64_t b, int64_t h,
+                                        int64_t i, int64_t j) {
+  if (i >= p.L || j >= p.S || (p.causal && j > i)) return -INFINITY;
+  float s = dot * scale2;
+  if (p.mask != nullptr)
+    s += kLog2e * mma::to_float<BF16>(static_cast<const uint16_t*>(
+                      p.mask)[b * p.mask_sb + h * p.mask_sh + i * p.mask_sl + j * p.mask_ss]);
+  return s;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// accumulator tiles c[2kk], c[2kk+1] (16 x 16, C layout) as the A operand of the next product
+template <bool BF16>
+__device__ __forceinline__ void to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack2<BF16>(c0[0], c0[1]);
+  a[1] = pack2<BF16>(c0[2], c0[3]);
+  a[2] = pack2<BF16>(c1[0], c1[1]);
+  a[3] = pack2<BF16>(c1[2], c1[3]);
+}
+
+// rows g and g+8 of a 16 x (NT*8) fp32 accumulator times `mul`, into a row-major (ld) tensor: rows
+// below `rows`, columns below `cols`
+template <bool BF16, int NT>
+__device__ __forceinline__ void store_rows(uint16_t* dst, int64_t ld, int64_t rows, int cols, const float (&c)[NT][4],
+                                           float mul0, float mul1) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const bool pairs = (ld % 2) == 0;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int col = nt * 8 + 2 * t;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = g + 8 * r;
+      const float mul = r ? mul1 : mul0;
+      if (row >= rows || col >= cols) continue;
+      uint16_t* o = dst + row * ld + col;
+      if (pairs && col + 1 < cols) {
+        *reinterpret_cast<uint32_t*>(o) = pack2<BF16>(c[nt][2 * r] * mul, c[nt][2 * r + 1] * mul);
+      } else {
+        o[0] = mma::from_float<BF16>(c[nt][2 * r] * mul);
+        if (col + 1 < cols) o[1] = mma::from_float<BF16>(c[nt][2 * r + 1] * mul);
+      }
+    }
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&c)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
+}
+
+// The kRows queries of one (batch, head) that a forward or dQ block owns, and its K/V head (GQA).
+struct QueryBlock {
+  int64_t bh, q0, b, h;
+  const uint16_t* k;
+  const uint16_t* v;
+};
+__device__ __forceinline__ QueryBlock query_block(const AttnParams& p) {
+  const int64_t nblk = (p.L + kRows - 1) / kRows;
+  QueryBlock r;
+  r.bh = blockIdx.x / nblk;
+  r.q0 = (nblk - 1 - blockIdx.x % nblk) * kRows;  // heavy causal blocks (late queries) are launched first
+  r.b = r.bh / p.Hq;
+  r.h = r.bh % p.Hq;
+  const int64_t bhk = r.b * p.Hk + r.h / (p.Hq / p.Hk);
+  r.k = static_cast<const uint16_t*>(p.k) + bhk * p.S * p.E;
+  r.v = static_cast<const uint16_t*>(p.v) + bhk * p.S * p.Ev;
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward: Q fragments in registers; K and V tiles of 64 keys through cp.async, the next K tile in
+// flight while this tile's P V runs.
+template <bool BF16, int D>
+__global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const AttnParams p, const bool vec, uint16_t* __restrict__ out,
+                                                           float* __restrict__ lse) {
+  SK_DYNAMIC_SMEM(unsigned char, smem_raw);
+  constexpr int P = D + kPad, KD = D / 16, BN = 64;
+  uint16_t* Ks = reinterpret_cast<uint16_t*>(smem_raw);  // BN x P; holds the Q tile first
+  uint16_t* Vs = Ks + BN * P;                           // BN x P
+  const QueryBlock qb = query_block(p);
+  const int64_t bh = qb.bh, q0 = qb.q0, b = qb.b, h = qb.h;
+  const uint16_t *k = qb.k, *v = qb.v;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev), nkE = (E + 15) / 16, nkV = (Ev + 15) / 16;
+  const float scale2 = p.scale * kLog2e;
+
+  load_tile<kRows, D>(Ks, static_cast<const uint16_t*>(p.q) + (bh * p.L + q0) * p.E, p.E, p.L - q0, E, vec);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  uint32_t qf[KD][4];
+#pragma unroll
+  for (int kk = 0; kk < KD; ++kk) {
+    qf[kk][0] = qf[kk][1] = qf[kk][2] = qf[kk][3] = 0u;
+    if (kk < nkE) ldsm_x4(qf[kk], Ks + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
+  }
+  __syncthreads();  // the Q tile is in registers: Ks takes keys
+
+  const int64_t i_r[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  uint32_t rh[2] = {0u, 0u};
+  if (p.dropout) {
+    rh[0] = row_hash(p, bh * p.L + i_r[0]);
+    rh[1] = row_hash(p, bh * p.L + i_r[1]);
+  }
+  float o[D / 8][4];
+  zero(o);
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.0f, 0.0f};
+  // causal: no row of this block sees a key at or past q0 + kRows
+  const int64_t j_end = p.causal ? min(p.S, q0 + kRows) : p.S;
+  if (j_end > 0) load_tile<BN, D>(Ks, k, p.E, p.S, E, vec);
+  cp_async_commit();
+  for (int64_t j0 = 0; j0 < j_end; j0 += BN) {
+    load_tile<BN, D>(Vs, v + j0 * p.Ev, p.Ev, p.S - j0, Ev, vec);
+    cp_async_commit();
+    cp_async_wait<1>();  // this K tile has landed (V may still be in flight)
+    __syncthreads();
+    float s[BN / 8][4];
+    zero(s);
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      if (kk >= nkE) break;
+#pragma unroll
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bf[4];
+        ldsm_x4(bf, Ks + (np * 16 + b_row(lane)) * P + kk * 16 + b_col(lane));
+        mma16816<BF16>(s[2 * np], qf[kk], bf[0], bf[1]);
+        mma16816<BF16>(s[2 * np + 1], qf[kk], bf[2], bf[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with Ks: the next K tile may land there
+    if (j0 + BN < j_end) load_tile<BN, D>(Ks, k + (j0 + BN) * p.E, p.E, p.S - j0 - BN, E, vec);
+    cp_async_commit();
+
+    // tiles wholly inside the mask-free, causal-visible, in-range region skip the per-element checks
+    const bool plain = p.mask == nullptr && j0 + BN <= p.S && (!p.causal || j0 + BN - 1 <= q0 + warp * 16);
+    float mx[2] = {m_r[0], m_r[1]};
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t j = j0 + nt * 8 + 2 * t + (e & 1);
+        const float x = plain ? s[nt][e] * scale2 : score2<BF16>(p, s[nt][e], scale2, b, h, i_r[e >> 1], j);
+        s[nt][e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      }
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = quad_max(mx[r]);
+      m_use[r] = mx[r] == -INFINITY ? 0.0f : mx[r];  // nothing visible yet: keep exp2 away from -inf - -inf
+      alpha[r] = fast_exp2(m_r[r] - m_use[r]);
+      m_r[r] = mx[r];
+      l_r[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pr = fast_exp2(s[nt][e] - m_use[e >> 1]);
+        l_r[e >> 1] += pr;
+        s[nt][e] = p.dropout ? pr * dropout_scale(p, rh[e >> 1], j0 + nt * 8 + 2 * t + (e & 1)) : pr;
+      }
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      o[nt][0] *= alpha[0];
+      o[nt][1] *= alpha[0];
+      o[nt][2] *= alpha[1];
+      o[nt][3] *= alpha[1];
+    }
+    uint32_t pa[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) to_a<BF16>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+
+    cp_async_wait<1>();  // V has landed (the next K may still be in flight)
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+      for (int dp = 0; dp < KD; ++dp) {
+        if (dp >= nkV) break;
+        uint32_t vf[4];
+        ldsm_x4_trans(vf, Vs + (kk * 16 + a_row(lane)) * P + dp * 16 + a_col(lane));
+        mma16816<BF16>(o[2 * dp], pa[kk], vf[0], vf[1]);
+        mma16816<BF16>(o[2 * dp + 1], pa[kk], vf[2], vf[3]);
+      }
+    __syncthreads();  // every warp is done with Vs
+  }
+  cp_async_wait<0>();
+
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_r[r] = quad_sum(l_r[r]);
+    inv[r] = l_r[r] > 0.0f ? 1.0f / l_r[r] : 0.0f;  // fully masked rows: output 0, lse -inf
+  }
+  const int64_t row0 = q0 + warp * 16;
+  store_rows<BF16, D / 8>(out + (bh * p.L + row0) * p.Ev, p.Ev, p.L - row0, Ev, o, inv[0], inv[1]);
+  if (t == 0)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (i_r[r] < p.L) lse[bh * p.L + i_r[r]] = l_r[r] > 0.0f ? (m_r[r] + log2f(l_r[r])) * kLn2 : -INFINITY;
+}
+
+// lse in log2 units, +inf for rows with nothing visible (their P is then exp2(-inf) = 0 everywhere)
+__device__ __forceinline__ float lse2_of(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// ---------------------------------------------------------------------------------------------------------
+// dK, dV: a block owns 64 keys (16 per warp) and walks the query tiles (BM rows) of every head of its GQA
+// group. S^T = K Q^T and dP^T = V dO^T per warp; dV += (P o Z)^T dO, dK += dS^T Q.
+template <bool BF16, int D, int BM>
+__global__ void __launch_bounds__(kThreads, 1)
+    dkdv_mma_kernel(const AttnParams p, const bool vec, const uint16_t* __restrict__ dout,
+                    const float* __restrict__ lse, const float* __restrict__ delta, uint16_t* __restrict__ dk,
+                    uint16_t* __restrict__ dv) {
+  SK_DYNAMIC_SMEM(unsigned char, smem_raw);
+  constexpr int P = D + kPad, KD = D / 16;
+  uint16_t* Ks = reinterpret_cast<uint16_t*>(smem_raw);  // kRows x P
+  uint16_t* Vs = Ks + kRows * P;                        // kRows x P
+  uint16_t* Qs = Vs + kRows * P;                        // BM x P
+  uint16_t* dOs = Qs + BM * P;                          // BM x P
+  float* Ls = reinterpret_cast<float*>(dOs + BM * P);   // BM, lse in log2 units
+  float* Ds = Ls + BM;                                  // BM, delta
+  const int64_t nblk = (p.S + kRows - 1) / kRows;
+  const int64_t bhk = blockIdx.x / nblk, j0 = (blockIdx.x % nblk) * kRows;
+  const int64_t b = bhk / p.Hk, hk = bhk % p.Hk, G = p.Hq / p.Hk;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev), nkE = (E + 15) / 16, nkV = (Ev + 15) / 16;
+  const float scale2 = p.scale * kLog2e;
+  load_tile<kRows, D>(Ks, static_cast<const uint16_t*>(p.k) + (bhk * p.S + j0) * p.E, p.E, p.S - j0, E, vec);
+  load_tile<kRows, D>(Vs, static_cast<const uint16_t*>(p.v) + (bhk * p.S + j0) * p.Ev, p.Ev, p.S - j0, Ev, vec);
+  cp_async_commit();
+  const int64_t j_r[2] = {j0 + warp * 16 + g, j0 + warp * 16 + g + 8};
+  float dka[D / 8][4], dva[D / 8][4];
+  zero(dka);
+  zero(dva);
+  // causal: query rows before j0 see none of this block's keys
+  const int64_t i_start = p.causal ? (j0 / BM) * BM : 0;
+  for (int64_t gg = 0; gg < G; ++gg) {
+    const int64_t h = hk * G + gg, bh = b * p.Hq + h;
+    for (int64_t i0 = i_start; i0 < p.L; i0 += BM) {
+      __syncthreads();  // the previous tile's Qs, dOs, Ls, Ds are no longer read
+      load_tile<BM, D>(Qs, static_cast<const uint16_t*>(p.q) + (bh * p.L + i0) * p.E, p.E, p.L - i0, E, vec);
+      load_tile<BM, D>(dOs, dout + (bh * p.L + i0) * p.Ev, p.Ev, p.L - i0, Ev, vec);
+      cp_async_commit();
+      if (threadIdx.x < BM) {
+        const int64_t i = i0 + threadIdx.x;
+        Ls[threadIdx.x] = i < p.L ? lse2_of(lse[bh * p.L + i]) : INFINITY;
+        Ds[threadIdx.x] = i < p.L ? delta[bh * p.L + i] : 0.0f;
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+
+      float st[BM / 8][4], dpt[BM / 8][4];
+      zero(st);
+      zero(dpt);
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk) {
+        uint32_t af[4];
+        if (kk < nkE) {
+          ldsm_x4(af, Ks + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
+#pragma unroll
+          for (int np = 0; np < BM / 16; ++np) {
+            uint32_t bf[4];
+            ldsm_x4(bf, Qs + (np * 16 + b_row(lane)) * P + kk * 16 + b_col(lane));
+            mma16816<BF16>(st[2 * np], af, bf[0], bf[1]);
+            mma16816<BF16>(st[2 * np + 1], af, bf[2], bf[3]);
+          }
+        }
+        if (kk < nkV) {
+          ldsm_x4(af, Vs + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
+#pragma unroll
+          for (int np = 0; np < BM / 16; ++np) {
+            uint32_t bf[4];
+            ldsm_x4(bf, dOs + (np * 16 + b_row(lane)) * P + kk * 16 + b_col(lane));
+            mma16816<BF16>(dpt[2 * np], af, bf[0], bf[1]);
+            mma16816<BF16>(dpt[2 * np + 1], af, bf[2], bf[3]);
+          }
+        }
+      }
+      // every key of this warp visible to every query of the tile, no mask, all in range
+      const bool plain = p.mask == nullptr && i0 + BM <= p.L && j0 + kRows <= p.S &&
+                         (!p.causal || j0 + warp * 16 + 15 <= i0);
+#pragma unroll
+      for (int nt = 0; nt < BM / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int ic = nt * 8 + 2 * t + (e & 1);
+          const int64_t i = i0 + ic, j = j_r[e >> 1];
+          const float x = plain ? st[nt][e] * scale2 : score2<BF16>(p, st[nt][e], scale2, b, h, i, j);
+          const float pr = fast_exp2(x - Ls[ic]);
+          const float z = p.dropout && i < p.L ? dropout_scale(p, row_hash(p, bh * p.L + i), j) : 1.0f;
+          st[nt][e] = pr * z;
+          dpt[nt][e] = pr * (dpt[nt][e] * z - Ds[ic]);
+        }
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        uint32_t pa[4], da[4];
+        to_a<BF16>(pa, st[2 * kk], st[2 * kk + 1]);
+        to_a<BF16>(da, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+        for (int dp = 0; dp < KD; ++dp) {
+          uint32_t bf[4];
+          if (dp < nkV) {
+            ldsm_x4_trans(bf, dOs + (kk * 16 + a_row(lane)) * P + dp * 16 + a_col(lane));
+            mma16816<BF16>(dva[2 * dp], pa, bf[0], bf[1]);
+            mma16816<BF16>(dva[2 * dp + 1], pa, bf[2], bf[3]);
+          }
+          if (dp < nkE) {
+            ldsm_x4_trans(bf, Qs + (kk * 16 + a_row(lane)) * P + dp * 16 + a_col(lane));
+            mma16816<BF16>(dka[2 * dp], da, bf[0], bf[1]);
+            mma16816<BF16>(dka[2 * dp + 1], da, bf[2], bf[3]);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();  // L = 0: the K/V tile loads still complete before the block exits
+  const int64_t row0 = j0 + warp * 16;
+  store_rows<BF16, D / 8>(dk + (bhk * p.S + row0) * p.E, p.E, p.S - row0, E, dka, p.scale, p.scale);
+  store_rows<BF16, D / 8>(dv + (bhk * p.S + row0) * p.Ev, p.Ev, p.S - row0, Ev, dva, 1.0f, 1.0f);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// dQ: a block owns 64 queries (16 per warp, Q and dO fragments in registers) and walks key tiles of BN.
+template <bool BF16, int D, int BN>
+__global__ void __launch_bounds__(kThreads)
+    dq_mma_kernel(const AttnParams p, const bool vec, const uint16_t* __restrict__ dout, const float* __restrict__ lse,
+                  const float* __restrict__ delta, uint16_t* __restrict__ dq) {
+  SK_DYNAMIC_SMEM(unsigned char, smem_raw);
+  constexpr int P = D + kPad, KD = D / 16;
+  static_assert(BN <= kRows, "the Q and dO tiles are staged where K and V go");
+  uint16_t* Ks = reinterpret_cast<uint16_t*>(smem_raw);  // kRows x P (Q first), then BN x P keys
+  uint16_t* Vs = Ks + kRows * P;                        // kRows x P (dO first), then BN x P values
+  const QueryBlock qb = query_block(p);
+  const int64_t bh = qb.bh, q0 = qb.q0, b = qb.b, h = qb.h;
+  const uint16_t *k = qb.k, *v = qb.v;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev), nkE = (E + 15) / 16, nkV = (Ev + 15) / 16;
+  const float scale2 = p.scale * kLog2e;
+
+  load_tile<kRows, D>(Ks, static_cast<const uint16_t*>(p.q) + (bh * p.L + q0) * p.E, p.E, p.L - q0, E, vec);
+  load_tile<kRows, D>(Vs, dout + (bh * p.L + q0) * p.Ev, p.Ev, p.L - q0, Ev, vec);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  uint32_t qf[KD][4], df[KD][4];
+#pragma unroll
+  for (int kk = 0; kk < KD; ++kk) {
+    qf[kk][0] = qf[kk][1] = qf[kk][2] = qf[kk][3] = 0u;
+    df[kk][0] = df[kk][1] = df[kk][2] = df[kk][3] = 0u;
+    if (kk < nkE) ldsm_x4(qf[kk], Ks + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
+    if (kk < nkV) ldsm_x4(df[kk], Vs + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
+  }
+  const int64_t i_r[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  float lse2[2], dl[2];
+  uint32_t rh[2] = {0u, 0u};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool in = i_r[r] < p.L;
+    lse2[r] = in ? lse2_of(lse[bh * p.L + i_r[r]]) : INFINITY;
+    dl[r] = in ? delta[bh * p.L + i_r[r]] : 0.0f;
+    if (p.dropout) rh[r] = row_hash(p, bh * p.L + i_r[r]);
+  }
+  float dqa[D / 8][4];
+  zero(dqa);
+  const int64_t j_end = p.causal ? min(p.S, q0 + kRows) : p.S;
+  for (int64_t j0 = 0; j0 < j_end; j0 += BN) {
+    __syncthreads();  // Q/dO staging or the previous tile is no longer read
+    load_tile<BN, D>(Ks, k + j0 * p.E, p.E, p.S - j0, E, vec);
+    load_tile<BN, D>(Vs, v + j0 * p.Ev, p.Ev, p.S - j0, Ev, vec);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    float s[BN / 8][4], dpv[BN / 8][4];
+    zero(s);
+    zero(dpv);
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk)
+#pragma unroll
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bf[4];
+        if (kk < nkE) {
+          ldsm_x4(bf, Ks + (np * 16 + b_row(lane)) * P + kk * 16 + b_col(lane));
+          mma16816<BF16>(s[2 * np], qf[kk], bf[0], bf[1]);
+          mma16816<BF16>(s[2 * np + 1], qf[kk], bf[2], bf[3]);
+        }
+        if (kk < nkV) {
+          ldsm_x4(bf, Vs + (np * 16 + b_row(lane)) * P + kk * 16 + b_col(lane));
+          mma16816<BF16>(dpv[2 * np], df[kk], bf[0], bf[1]);
+          mma16816<BF16>(dpv[2 * np + 1], df[kk], bf[2], bf[3]);
+        }
+      }
+    const bool plain = p.mask == nullptr && j0 + BN <= p.S && (!p.causal || j0 + BN - 1 <= q0 + warp * 16);
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int64_t j = j0 + nt * 8 + 2 * t + (e & 1);
+        const float x = plain ? s[nt][e] * scale2 : score2<BF16>(p, s[nt][e], scale2, b, h, i_r[r], j);
+        const float pr = fast_exp2(x - lse2[r]);
+        const float z = p.dropout ? dropout_scale(p, rh[r], j) : 1.0f;
+        s[nt][e] = pr * (dpv[nt][e] * z - dl[r]);
+      }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t da[4];
+      to_a<BF16>(da, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < KD; ++dp) {
+        if (dp >= nkE) break;
+        uint32_t bf[4];
+        ldsm_x4_trans(bf, Ks + (kk * 16 + a_row(lane)) * P + dp * 16 + a_col(lane));
+        mma16816<BF16>(dqa[2 * dp], da, bf[0], bf[1]);
+        mma16816<BF16>(dqa[2 * dp + 1], da, bf[2], bf[3]);
+      }
+    }
+  }
+  const int64_t row0 = q0 + warp * 16;
+  store_rows<BF16, D / 8>(dq + (bh * p.L + row0) * p.E, p.E, p.L - row0, E, dqa, p.scale, p.scale);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+// every tile row starts on 16 bytes when rows are multiples of 8 halves and the bases are aligned
+bool vec_ok(const AttnParams& p, const void* dout) {
+  return p.E % 8 == 0 && p.Ev % 8 == 0 && aligned16(p.q) && aligned16(p.k) && aligned16(p.v) &&
+         (dout == nullptr || aligned16(dout));
+}
+
+template <typename Kernel>
+cudaError_t launch_prep(Kernel kernel, size_t smem) {
+  // tiles of wide heads exceed the default 48 KB of dynamic shared memory
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+}
+
+template <bool BF16, int D>
+cudaError_t forward_mma_t(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
+  const int64_t blocks = p.B * p.Hq * ((p.L + kRows - 1) / kRows);
+  if (blocks == 0) return cudaSuccess;
+  const size_t smem = sizeof(uint16_t) * 2 * kRows * (D + kPad);
+  cudaError_t err = launch_prep(fwd_mma_kernel<BF16, D>, smem);
+  if (err != cudaSuccess) return err;
+  SK_LAUNCH(static_cast<unsigned>(blocks), kThreads, smem, stream, fwd_mma_kernel<BF16, D>)(
+      p, vec_ok(p, nullptr), static_cast<uint16_t*>(out), lse);
+  return cudaGetLastError();
+}
+
+template <bool BF16, int D>
+cudaError_t backward_mma_t(const AttnParams& p, const void* dout_, const float* lse, const float* delta, void* dq,
+                           void* dk, void* dv, cudaStream_t stream) {
+  // 128-wide heads take narrower query (dK/dV) and key (dQ) tiles: the fp32 accumulators of two 16 x 128
+  // products per warp already hold 128 registers
+  constexpr int BT = D > 64 ? 32 : 64;
+  const uint16_t* dout = static_cast<const uint16_t*>(dout_);
+  const bool vec = vec_ok(p, dout_);
+  const int64_t kv_blocks = p.B * p.Hk * ((p.S + kRows - 1) / kRows);
+  if (kv_blocks > 0) {
+    const size_t smem = sizeof(uint16_t) * (2 * kRows + 2 * BT) * (D + kPad) + sizeof(float) * 2 * BT;
+    cudaError_t err = launch_prep(dkdv_mma_kernel<BF16, D, BT>, smem);
+    if (err != cudaSuccess) return err;
+    SK_LAUNCH(static_cast<unsigned>(kv_blocks), kThreads, smem, stream, dkdv_mma_kernel<BF16, D, BT>)(
+        p, vec, dout, lse, delta, static_cast<uint16_t*>(dk), static_cast<uint16_t*>(dv));
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t q_blocks = p.B * p.Hq * ((p.L + kRows - 1) / kRows);
+  if (q_blocks > 0) {
+    const size_t smem = sizeof(uint16_t) * 2 * kRows * (D + kPad);
+    cudaError_t err = launch_prep(dq_mma_kernel<BF16, D, BT>, smem);
+    if (err != cudaSuccess) return err;
+    SK_LAUNCH(static_cast<unsigned>(q_blocks), kThreads, smem, stream, dq_mma_kernel<BF16, D, BT>)(
+        p, vec, dout, lse, delta, static_cast<uint16_t*>(dq));
+    return cudaGetLastError();
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+bool attention_mma_fits(const AttnParams& p) {
+  return p.mma && (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && p.E >= 1 && p.Ev >= 1 &&
+         p.E <= kAttnMmaMaxHeadDim && p.Ev <= kAttnMmaMaxHeadDim && p.Hk > 0 && p.Hq % p.Hk == 0;
+}
+
+cudaError_t attention_forward_mma(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
+  if (!attention_mma_fits(p)) return cudaErrorInvalidValue;
+  // the compiled tile width is the smallest of 64, 128 that holds max(E, Ev)
+  const bool wide = p.E > 64 || p.Ev > 64;
+  if (p.dtype == DType::kBFloat16)
+    return wide ? forward_mma_t<true, 128>(p, out, lse, stream) : forward_mma_t<true, 64>(p, out, lse, stream);
+  return wide ? forward_mma_t<false, 128>(p, out, lse, stream) : forward_mma_t<false, 64>(p, out, lse, stream);
+}
+
+cudaError_t attention_backward_mma(const AttnParams& p, const void* dout, const float* lse, const float* delta,
+                                   void* dq, void* dk, void* dv, cudaStream_t stream) {
+  if (!attention_mma_fits(p)) return cudaErrorInvalidValue;
+  const bool wide = p.E > 64 || p.Ev > 64;
+  if (p.dtype == DType::kBFloat16)
+    return wide ? backward_mma_t<true, 128>(p, dout, lse, delta, dq, dk, dv, stream)
+                : backward_mma_t<true, 64>(p, dout, lse, delta, dq, dk, dv, stream);
+  return wide ? backward_mma_t<false, 128>(p, dout, lse, delta, dq, dk, dv, stream)
+              : backward_mma_t<false, 64>(p, dout, lse, delta, dq, dk, dv, stream);
+}
+
+}  // namespace seqkern::cuda
