@@ -46,7 +46,7 @@ test-asan: setup
 # Only the emulated CUDA kernels under AddressSanitizer (~1.5 min; the -s shows ASan's report,
 # which an abort would otherwise lose in pytest's capture).
 test-cuda-emu-asan: build
-	$(ASAN_RUN) $(PY) -m pytest tests/test_cuda_emu.py -q -s -p no:cacheprovider
+	$(ASAN_RUN) $(PY) -m pytest tests/test_cuda_emu.py tests/test_cuda_emu_mma.py -q -s -p no:cacheprovider
 
 clean:
 	rm -rf build *.egg-info seqkern/_C*.so

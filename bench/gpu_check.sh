@@ -10,8 +10,9 @@
 # 465 s, so that the whole call fits 8 minutes):
 #   1. environment (nvidia-smi, versions); carried wheels installed if a dependency is missing
 #   2. build seqkern._C with the CUDA kernels (SEQKERN_CUDA=1, MAX_JOBS = cores)
-#   3. pytest tests -m cuda (the GPU tests of every family), then the attention ones again with
-#      SEQKERN_ATTN_MMA=1 (the opt-in tensor-core kernels of csrc/cuda/attention_mma.cu)
+#   3. pytest tests -m cuda (the GPU tests of every family), then the attention ones with
+#      SEQKERN_ATTN_MMA=1 (the opt-in tensor-core kernels of csrc/cuda/attention_mma.cu; their own
+#      tests, tests/test_attention_cuda_mma.py, compare them with the reference and the SIMT kernel)
 #   4. the GPU benchmark sizes of the family issues (bench/test_bench_*.py --bench-size gpu),
 #      one pytest run per family (attention in two: D=128, then D=64), most important first;
 #      after attention D=128, its seqkern-cuda and torch-flash cases again with SEQKERN_ATTN_MMA=1
@@ -112,7 +113,9 @@ fi
 $PY -c "import seqkern, json; from seqkern import backends as B; print('cuda kernels built:', B.extension_has_cuda()); print(json.dumps(seqkern.backends(), indent=1))" 2>&1 | tee -a "$LOG"
 
 # 3. GPU tests -------------------------------------------------------------
-step tests 90 150 $PY -m pytest tests -m cuda -q -p no:cacheprovider -o addopts= -rfE --durations=10
+step tests 90 150 $PY -m pytest tests -m cuda -k "not attention_mma" -q -p no:cacheprovider -o addopts= -rfE \
+  --durations=10
+# tests/test_attention_cuda_mma.py sets SEQKERN_ATTN_MMA itself (MMA against reference and SIMT)
 step "tests mma" 45 140 env SEQKERN_ATTN_MMA=1 $PY -m pytest tests -m cuda -k "attention or sdpa" -q \
   -p no:cacheprovider -o addopts= -rfE --durations=5
 

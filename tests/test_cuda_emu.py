@@ -649,3 +649,23 @@ def test_results_do_not_depend_on_the_schedule(lib, order, seed):
             lib.sk_emu_set_schedule(0, 0)
     for i, (a, b) in enumerate(zip(*runs)):
         assert torch.equal(a, b), f"output {i} differs between thread orders"
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["steps", "persistent"])
+def test_rnn_lengths_out_of_range_stay_in_bounds(lib, persistent):
+    """Python validates lengths, but not while torch.compile traces, and the CUDA binding does not
+    (a check would sync): the kernels clamp each length to [0, T] so that a bad one cannot index
+    past xw / y / dgi. Same results as the clamped lengths (and no AddressSanitizer report)."""
+    T, B, I, H = 4, 3, 3, 20
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _, _ = _rnn_inputs("lstm", None, False, torch.float32, T=T, B=B, I=I, H=H)
+    runs = []
+    for lens in ([T + 3, -2, 2], [T, 0, 2]):
+        lens = torch.tensor(lens, dtype=torch.int64)
+        y, hT, cT, ws = cuda_rnn_forward(lib, "lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lens, True, True,
+                                         persistent)
+        g = torch.Generator().manual_seed(1)
+        dy, dh, dc = (torch.randn(t.shape, generator=g) for t in (y, hT, cT))
+        grads = cuda_rnn_backward(lib, "lstm", dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lens, True, ws)
+        runs.append([y, hT, cT] + [grads[k] for k in sorted(grads)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
