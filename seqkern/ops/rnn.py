@@ -25,6 +25,8 @@ ones) are exactly the time indices ``t < L_b``: every backend uses it.
 """
 from __future__ import annotations
 
+import logging
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -386,6 +388,7 @@ def _register_backends():
 
 
 _register_backends()
+_CPU_REGISTERED = _has_cpu_kernels()
 
 
 # ---------------------------------------------------------------------------
@@ -506,14 +509,60 @@ def _cell_state(t, name, unbatched):
     return t.unsqueeze(0) if unbatched else t
 
 
+def _fast_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
+    """Whether this cell call is the common eager one on the cpu backend (cpu tensors of one
+    fp32/fp64 dtype, consistent 2-d shapes): then it skips the general checks and backend
+    selection, which cost more than the step at small batch. Anything else, including every
+    bad input, goes the general way, which names the argument at fault."""
+    if backend is None:
+        if os.environ.get("SEQKERN_BACKEND") not in (None, "", "cpu"):
+            return False
+    elif backend != "cpu":
+        return False
+    if B._EXT is None or not _CPU_REGISTERED or torch.compiler.is_compiling() or B.log.isEnabledFor(logging.DEBUG):
+        return False
+    if not (isinstance(x, Tensor) and isinstance(w_ih, Tensor) and isinstance(w_hh, Tensor)):
+        return False
+    dt = x.dtype
+    if dt not in _CPU_DTYPES or not x.is_cpu or x.dim() != 2 or w_hh.dim() != 2:
+        return False
+    Bsz, I = x.shape
+    GH, H = w_hh.shape
+    if GH != _GATES[mode] * H or H == 0 or w_ih.shape != (GH, I) or w_ih.dtype != dt or w_hh.dtype != dt \
+            or not (w_ih.is_cpu and w_hh.is_cpu):
+        return False
+    for t, shape in ((b_ih, (GH,)), (b_hh, (GH,)), (h, (Bsz, H)), (c, (Bsz, H))):
+        if t is not None and not (isinstance(t, Tensor) and t.dtype == dt and t.is_cpu and t.shape == shape):
+            return False
+    return True
+
+
+def _cell(op, mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
+    """One step of x (B, I) from h, c (B, H) or None: (h', c' or None)."""
+    if not _fast_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
+        _, h1, c1 = _run(op, mode, x.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, backend)
+        return h1, c1
+    B._LAST[op] = "cpu"
+    lstm = mode == "lstm"
+    if h is None:
+        h = x.new_zeros(x.shape[0], w_hh.shape[1])
+    if lstm and c is None:
+        c = x.new_zeros(x.shape[0], w_hh.shape[1])
+    x = x.unsqueeze(0)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)):
+        h1, c1 = _StepFn.apply(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    else:
+        _, h1, c1, _ = torch.ops.seqkern_C.rnn_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, False)
+    return h1, (c1 if lstm else None)
+
+
 def lstm_cell(x: Tensor, hx, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
               b_hh: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """One LSTM step: x (B, I) or (I,), hx = (h, c) or None; returns (h', c')."""
     unb = _cell_input(x)
     h, c = _split_hx(hx)
     h, c = _cell_state(h, "h", unb), _cell_state(c, "c", unb)
-    xb = x.unsqueeze(0) if unb else x
-    _, h1, c1 = _run("lstm_cell", "lstm", xb.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, backend)
+    h1, c1 = _cell("lstm_cell", "lstm", x.unsqueeze(0) if unb else x, h, c, w_ih, w_hh, b_ih, b_hh, backend)
     return (h1.squeeze(0), c1.squeeze(0)) if unb else (h1, c1)
 
 
@@ -522,8 +571,7 @@ def gru_cell(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: O
     """One GRU step: x (B, I) or (I,), h or None; returns h'."""
     unb = _cell_input(x)
     h = _cell_state(h, "h", unb)
-    xb = x.unsqueeze(0) if unb else x
-    _, h1, _ = _run("gru_cell", "gru", xb.unsqueeze(0), h, None, w_ih, w_hh, b_ih, b_hh, None, None, False, backend)
+    h1, _ = _cell("gru_cell", "gru", x.unsqueeze(0) if unb else x, h, None, w_ih, w_hh, b_ih, b_hh, backend)
     return h1.squeeze(0) if unb else h1
 
 
@@ -533,6 +581,5 @@ def rnn_cell(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: O
     mode = _rnn_mode(nonlinearity)
     unb = _cell_input(x)
     h = _cell_state(h, "h", unb)
-    xb = x.unsqueeze(0) if unb else x
-    _, h1, _ = _run("rnn_cell", mode, xb.unsqueeze(0), h, None, w_ih, w_hh, b_ih, b_hh, None, None, False, backend)
+    h1, _ = _cell("rnn_cell", mode, x.unsqueeze(0) if unb else x, h, None, w_ih, w_hh, b_ih, b_hh, backend)
     return h1.squeeze(0) if unb else h1
