@@ -275,6 +275,44 @@ def test_attention_half_types(lib, case, dtype):
     _attention(lib, case, dtype)
 
 
+def _cpu_op():
+    import seqkern  # noqa: F401  (loads seqkern._C when built)
+
+    if not hasattr(torch.ops.seqkern_C, "sdpa_forward"):
+        pytest.skip("seqkern._C is not built")
+    return torch.ops.seqkern_C
+
+
+@pytest.mark.parametrize("case", [ATTN_CASES[4], ATTN_CASES[7]], ids=["causal", "dead-rows"])
+def test_attention_dropout_matches_cpu_backend(lib, case):
+    """The same seed drops the same elements as the cpu backend (both hash (row, column))."""
+    ops = _cpu_op()
+    q, k, v, mask, causal, p = _attn_inputs(case, torch.float32)
+    seed = (1 << 40) + 977  # past 32 bits: both sides keep the low 32
+    scale = q.shape[-1] ** -0.5
+    out_cpu, lse_cpu = ops.sdpa_forward(q, k, v, mask, p, causal, scale, seed)
+    emu_out, emu_lse, dq, dk, dv = _attention_run(lib, q, k, v, mask, causal, p, seed)
+    close(emu_out, out_cpu, torch.float32, "out")
+    close(emu_lse, lse_cpu.sum(-1), torch.float32, "lse")
+    dout = torch.randn(out_cpu.shape, generator=torch.Generator().manual_seed(9))
+    gq, gk, gv = ops.sdpa_backward(dout, q, k, v, mask, out_cpu, lse_cpu, p, causal, scale, seed)
+    for got, want, name in ((dq, gq, "dq"), (dk, gk, "dk"), (dv, gv, "dv")):
+        close(got, want, torch.float32, name)
+
+
+def _attention_run(lib, q, k, v, mask, causal, p, seed):
+    B, Hq, L, Ev = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
+    prm = _attn_params(q, k, v, mask, causal, p, seed, q.dtype)
+    out, lse = poisoned(B, Hq, L, Ev, dtype=q.dtype), poisoned(B, Hq, L, dtype=torch.float32)
+    call(lib, "emu_attention_forward", ctypes.byref(prm), ptr(out), ptr(lse))
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(q.dtype)
+    dq, dk, dv = (poisoned(*t.shape, dtype=q.dtype) for t in (q, k, v))
+    delta = poisoned(B, Hq, L, dtype=torch.float32)
+    call(lib, "emu_attention_backward", ctypes.byref(prm), ptr(dout), ptr(out), ptr(lse), ptr(delta), ptr(dq),
+         ptr(dk), ptr(dv))
+    return out, lse, dq, dk, dv
+
+
 @pytest.mark.parametrize("L,S", [(5, 0), (0, 7)])
 def test_attention_empty_side(lib, L, S):
     """No keys: out 0, lse -inf, dq 0; no queries: dk, dv 0 (the kernels launch for one side only)."""
