@@ -722,3 +722,19 @@ def test_rnn_lengths_out_of_range_stay_in_bounds(lib, persistent):
         runs.append([y, hT, cT] + [grads[k] for k in sorted(grads)])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_wkv4_batch_past_the_grid_limit(lib):
+    # B > 65535: the grid's y extent is capped and each block loops over b, b + 65535, ...
+    B, T, C = 65535 + 3, 2, 1
+    g = torch.Generator().manual_seed(2)
+    td, tf = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    k, v = torch.randn(B, T, C, generator=g), torch.randn(B, T, C, generator=g)
+    state = wkv4_initial_state(B, C, dtype=torch.float32)
+    negw = -td.exp()
+    y, st_out = poisoned(B, T, C, dtype=torch.float32), poisoned(B, 3, C, dtype=torch.float32)
+    call(lib, "emu_wkv4_forward", DT[torch.float32], ptr(negw), ptr(tf), ptr(k), ptr(v), ptr(state), ptr(y),
+         ptr(st_out), None, I64(B), I64(T), I64(C))
+    want_y, want_st = wkv4_reference(td, tf, k, v, state)
+    close(y, want_y, torch.float32, "y")
+    close(st_out, want_st, torch.float32, "state")
