@@ -3,9 +3,9 @@
 // when AttnParams::mma is set, which the binding does only under SEQKERN_ATTN_MMA=1, until a GPU run has
 // verified it (it has been checked on the CPU through the emulation of csrc/cuda/mma.h only).
 //
-// Blocks of 4 warps; each warp owns 16 rows of the block's 64 (queries in the forward and dQ, keys in
-// dK/dV), so the softmax statistics of a row stay within the 4 lanes of a quad (shuffles, no shared
-// memory). Tiles live in shared memory as 16-bit values with a row pitch of D + 8 halves: rows stay
+// Blocks of 4 warps; each warp owns 16-row tiles of the block's rows (two tiles of 128 queries in the
+// forward; one of 64 queries in dQ, of 64 keys in dK/dV), so the softmax statistics of a row stay within
+// the 4 lanes of a quad (shuffles, no shared memory). Tiles live in shared memory as 16-bit values with a row pitch of D + 8 halves: rows stay
 // 16-byte aligned for cp.async and ldmatrix, and the 8 rows of an ldmatrix land in distinct banks.
 // Head dims are padded to multiples of 16 with zeros in shared memory; the k-loops skip whole steps past
 // E or Ev (warp-uniform), so E = 40 costs 3 steps, not the 8 of the compiled D = 128.
@@ -147,17 +147,17 @@ __device__ __forceinline__ void zero(float (&c)[N][4]) {
   for (int n = 0; n < N; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
 }
 
-// The kRows queries of one (batch, head) that a forward or dQ block owns, and its K/V head (GQA).
+// The `rows` queries of one (batch, head) that a forward or dQ block owns, and its K/V head (GQA).
 struct QueryBlock {
   int64_t bh, q0, b, h;
   const uint16_t* k;
   const uint16_t* v;
 };
-__device__ __forceinline__ QueryBlock query_block(const AttnParams& p) {
-  const int64_t nblk = (p.L + kRows - 1) / kRows;
+__device__ __forceinline__ QueryBlock query_block(const AttnParams& p, int rows) {
+  const int64_t nblk = (p.L + rows - 1) / rows;
   QueryBlock r;
   r.bh = blockIdx.x / nblk;
-  r.q0 = (nblk - 1 - blockIdx.x % nblk) * kRows;  // heavy causal blocks (late queries) are launched first
+  r.q0 = (nblk - 1 - blockIdx.x % nblk) * rows;  // heavy causal blocks (late queries) are launched first
   r.b = r.bh / p.Hq;
   r.h = r.bh % p.Hq;
   const int64_t bhk = r.b * p.Hk + r.h / (p.Hq / p.Hk);
@@ -167,63 +167,72 @@ __device__ __forceinline__ QueryBlock query_block(const AttnParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Forward: Q fragments in registers; K and V tiles of 64 keys through cp.async, the next K tile in
-// flight while this tile's P V runs.
-template <bool BF16, int D>
-__global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const AttnParams p, const bool vec, uint16_t* __restrict__ out,
-                                                           float* __restrict__ lse) {
+// Forward: a block owns kFwdRows = 4 warps x MT x 16 queries. Two 16-row tiles per warp (MT = 2) make
+// every K and V fragment read from shared memory feed two products: ldmatrix bandwidth, not the tensor
+// cores, bounds an m16n8k16 loop with one row tile per warp. Q stays in shared memory (its fragments are
+// re-read per k-step: registers go to the 2 x 16 x D output accumulators); K and V tiles of BN keys come
+// through cp.async, the next K tile in flight while this tile's softmax and P V run.
+template <bool BF16, int D, int MT, int BN>
+__global__ void __launch_bounds__(kThreads, 1)
+    fwd_mma_kernel(const AttnParams p, const bool vec, uint16_t* __restrict__ out, float* __restrict__ lse) {
   SK_DYNAMIC_SMEM(unsigned char, smem_raw);
-  constexpr int P = D + kPad, KD = D / 16, BN = 64;
-  uint16_t* Ks = reinterpret_cast<uint16_t*>(smem_raw);  // BN x P; holds the Q tile first
+  constexpr int P = D + kPad, KD = D / 16, BM = kRows * MT;
+  uint16_t* Qs = reinterpret_cast<uint16_t*>(smem_raw);  // BM x P
+  uint16_t* Ks = Qs + BM * P;                           // BN x P
   uint16_t* Vs = Ks + BN * P;                           // BN x P
-  const QueryBlock qb = query_block(p);
+  const QueryBlock qb = query_block(p, BM);
   const int64_t bh = qb.bh, q0 = qb.q0, b = qb.b, h = qb.h;
   const uint16_t *k = qb.k, *v = qb.v;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev), nkE = (E + 15) / 16, nkV = (Ev + 15) / 16;
   const float scale2 = p.scale * kLog2e;
+  const int64_t w0 = q0 + warp * 16 * MT;  // the warp's first row; its tile mt holds rows w0 + 16 mt ...
 
-  load_tile<kRows, D>(Ks, static_cast<const uint16_t*>(p.q) + (bh * p.L + q0) * p.E, p.E, p.L - q0, E, vec);
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-  uint32_t qf[KD][4];
-#pragma unroll
-  for (int kk = 0; kk < KD; ++kk) {
-    qf[kk][0] = qf[kk][1] = qf[kk][2] = qf[kk][3] = 0u;
-    if (kk < nkE) ldsm_x4(qf[kk], Ks + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
-  }
-  __syncthreads();  // the Q tile is in registers: Ks takes keys
-
-  const int64_t i_r[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
-  uint32_t rh[2] = {0u, 0u};
-  if (p.dropout) {
-    rh[0] = row_hash(p, bh * p.L + i_r[0]);
-    rh[1] = row_hash(p, bh * p.L + i_r[1]);
-  }
-  float o[D / 8][4];
-  zero(o);
-  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.0f, 0.0f};
-  // causal: no row of this block sees a key at or past q0 + kRows
-  const int64_t j_end = p.causal ? min(p.S, q0 + kRows) : p.S;
+  load_tile<BM, D>(Qs, static_cast<const uint16_t*>(p.q) + (bh * p.L + q0) * p.E, p.E, p.L - q0, E, vec);
+  // causal: no row of this block sees a key at or past q0 + BM
+  const int64_t j_end = p.causal ? min(p.S, q0 + BM) : p.S;
   if (j_end > 0) load_tile<BN, D>(Ks, k, p.E, p.S, E, vec);
-  cp_async_commit();
+  cp_async_commit();  // Q and the first K tile: one group
+
+  int64_t i_r[MT][2];
+  uint32_t rh[MT][2];
+  float m_r[MT][2], l_r[MT][2];
+  float o[MT][D / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    zero(o[mt]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      i_r[mt][r] = w0 + mt * 16 + g + 8 * r;
+      rh[mt][r] = p.dropout ? row_hash(p, bh * p.L + i_r[mt][r]) : 0u;
+      m_r[mt][r] = -INFINITY;
+      l_r[mt][r] = 0.0f;
+    }
+  }
   for (int64_t j0 = 0; j0 < j_end; j0 += BN) {
     load_tile<BN, D>(Vs, v + j0 * p.Ev, p.Ev, p.S - j0, Ev, vec);
     cp_async_commit();
-    cp_async_wait<1>();  // this K tile has landed (V may still be in flight)
+    cp_async_wait<1>();  // this K tile (and Q) have landed; V may still be in flight
     __syncthreads();
-    float s[BN / 8][4];
-    zero(s);
+    float s[MT][BN / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) zero(s[mt]);
 #pragma unroll
     for (int kk = 0; kk < KD; ++kk) {
       if (kk >= nkE) break;
+      uint32_t qf[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        ldsm_x4(qf[mt], Qs + (warp * 16 * MT + mt * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
 #pragma unroll
       for (int np = 0; np < BN / 16; ++np) {
         uint32_t bf[4];
         ldsm_x4(bf, Ks + (np * 16 + b_row(lane)) * P + kk * 16 + b_col(lane));
-        mma16816<BF16>(s[2 * np], qf[kk], bf[0], bf[1]);
-        mma16816<BF16>(s[2 * np + 1], qf[kk], bf[2], bf[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816<BF16>(s[mt][2 * np], qf[mt], bf[0], bf[1]);
+          mma16816<BF16>(s[mt][2 * np + 1], qf[mt], bf[2], bf[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with Ks: the next K tile may land there
@@ -231,44 +240,48 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const AttnParams p, c
     cp_async_commit();
 
     // tiles wholly inside the mask-free, causal-visible, in-range region skip the per-element checks
-    const bool plain = p.mask == nullptr && j0 + BN <= p.S && (!p.causal || j0 + BN - 1 <= q0 + warp * 16);
-    float mx[2] = {m_r[0], m_r[1]};
+    const bool plain = p.mask == nullptr && j0 + BN <= p.S && (!p.causal || j0 + BN - 1 <= w0);
+    uint32_t pa[MT][BN / 16][4];
 #pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt)
+    for (int mt = 0; mt < MT; ++mt) {
+      float mx[2] = {m_r[mt][0], m_r[mt][1]};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t j = j0 + nt * 8 + 2 * t + (e & 1);
-        const float x = plain ? s[nt][e] * scale2 : score2<BF16>(p, s[nt][e], scale2, b, h, i_r[e >> 1], j);
-        s[nt][e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
-      }
-    float alpha[2], m_use[2];
+      for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = quad_max(mx[r]);
-      m_use[r] = mx[r] == -INFINITY ? 0.0f : mx[r];  // nothing visible yet: keep exp2 away from -inf - -inf
-      alpha[r] = fast_exp2(m_r[r] - m_use[r]);
-      m_r[r] = mx[r];
-      l_r[r] *= alpha[r];
-    }
+        for (int e = 0; e < 4; ++e) {
+          const int64_t j = j0 + nt * 8 + 2 * t + (e & 1);
+          const float x = plain ? s[mt][nt][e] * scale2
+                                : score2<BF16>(p, s[mt][nt][e], scale2, b, h, i_r[mt][e >> 1], j);
+          s[mt][nt][e] = x;
+          mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        }
+      float alpha[2], m_use[2];
 #pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pr = fast_exp2(s[nt][e] - m_use[e >> 1]);
-        l_r[e >> 1] += pr;
-        s[nt][e] = p.dropout ? pr * dropout_scale(p, rh[e >> 1], j0 + nt * 8 + 2 * t + (e & 1)) : pr;
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = quad_max(mx[r]);
+        m_use[r] = mx[r] == -INFINITY ? 0.0f : mx[r];  // nothing visible yet: keep exp2 away from -inf - -inf
+        alpha[r] = fast_exp2(m_r[mt][r] - m_use[r]);
+        m_r[mt][r] = mx[r];
+        l_r[mt][r] *= alpha[r];
       }
 #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
-      o[nt][0] *= alpha[0];
-      o[nt][1] *= alpha[0];
-      o[nt][2] *= alpha[1];
-      o[nt][3] *= alpha[1];
-    }
-    uint32_t pa[BN / 16][4];
+      for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) to_a<BF16>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+        for (int e = 0; e < 4; ++e) {
+          const float pr = fast_exp2(s[mt][nt][e] - m_use[e >> 1]);
+          l_r[mt][e >> 1] += pr;
+          s[mt][nt][e] = p.dropout ? pr * dropout_scale(p, rh[mt][e >> 1], j0 + nt * 8 + 2 * t + (e & 1)) : pr;
+        }
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt) {
+        o[mt][nt][0] *= alpha[0];
+        o[mt][nt][1] *= alpha[0];
+        o[mt][nt][2] *= alpha[1];
+        o[mt][nt][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) to_a<BF16>(pa[mt][kk], s[mt][2 * kk], s[mt][2 * kk + 1]);
+    }
 
     cp_async_wait<1>();  // V has landed (the next K may still be in flight)
     __syncthreads();
@@ -279,25 +292,33 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const AttnParams p, c
         if (dp >= nkV) break;
         uint32_t vf[4];
         ldsm_x4_trans(vf, Vs + (kk * 16 + a_row(lane)) * P + dp * 16 + a_col(lane));
-        mma16816<BF16>(o[2 * dp], pa[kk], vf[0], vf[1]);
-        mma16816<BF16>(o[2 * dp + 1], pa[kk], vf[2], vf[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816<BF16>(o[mt][2 * dp], pa[mt][kk], vf[0], vf[1]);
+          mma16816<BF16>(o[mt][2 * dp + 1], pa[mt][kk], vf[2], vf[3]);
+        }
       }
     __syncthreads();  // every warp is done with Vs
   }
   cp_async_wait<0>();
 
-  float inv[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_r[r] = quad_sum(l_r[r]);
-    inv[r] = l_r[r] > 0.0f ? 1.0f / l_r[r] : 0.0f;  // fully masked rows: output 0, lse -inf
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l_r[mt][r] = quad_sum(l_r[mt][r]);
+      inv[r] = l_r[mt][r] > 0.0f ? 1.0f / l_r[mt][r] : 0.0f;  // fully masked rows: output 0, lse -inf
+    }
+    const int64_t row0 = w0 + mt * 16;
+    store_rows<BF16, D / 8>(out + (bh * p.L + row0) * p.Ev, p.Ev, p.L - row0, Ev, o[mt], inv[0], inv[1]);
+    if (t == 0)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        if (i_r[mt][r] < p.L)
+          lse[bh * p.L + i_r[mt][r]] =
+              l_r[mt][r] > 0.0f ? (m_r[mt][r] + log2f(l_r[mt][r])) * kLn2 : -INFINITY;
   }
-  const int64_t row0 = q0 + warp * 16;
-  store_rows<BF16, D / 8>(out + (bh * p.L + row0) * p.Ev, p.Ev, p.L - row0, Ev, o, inv[0], inv[1]);
-  if (t == 0)
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      if (i_r[r] < p.L) lse[bh * p.L + i_r[r]] = l_r[r] > 0.0f ? (m_r[r] + log2f(l_r[r])) * kLn2 : -INFINITY;
 }
 
 // lse in log2 units, +inf for rows with nothing visible (their P is then exp2(-inf) = 0 everywhere)
@@ -430,7 +451,7 @@ __global__ void __launch_bounds__(kThreads)
   static_assert(BN <= kRows, "the Q and dO tiles are staged where K and V go");
   uint16_t* Ks = reinterpret_cast<uint16_t*>(smem_raw);  // kRows x P (Q first), then BN x P keys
   uint16_t* Vs = Ks + kRows * P;                        // kRows x P (dO first), then BN x P values
-  const QueryBlock qb = query_block(p);
+  const QueryBlock qb = query_block(p, kRows);
   const int64_t bh = qb.bh, q0 = qb.q0, b = qb.b, h = qb.h;
   const uint16_t *k = qb.k, *v = qb.v;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -536,12 +557,15 @@ cudaError_t launch_prep(Kernel kernel, size_t smem) {
 
 template <bool BF16, int D>
 cudaError_t forward_mma_t(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
-  const int64_t blocks = p.B * p.Hq * ((p.L + kRows - 1) / kRows);
+  // 128 queries per block; 64 keys a tile, 32 for 128-wide heads, whose 2 x 16 x 128 fp32 output
+  // accumulators leave no room for 2 x 16 x 64 scores within 255 registers
+  constexpr int MT = 2, BN = D > 64 ? 32 : 64;
+  const int64_t blocks = p.B * p.Hq * ((p.L + kRows * MT - 1) / (kRows * MT));
   if (blocks == 0) return cudaSuccess;
-  const size_t smem = sizeof(uint16_t) * 2 * kRows * (D + kPad);
-  cudaError_t err = launch_prep(fwd_mma_kernel<BF16, D>, smem);
+  const size_t smem = sizeof(uint16_t) * (kRows * MT + 2 * BN) * (D + kPad);
+  cudaError_t err = launch_prep(fwd_mma_kernel<BF16, D, MT, BN>, smem);
   if (err != cudaSuccess) return err;
-  SK_LAUNCH(static_cast<unsigned>(blocks), kThreads, smem, stream, fwd_mma_kernel<BF16, D>)(
+  SK_LAUNCH(static_cast<unsigned>(blocks), kThreads, smem, stream, fwd_mma_kernel<BF16, D, MT, BN>)(
       p, vec_ok(p, nullptr), static_cast<uint16_t*>(out), lse);
   return cudaGetLastError();
 }
