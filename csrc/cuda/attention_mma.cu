@@ -326,7 +326,38 @@ __device__ __forceinline__ float lse2_of(float lse) { return lse == -INFINITY ? 
 
 // ---------------------------------------------------------------------------------------------------------
 // dK, dV: a block owns 64 keys (16 per warp) and walks the query tiles (BM rows) of every head of its GQA
-// group. S^T = K Q^T and dP^T = V dO^T per warp; dV += (P o Z)^T dO, dK += dS^T Q.
+// group, the next tile's Q, dO, lse, delta and dropout row hashes loading into the other of two stages
+// while this one is used. S^T = K Q^T and dP^T = V dO^T per warp; dV += (P o Z)^T dO, dK += dS^T Q.
+template <int D, int BM>
+struct QStage {  // one stage of the dK/dV kernel's query-side buffers
+  static constexpr int kBytes = 2 * BM * (D + kPad) * 2 + 3 * BM * 4;
+  static_assert(kBytes % 16 == 0, "the next stage's tiles must stay 16-byte aligned");
+  uint16_t* q;
+  uint16_t* dout;
+  float* lse2;  // lse in log2 units (+inf: nothing visible, or past L)
+  float* delta;
+  uint32_t* rhash;
+  __device__ __forceinline__ explicit QStage(unsigned char* base) {
+    q = reinterpret_cast<uint16_t*>(base);
+    dout = q + BM * (D + kPad);
+    lse2 = reinterpret_cast<float*>(dout + BM * (D + kPad));
+    delta = lse2 + BM;
+    rhash = reinterpret_cast<uint32_t*>(delta + BM);
+  }
+  __device__ __forceinline__ void load(const AttnParams& p, const uint16_t* dout_g, const float* lse,
+                                       const float* delta_g, int64_t bh, int64_t i0, bool vec) const {
+    load_tile<BM, D>(q, static_cast<const uint16_t*>(p.q) + (bh * p.L + i0) * p.E, p.E, p.L - i0,
+                     static_cast<int>(p.E), vec);
+    load_tile<BM, D>(dout, dout_g + (bh * p.L + i0) * p.Ev, p.Ev, p.L - i0, static_cast<int>(p.Ev), vec);
+    if (threadIdx.x < BM) {
+      const int64_t i = i0 + threadIdx.x;
+      lse2[threadIdx.x] = i < p.L ? lse2_of(lse[bh * p.L + i]) : INFINITY;
+      delta[threadIdx.x] = i < p.L ? delta_g[bh * p.L + i] : 0.0f;
+      rhash[threadIdx.x] = p.dropout ? row_hash(p, bh * p.L + i) : 0u;
+    }
+  }
+};
+
 template <bool BF16, int D, int BM>
 __global__ void __launch_bounds__(kThreads, 1)
     dkdv_mma_kernel(const AttnParams p, const bool vec, const uint16_t* __restrict__ dout,
@@ -334,12 +365,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                     uint16_t* __restrict__ dv) {
   SK_DYNAMIC_SMEM(unsigned char, smem_raw);
   constexpr int P = D + kPad, KD = D / 16;
+  using Stage = QStage<D, BM>;
   uint16_t* Ks = reinterpret_cast<uint16_t*>(smem_raw);  // kRows x P
   uint16_t* Vs = Ks + kRows * P;                        // kRows x P
-  uint16_t* Qs = Vs + kRows * P;                        // BM x P
-  uint16_t* dOs = Qs + BM * P;                          // BM x P
-  float* Ls = reinterpret_cast<float*>(dOs + BM * P);   // BM, lse in log2 units
-  float* Ds = Ls + BM;                                  // BM, delta
+  unsigned char* stages = reinterpret_cast<unsigned char*>(Vs + kRows * P);  // 2 x Stage::kBytes
   const int64_t nblk = (p.S + kRows - 1) / kRows;
   const int64_t bhk = blockIdx.x / nblk, j0 = (blockIdx.x % nblk) * kRows;
   const int64_t b = bhk / p.Hk, hk = bhk % p.Hk, G = p.Hq / p.Hk;
@@ -348,91 +377,91 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float scale2 = p.scale * kLog2e;
   load_tile<kRows, D>(Ks, static_cast<const uint16_t*>(p.k) + (bhk * p.S + j0) * p.E, p.E, p.S - j0, E, vec);
   load_tile<kRows, D>(Vs, static_cast<const uint16_t*>(p.v) + (bhk * p.S + j0) * p.Ev, p.Ev, p.S - j0, Ev, vec);
-  cp_async_commit();
   const int64_t j_r[2] = {j0 + warp * 16 + g, j0 + warp * 16 + g + 8};
   float dka[D / 8][4], dva[D / 8][4];
   zero(dka);
   zero(dva);
   // causal: query rows before j0 see none of this block's keys
   const int64_t i_start = p.causal ? (j0 / BM) * BM : 0;
-  for (int64_t gg = 0; gg < G; ++gg) {
-    const int64_t h = hk * G + gg, bh = b * p.Hq + h;
-    for (int64_t i0 = i_start; i0 < p.L; i0 += BM) {
-      __syncthreads();  // the previous tile's Qs, dOs, Ls, Ds are no longer read
-      load_tile<BM, D>(Qs, static_cast<const uint16_t*>(p.q) + (bh * p.L + i0) * p.E, p.E, p.L - i0, E, vec);
-      load_tile<BM, D>(dOs, dout + (bh * p.L + i0) * p.Ev, p.Ev, p.L - i0, Ev, vec);
-      cp_async_commit();
-      if (threadIdx.x < BM) {
-        const int64_t i = i0 + threadIdx.x;
-        Ls[threadIdx.x] = i < p.L ? lse2_of(lse[bh * p.L + i]) : INFINITY;
-        Ds[threadIdx.x] = i < p.L ? delta[bh * p.L + i] : 0.0f;
-      }
-      cp_async_wait<0>();
-      __syncthreads();
+  const int64_t n_i = i_start < p.L ? (p.L - i_start + BM - 1) / BM : 0, n_tiles = G * n_i;
+  if (n_tiles > 0) Stage(stages).load(p, dout, lse, delta, b * p.Hq + hk * G, i_start, vec);
+  cp_async_commit();  // K, V and the first query tile
+  for (int64_t it = 0; it < n_tiles; ++it) {
+    const int buf = static_cast<int>(it & 1);
+    const int64_t h = hk * G + it / n_i, i0 = i_start + (it % n_i) * BM;
+    if (it + 1 < n_tiles)
+      Stage(stages + (buf ^ 1) * Stage::kBytes)
+          .load(p, dout, lse, delta, b * p.Hq + hk * G + (it + 1) / n_i, i_start + ((it + 1) % n_i) * BM, vec);
+    cp_async_commit();
+    cp_async_wait<1>();  // all but the prefetch just issued have landed
+    __syncthreads();
+    const Stage st_(stages + buf * Stage::kBytes);
+    const uint16_t* Qs = st_.q;
+    const uint16_t* dOs = st_.dout;
 
-      float st[BM / 8][4], dpt[BM / 8][4];
-      zero(st);
-      zero(dpt);
+    float st[BM / 8][4], dpt[BM / 8][4];
+    zero(st);
+    zero(dpt);
 #pragma unroll
-      for (int kk = 0; kk < KD; ++kk) {
-        uint32_t af[4];
-        if (kk < nkE) {
-          ldsm_x4(af, Ks + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
+    for (int kk = 0; kk < KD; ++kk) {
+      uint32_t af[4];
+      if (kk < nkE) {
+        ldsm_x4(af, Ks + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
 #pragma unroll
-          for (int np = 0; np < BM / 16; ++np) {
-            uint32_t bf[4];
-            ldsm_x4(bf, Qs + (np * 16 + b_row(lane)) * P + kk * 16 + b_col(lane));
-            mma16816<BF16>(st[2 * np], af, bf[0], bf[1]);
-            mma16816<BF16>(st[2 * np + 1], af, bf[2], bf[3]);
-          }
-        }
-        if (kk < nkV) {
-          ldsm_x4(af, Vs + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
-#pragma unroll
-          for (int np = 0; np < BM / 16; ++np) {
-            uint32_t bf[4];
-            ldsm_x4(bf, dOs + (np * 16 + b_row(lane)) * P + kk * 16 + b_col(lane));
-            mma16816<BF16>(dpt[2 * np], af, bf[0], bf[1]);
-            mma16816<BF16>(dpt[2 * np + 1], af, bf[2], bf[3]);
-          }
+        for (int np = 0; np < BM / 16; ++np) {
+          uint32_t bf[4];
+          ldsm_x4(bf, Qs + (np * 16 + b_row(lane)) * P + kk * 16 + b_col(lane));
+          mma16816<BF16>(st[2 * np], af, bf[0], bf[1]);
+          mma16816<BF16>(st[2 * np + 1], af, bf[2], bf[3]);
         }
       }
-      // every key of this warp visible to every query of the tile, no mask, all in range
-      const bool plain = p.mask == nullptr && i0 + BM <= p.L && j0 + kRows <= p.S &&
-                         (!p.causal || j0 + warp * 16 + 15 <= i0);
+      if (kk < nkV) {
+        ldsm_x4(af, Vs + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
 #pragma unroll
-      for (int nt = 0; nt < BM / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int ic = nt * 8 + 2 * t + (e & 1);
-          const int64_t i = i0 + ic, j = j_r[e >> 1];
-          const float x = plain ? st[nt][e] * scale2 : score2<BF16>(p, st[nt][e], scale2, b, h, i, j);
-          const float pr = fast_exp2(x - Ls[ic]);
-          const float z = p.dropout && i < p.L ? dropout_scale(p, row_hash(p, bh * p.L + i), j) : 1.0f;
-          st[nt][e] = pr * z;
-          dpt[nt][e] = pr * (dpt[nt][e] * z - Ds[ic]);
-        }
-#pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        uint32_t pa[4], da[4];
-        to_a<BF16>(pa, st[2 * kk], st[2 * kk + 1]);
-        to_a<BF16>(da, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-        for (int dp = 0; dp < KD; ++dp) {
+        for (int np = 0; np < BM / 16; ++np) {
           uint32_t bf[4];
-          if (dp < nkV) {
-            ldsm_x4_trans(bf, dOs + (kk * 16 + a_row(lane)) * P + dp * 16 + a_col(lane));
-            mma16816<BF16>(dva[2 * dp], pa, bf[0], bf[1]);
-            mma16816<BF16>(dva[2 * dp + 1], pa, bf[2], bf[3]);
-          }
-          if (dp < nkE) {
-            ldsm_x4_trans(bf, Qs + (kk * 16 + a_row(lane)) * P + dp * 16 + a_col(lane));
-            mma16816<BF16>(dka[2 * dp], da, bf[0], bf[1]);
-            mma16816<BF16>(dka[2 * dp + 1], da, bf[2], bf[3]);
-          }
+          ldsm_x4(bf, dOs + (np * 16 + b_row(lane)) * P + kk * 16 + b_col(lane));
+          mma16816<BF16>(dpt[2 * np], af, bf[0], bf[1]);
+          mma16816<BF16>(dpt[2 * np + 1], af, bf[2], bf[3]);
         }
       }
     }
+    // every key of this warp visible to every query of the tile, no mask, all in range
+    const bool plain = p.mask == nullptr && i0 + BM <= p.L && j0 + kRows <= p.S &&
+                       (!p.causal || j0 + warp * 16 + 15 <= i0);
+#pragma unroll
+    for (int nt = 0; nt < BM / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int ic = nt * 8 + 2 * t + (e & 1);
+        const int64_t i = i0 + ic, j = j_r[e >> 1];
+        const float x = plain ? st[nt][e] * scale2 : score2<BF16>(p, st[nt][e], scale2, b, h, i, j);
+        const float pr = fast_exp2(x - st_.lse2[ic]);
+        const float z = p.dropout ? dropout_scale(p, st_.rhash[ic], j) : 1.0f;  // rows past L: pr = 0
+        st[nt][e] = pr * z;
+        dpt[nt][e] = pr * (dpt[nt][e] * z - st_.delta[ic]);
+      }
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      uint32_t pa[4], da[4];
+      to_a<BF16>(pa, st[2 * kk], st[2 * kk + 1]);
+      to_a<BF16>(da, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < KD; ++dp) {
+        uint32_t bf[4];
+        if (dp < nkV) {
+          ldsm_x4_trans(bf, dOs + (kk * 16 + a_row(lane)) * P + dp * 16 + a_col(lane));
+          mma16816<BF16>(dva[2 * dp], pa, bf[0], bf[1]);
+          mma16816<BF16>(dva[2 * dp + 1], pa, bf[2], bf[3]);
+        }
+        if (dp < nkE) {
+          ldsm_x4_trans(bf, Qs + (kk * 16 + a_row(lane)) * P + dp * 16 + a_col(lane));
+          mma16816<BF16>(dka[2 * dp], da, bf[0], bf[1]);
+          mma16816<BF16>(dka[2 * dp + 1], da, bf[2], bf[3]);
+        }
+      }
+    }
+    __syncthreads();  // this stage is free for the prefetch of the next iteration
   }
   cp_async_wait<0>();  // L = 0: the K/V tile loads still complete before the block exits
   const int64_t row0 = j0 + warp * 16;
@@ -441,16 +470,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// dQ: a block owns 64 queries (16 per warp, Q and dO fragments in registers) and walks key tiles of BN.
+// dQ: a block owns 64 queries (16 per warp, Q and dO fragments in registers) and walks key tiles of BN,
+// the next K/V tile loading into the other of two stages while this one is used.
 template <bool BF16, int D, int BN>
 __global__ void __launch_bounds__(kThreads)
     dq_mma_kernel(const AttnParams p, const bool vec, const uint16_t* __restrict__ dout, const float* __restrict__ lse,
                   const float* __restrict__ delta, uint16_t* __restrict__ dq) {
   SK_DYNAMIC_SMEM(unsigned char, smem_raw);
   constexpr int P = D + kPad, KD = D / 16;
-  static_assert(BN <= kRows, "the Q and dO tiles are staged where K and V go");
-  uint16_t* Ks = reinterpret_cast<uint16_t*>(smem_raw);  // kRows x P (Q first), then BN x P keys
-  uint16_t* Vs = Ks + kRows * P;                        // kRows x P (dO first), then BN x P values
+  static_assert(4 * BN >= 2 * kRows, "the Q and dO tiles are staged where the K/V stages go");
+  uint16_t* base = reinterpret_cast<uint16_t*>(smem_raw);  // Q, dO (kRows x P each) first; then 2 x (K, V)
   const QueryBlock qb = query_block(p, kRows);
   const int64_t bh = qb.bh, q0 = qb.q0, b = qb.b, h = qb.h;
   const uint16_t *k = qb.k, *v = qb.v;
@@ -458,8 +487,8 @@ __global__ void __launch_bounds__(kThreads)
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev), nkE = (E + 15) / 16, nkV = (Ev + 15) / 16;
   const float scale2 = p.scale * kLog2e;
 
-  load_tile<kRows, D>(Ks, static_cast<const uint16_t*>(p.q) + (bh * p.L + q0) * p.E, p.E, p.L - q0, E, vec);
-  load_tile<kRows, D>(Vs, dout + (bh * p.L + q0) * p.Ev, p.Ev, p.L - q0, Ev, vec);
+  load_tile<kRows, D>(base, static_cast<const uint16_t*>(p.q) + (bh * p.L + q0) * p.E, p.E, p.L - q0, E, vec);
+  load_tile<kRows, D>(base + kRows * P, dout + (bh * p.L + q0) * p.Ev, p.Ev, p.L - q0, Ev, vec);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -468,9 +497,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int kk = 0; kk < KD; ++kk) {
     qf[kk][0] = qf[kk][1] = qf[kk][2] = qf[kk][3] = 0u;
     df[kk][0] = df[kk][1] = df[kk][2] = df[kk][3] = 0u;
-    if (kk < nkE) ldsm_x4(qf[kk], Ks + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
-    if (kk < nkV) ldsm_x4(df[kk], Vs + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
+    if (kk < nkE) ldsm_x4(qf[kk], base + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
+    if (kk < nkV) ldsm_x4(df[kk], base + (kRows + warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
   }
+  __syncthreads();  // Q and dO are in registers: the stages may overwrite them
   const int64_t i_r[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
   float lse2[2], dl[2];
   uint32_t rh[2] = {0u, 0u};
@@ -484,13 +514,26 @@ __global__ void __launch_bounds__(kThreads)
   float dqa[D / 8][4];
   zero(dqa);
   const int64_t j_end = p.causal ? min(p.S, q0 + kRows) : p.S;
-  for (int64_t j0 = 0; j0 < j_end; j0 += BN) {
-    __syncthreads();  // Q/dO staging or the previous tile is no longer read
-    load_tile<BN, D>(Ks, k + j0 * p.E, p.E, p.S - j0, E, vec);
-    load_tile<BN, D>(Vs, v + j0 * p.Ev, p.Ev, p.S - j0, Ev, vec);
+  const int64_t n_j = (j_end + BN - 1) / BN;
+  // stage s: K at base + 2 s BN P, V right after it
+  if (n_j > 0) {
+    load_tile<BN, D>(base, k, p.E, p.S, E, vec);
+    load_tile<BN, D>(base + BN * P, v, p.Ev, p.S, Ev, vec);
+  }
+  cp_async_commit();
+  for (int64_t jt = 0; jt < n_j; ++jt) {
+    const int buf = static_cast<int>(jt & 1);
+    const int64_t j0 = jt * BN;
+    if (jt + 1 < n_j) {
+      uint16_t* nk = base + (buf ^ 1) * 2 * BN * P;
+      load_tile<BN, D>(nk, k + (j0 + BN) * p.E, p.E, p.S - j0 - BN, E, vec);
+      load_tile<BN, D>(nk + BN * P, v + (j0 + BN) * p.Ev, p.Ev, p.S - j0 - BN, Ev, vec);
+    }
     cp_async_commit();
-    cp_async_wait<0>();
+    cp_async_wait<1>();  // all but the prefetch just issued have landed
     __syncthreads();
+    const uint16_t* Ks = base + buf * 2 * BN * P;
+    const uint16_t* Vs = Ks + BN * P;
     float s[BN / 8][4], dpv[BN / 8][4];
     zero(s);
     zero(dpv);
@@ -535,7 +578,9 @@ __global__ void __launch_bounds__(kThreads)
         mma16816<BF16>(dqa[2 * dp + 1], da, bf[2], bf[3]);
       }
     }
+    __syncthreads();  // this stage is free for the prefetch of the next iteration
   }
+  cp_async_wait<0>();
   const int64_t row0 = q0 + warp * 16;
   store_rows<BF16, D / 8>(dq + (bh * p.L + row0) * p.E, p.E, p.L - row0, E, dqa, p.scale, p.scale);
 }
@@ -580,7 +625,7 @@ cudaError_t backward_mma_t(const AttnParams& p, const void* dout_, const float* 
   const bool vec = vec_ok(p, dout_);
   const int64_t kv_blocks = p.B * p.Hk * ((p.S + kRows - 1) / kRows);
   if (kv_blocks > 0) {
-    const size_t smem = sizeof(uint16_t) * (2 * kRows + 2 * BT) * (D + kPad) + sizeof(float) * 2 * BT;
+    const size_t smem = sizeof(uint16_t) * 2 * kRows * (D + kPad) + 2 * QStage<D, BT>::kBytes;
     cudaError_t err = launch_prep(dkdv_mma_kernel<BF16, D, BT>, smem);
     if (err != cudaSuccess) return err;
     SK_LAUNCH(static_cast<unsigned>(kv_blocks), kThreads, smem, stream, dkdv_mma_kernel<BF16, D, BT>)(
@@ -590,7 +635,7 @@ cudaError_t backward_mma_t(const AttnParams& p, const void* dout_, const float* 
   }
   const int64_t q_blocks = p.B * p.Hq * ((p.L + kRows - 1) / kRows);
   if (q_blocks > 0) {
-    const size_t smem = sizeof(uint16_t) * 2 * kRows * (D + kPad);
+    const size_t smem = sizeof(uint16_t) * 4 * BT * (D + kPad);  // two K/V stages (Q, dO staged there first)
     cudaError_t err = launch_prep(dq_mma_kernel<BF16, D, BT>, smem);
     if (err != cudaSuccess) return err;
     SK_LAUNCH(static_cast<unsigned>(q_blocks), kThreads, smem, stream, dq_mma_kernel<BF16, D, BT>)(
