@@ -275,6 +275,44 @@ def test_attention_half_types(lib, case, dtype):
     _attention(lib, case, dtype)
 
 
+def _cpu_op():
+    import seqkern  # noqa: F401  (loads seqkern._C when built)
+
+    if not hasattr(torch.ops.seqkern_C, "sdpa_forward"):
+        pytest.skip("seqkern._C is not built")
+    return torch.ops.seqkern_C
+
+
+@pytest.mark.parametrize("case", [ATTN_CASES[4], ATTN_CASES[7]], ids=["causal", "dead-rows"])
+def test_attention_dropout_matches_cpu_backend(lib, case):
+    """The same seed drops the same elements as the cpu backend (both hash (row, column))."""
+    ops = _cpu_op()
+    q, k, v, mask, causal, p = _attn_inputs(case, torch.float32)
+    seed = (1 << 40) + 977  # past 32 bits: both sides keep the low 32
+    scale = q.shape[-1] ** -0.5
+    out_cpu, lse_cpu = ops.sdpa_forward(q, k, v, mask, p, causal, scale, seed)
+    emu_out, emu_lse, dq, dk, dv = _attention_run(lib, q, k, v, mask, causal, p, seed)
+    close(emu_out, out_cpu, torch.float32, "out")
+    close(emu_lse, lse_cpu.sum(-1), torch.float32, "lse")
+    dout = torch.randn(out_cpu.shape, generator=torch.Generator().manual_seed(9))
+    gq, gk, gv = ops.sdpa_backward(dout, q, k, v, mask, out_cpu, lse_cpu, p, causal, scale, seed)
+    for got, want, name in ((dq, gq, "dq"), (dk, gk, "dk"), (dv, gv, "dv")):
+        close(got, want, torch.float32, name)
+
+
+def _attention_run(lib, q, k, v, mask, causal, p, seed):
+    B, Hq, L, Ev = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
+    prm = _attn_params(q, k, v, mask, causal, p, seed, q.dtype)
+    out, lse = poisoned(B, Hq, L, Ev, dtype=q.dtype), poisoned(B, Hq, L, dtype=torch.float32)
+    call(lib, "emu_attention_forward", ctypes.byref(prm), ptr(out), ptr(lse))
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(q.dtype)
+    dq, dk, dv = (poisoned(*t.shape, dtype=q.dtype) for t in (q, k, v))
+    delta = poisoned(B, Hq, L, dtype=torch.float32)
+    call(lib, "emu_attention_backward", ctypes.byref(prm), ptr(dout), ptr(out), ptr(lse), ptr(delta), ptr(dq),
+         ptr(dk), ptr(dv))
+    return out, lse, dq, dk, dv
+
+
 @pytest.mark.parametrize("L,S", [(5, 0), (0, 7)])
 def test_attention_empty_side(lib, L, S):
     """No keys: out 0, lse -inf, dq 0; no queries: dk, dv 0 (the kernels launch for one side only)."""
@@ -649,3 +687,23 @@ def test_results_do_not_depend_on_the_schedule(lib, order, seed):
             lib.sk_emu_set_schedule(0, 0)
     for i, (a, b) in enumerate(zip(*runs)):
         assert torch.equal(a, b), f"output {i} differs between thread orders"
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["steps", "persistent"])
+def test_rnn_lengths_out_of_range_stay_in_bounds(lib, persistent):
+    """Python validates lengths, but not while torch.compile traces, and the CUDA binding does not
+    (a check would sync): the kernels clamp each length to [0, T] so that a bad one cannot index
+    past xw / y / dgi. Same results as the clamped lengths (and no AddressSanitizer report)."""
+    T, B, I, H = 4, 3, 3, 20
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _, _ = _rnn_inputs("lstm", None, False, torch.float32, T=T, B=B, I=I, H=H)
+    runs = []
+    for lens in ([T + 3, -2, 2], [T, 0, 2]):
+        lens = torch.tensor(lens, dtype=torch.int64)
+        y, hT, cT, ws = cuda_rnn_forward(lib, "lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lens, True, True,
+                                         persistent)
+        g = torch.Generator().manual_seed(1)
+        dy, dh, dc = (torch.randn(t.shape, generator=g) for t in (y, hT, cT))
+        grads = cuda_rnn_backward(lib, "lstm", dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lens, True, ws)
+        runs.append([y, hT, cT] + [grads[k] for k in sorted(grads)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

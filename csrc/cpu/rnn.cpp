@@ -887,11 +887,200 @@ void forward_loop(const Shape& d, const T* xw, const T* w_hh, const T* b_hn, con
   }
 }
 
+// ---------------------------------------------------------------------------
+// one step without lengths or projection (the cells, and a layer fed one token at a time):
+// the step loop's setup (packing the weights, the thread team, the workspace advice) costs
+// more than the step itself, so the gate pre-activations come from the weights as they
+// lie, then the same gate fusions.
+// ---------------------------------------------------------------------------
+
+// Threads for one step: weights past ~512 KiB are split so that each core's share stays in
+// its own L2 from call to call; less work runs inline (a parallel region costs more than it
+// saves, and far more when the other core is busy).
+inline int64_t cell_threads(int64_t flops, int64_t weight_bytes, int64_t max_chunks) {
+  const int64_t by_work = std::max({int64_t(1), flops >> 21, weight_bytes >> 19});
+  return std::max<int64_t>(1, std::min({int64_t(at::get_num_threads()), by_work, max_chunks}));
+}
+
+template <typename F>
+void run_chunks(int64_t n, const F& f) {
+  if (n == 1) {
+    f(0);
+    return;
+  }
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) f(i);
+  });
+}
+
+// One GEMM of a step: pre (B, ldp) = a1 @ w1^T + a2 @ w2^T (+ bias), a: batch rows, w: weight
+// rows as they lie; the second operand pair may be empty (k2 = 0).
+template <typename T>
+struct CellGemm {
+  const T *a1, *w1;
+  int64_t k1;
+  const T *a2, *w2;
+  int64_t k2;
+  const T* bias;
+  T* pre;
+  int64_t ldp;
+  const T* xp = nullptr;  // tile path: [a1 | a2]^T in 16-lane blocks of batch rows,
+  int64_t xps = 0;        // xps apart
+  T* preT = nullptr;      // tile path: the result transposed (rows, ldt)
+  int64_t ldt = 0;
+};
+
+// Few batch rows: 4 weight rows at a time against NB batch rows from b0 (4 * NB independent
+// 16-lane chains hide the FMA latency; each weight row is read once for the NB rows). The
+// lanes of a chain are added in a fixed tree, so a value does not depend on how the rows
+// are split over threads.
+template <typename T, int NB>
+void cell_dots(const CellGemm<T>& g, int64_t b0, int64_t j0, int64_t j1) {
+  constexpr int RJ = 4;
+  for (int64_t j = j0; j < j1; j += RJ) {
+    T acc[RJ][NB][kLanes] = {};
+    for (int seg = 0; seg < 2; ++seg) {
+      const int64_t K = seg ? g.k2 : g.k1;
+      if (K == 0) continue;
+      const T* a = (seg ? g.a2 : g.a1) + b0 * K;
+      const T* wr[RJ];
+      for (int r = 0; r < RJ; ++r) wr[r] = (seg ? g.w2 : g.w1) + std::min(j + r, j1 - 1) * K;  // tail: a row again
+      int64_t k = 0;
+      for (; k + kLanes <= K; k += kLanes)
+        for (int r = 0; r < RJ; ++r)
+          for (int b = 0; b < NB; ++b) {
+#pragma omp simd
+            for (int l = 0; l < kLanes; ++l) acc[r][b][l] = std::fma(wr[r][k + l], a[b * K + k + l], acc[r][b][l]);
+          }
+      for (int r = 0; r < RJ; ++r)
+        for (int b = 0; b < NB; ++b)
+          for (int64_t l = 0; k + l < K; ++l) acc[r][b][l] = std::fma(wr[r][k + l], a[b * K + k + l], acc[r][b][l]);
+    }
+    for (int r = 0; r < RJ && j + r < j1; ++r)
+      for (int b = 0; b < NB; ++b) {
+        T* v = acc[r][b];
+        for (int w = kLanes / 2; w > 0; w /= 2)
+#pragma omp simd
+          for (int l = 0; l < w; ++l) v[l] += v[l + w];
+        g.pre[(b0 + b) * g.ldp + j + r] = g.bias ? v[0] + g.bias[j + r] : v[0];
+      }
+  }
+}
+
+// Rows [j0, j1) of the step's GEMM for all B batch rows.
+template <typename T>
+void cell_gemm_rows(const CellGemm<T>& g, int64_t B, int64_t j0, int64_t j1) {
+  if (!g.xp) {
+    int64_t b = 0;
+    for (; b + 4 <= B; b += 4) cell_dots<T, 4>(g, b, j0, j1);
+    switch (B - b) {
+      case 3: cell_dots<T, 3>(g, b, j0, j1); break;
+      case 2: cell_dots<T, 2>(g, b, j0, j1); break;
+      case 1: cell_dots<T, 1>(g, b, j0, j1); break;
+      default: break;
+    }
+    return;
+  }
+  // more rows: the step tiles with the roles swapped, the weight rows as the tiles' left
+  // operand (read where they lie) against the few KiB of packed batch rows; each value is
+  // one FMA chain over k in [a1 | a2] order, as in the step loop
+  const int64_t nbb = (B + kLanes - 1) / kLanes;
+  std::vector<Blk<T>> blk;
+  for (int64_t q = 0; q < nbb; ++q)
+    blk.push_back({g.xp + q * g.xps, g.preT + j0 * g.ldt + q * kLanes, nullptr,
+                   int(std::min(kLanes, B - q * kLanes))});
+  tiles<T>(Lhs<T>{g.w1 + j0 * g.k1, g.k1, g.k1, g.w2 ? g.w2 + j0 * g.k2 : g.w1, g.k2, g.k2}, j1 - j0, blk, g.ldt);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = j0; j < j1; ++j) g.pre[b * g.ldp + j] = g.bias ? g.preT[j * g.ldt + b] + g.bias[j]
+                                                                     : g.preT[j * g.ldt + b];
+}
+
+// The batch rows of [a1 | a2] transposed into 16-lane blocks (zero lanes past B).
+template <typename T>
+void cell_pack(const T* a1, int64_t k1, const T* a2, int64_t k2, int64_t B, T* xp) {
+  const int64_t K = k1 + k2, nbb = (B + kLanes - 1) / kLanes;
+  for (int64_t q = 0; q < nbb; ++q)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const int64_t b = q * kLanes + l;
+      T* o = xp + q * K * kLanes + l;
+      for (int64_t k = 0; k < K; ++k) o[k * kLanes] = b >= B ? T(0) : k < k1 ? a1[b * k1 + k] : a2[b * k2 + k - k1];
+    }
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cell(
+    const Shape& d, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, bool save) {
+  const auto opt = x.options();
+  const int64_t B = d.B, H = d.H, I = d.I, GH = d.GH(), K = I + H;
+  const bool lstm = d.cell == Cell::kLSTM, gru = d.cell == Cell::kGRU;
+  at::Tensor ws = at::empty({numel_of(d, save)}, opt);
+  StepBuffers<T> buf(d, save, ws.data_ptr<T>(), opt);
+  // few batch rows take dot products along the weight rows; from 8 the tiles fill their lanes
+  const bool tile = B >= 8;
+  const int64_t nbb = (B + kLanes - 1) / kLanes, ldt = nbb * kLanes;
+  // scratch: pre-activations (gru: the input and the recurrent side apart, its n gate needs
+  // r * (W_hn h + b_hn)), the summed biases, b_hn, and for the tiles their operands
+  const int64_t npre = (gru ? 2 : 1) * B * GH;
+  at::Tensor scratch_t = at::empty({npre + GH + H + (tile ? nbb * K * kLanes + (gru ? 2 : 1) * GH * ldt : 0)}, opt);
+  T* pre = scratch_t.data_ptr<T>();
+  T* bias = pre + npre;
+  T* b_hn = bias + GH;
+  T* xp = tile ? b_hn + H : nullptr;
+  T* preT = tile ? xp + nbb * K * kLanes : nullptr;
+  const T* bi = b_ih.defined() ? b_ih.data_ptr<T>() : nullptr;
+  const T* bh = b_hh.defined() ? b_hh.data_ptr<T>() : nullptr;
+  for (int64_t j = 0; j < GH; ++j) bias[j] = (bi ? bi[j] : T(0)) + (bh && !(gru && j >= 2 * H) ? bh[j] : T(0));
+  for (int64_t j = 0; j < H; ++j) b_hn[j] = gru && bh ? bh[2 * H + j] : T(0);
+  const T* xq = x.data_ptr<T>();
+  const T* hp = h0.data_ptr<T>();
+  const T* wi = w_ih.data_ptr<T>();
+  const T* wh = w_hh.data_ptr<T>();
+  if (tile) cell_pack(xq, I, hp, H, B, xp);
+  // gru: the input side with the biases (rows of x against W_ih), the recurrent side apart
+  CellGemm<T> g1{xq, wi, I, hp, wh, gru ? 0 : H, gru ? bias : nullptr, pre, GH, xp, K * kLanes, preT, ldt};
+  CellGemm<T> g2{hp, wh, H, nullptr, nullptr, 0, nullptr, pre + B * GH, GH, xp ? xp + I * kLanes : nullptr,
+                 K * kLanes, preT ? preT + GH * ldt : nullptr, ldt};
+  const int64_t ns = cell_threads(2 * B * GH * K, GH * K * int64_t(sizeof(T)), (GH + 47) / 48);
+  const int64_t al = tile ? kMaxRows : 4;  // chunk edges on whole tiles / dot groups
+  run_chunks(ns, [&](int64_t i) {
+    const int64_t j0 = i * GH / ns / al * al, j1 = i + 1 == ns ? GH : (i + 1) * GH / ns / al * al;
+    cell_gemm_rows(g1, B, j0, j1);
+    if (gru) cell_gemm_rows(g2, B, j0, j1);
+  });
+  const T* pa = gru ? pre + B * GH : pre;  // the fusions' recurrent side
+  const T* px = gru ? pre : bias;          // and their input side
+  const int64_t sx = gru ? GH : 0;         // row stride of the input side
+  copy_row(buf.h(0), hp, B * H);
+  if (lstm) copy_row(buf.c(0), c0.data_ptr<T>(), B * H);
+  at::Tensor y = at::empty({1, B, H}, opt);
+  T* yp = y.data_ptr<T>();
+  T* hx = buf.h(1);
+  for (int64_t b = 0; b < B; ++b) {
+    const T* a = pa + b * GH;
+    const T* xr = px + b * sx;
+    const int64_t o = b * H;
+    if (lstm)
+      lstm_fuse(a, H, xr, H, buf.gates(0) + b * GH, H, buf.c(0) + o, buf.c(1) + o, hx + o, yp + o, H);
+    else if (gru)
+      gru_fuse(a, H, xr, H, buf.gates(0) + b * GH, H, b_hn, hp + o, buf.hn(0) + o, hx + o, yp + o, H);
+    else
+      rnn_fuse(a, xr, hx + o, yp + o, H, d.cell == Cell::kRNNRelu);
+  }
+  at::Tensor hT = at::empty({B, H}, opt);
+  copy_row(hT.data_ptr<T>(), hx, B * H);
+  at::Tensor cT = lstm ? at::empty({B, H}, opt) : at::empty({0}, opt);
+  if (lstm) copy_row(cT.data_ptr<T>(), buf.c(1), B * H);
+  return {y, hT, cT, ws};
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
     const Shape& d, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& w_hr,
     const at::Tensor& lengths, bool reverse, bool save) {
+  if (d.T == 1 && !d.proj() && !lengths.defined() && d.B > 0)
+    return forward_cell<T>(d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, save);
   const auto opt = x.options();
   const int64_t B = d.B, H = d.H, P = d.P;
   // input projection of all steps, with every bias that is not inside r * (...) folded in
@@ -1069,7 +1258,9 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
   std::vector<at::Tensor> out(8);
   for (auto& t : out) t = at::empty({0}, opt);  // distinct tensors: outputs of an op may not alias
   const bool gbi = need[5] && b_ih.defined(), gbh = need[6] && b_hh.defined();
-  if (!proj && B > 0) {  // everything inside the step loop
+  // one step (cells): the loop's per-call packing of W_hh and W_ih would cost more than the
+  // step; the GEMMs over all steps of the plain loop are then just the step's own
+  if (!proj && B > 0 && Tn > 1) {  // everything inside the step loop
     at::Tensor dwi_t = need[3] ? at::zeros({d.I, GH}, opt) : at::Tensor();
     at::Tensor dwh_t = need[4] ? at::zeros({H, GH}, opt) : at::Tensor();
     // lstm and rnn: the same gradients on both sides, so one sum serves both biases

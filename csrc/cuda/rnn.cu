@@ -11,7 +11,12 @@ __device__ __forceinline__ double sigm(double x) { return 1.0 / (1.0 + exp(-x));
 __device__ __forceinline__ float tanh_(float x) { return tanhf(x); }
 __device__ __forceinline__ double tanh_(double x) { return tanh(x); }
 
-__device__ __forceinline__ int64_t length_of(const RnnShape& d, int64_t b) { return d.lengths ? d.lengths[b] : d.T; }
+// Clamped to [0, T]: Python validates lengths except while torch.compile traces, and the binding does
+// not (a check would sync the device); a length past T would index xw, y and dgi out of bounds.
+__device__ __forceinline__ int64_t clamp_length(int64_t L, int64_t T) { return L < 0 ? 0 : (L > T ? T : L); }
+__device__ __forceinline__ int64_t length_of(const RnnShape& d, int64_t b) {
+  return d.lengths ? clamp_length(d.lengths[b], d.T) : d.T;
+}
 __device__ __forceinline__ int64_t time_of(int64_t s, int64_t L, bool reverse) {
   return (reverse && s < L) ? L - 1 - s : s;
 }
@@ -222,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(RnnShape d
     const int64_t r = e / P, p = e % P;
     w[e] = W[((r / hb) * H + j0 + r % hb) * P + p];
   }
-  if (threadIdx.x < B) lens[threadIdx.x] = d.lengths ? d.lengths[threadIdx.x] : d.T;
+  if (threadIdx.x < B) lens[threadIdx.x] = length_of(d, threadIdx.x);
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   T* hs = static_cast<T*>(a.h);

@@ -405,8 +405,47 @@ def _run(op, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ba
         return reference(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if name == "cpu" and op in CELL_OPS and not torch.compiler.is_compiling():
+        # a cell (one step) in eager mode: the registered op's Python layers (custom_op
+        # dispatch, its autograd wrapper) cost more than the step's kernel at small batch
+        if save:
+            h, c = _StepFn.apply(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        else:
+            _, h, c, _ = torch.ops.seqkern_C.rnn_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, False,
+                                                         False)
+        return None, h, (c if mode == "lstm" else None)
     y, h, c, _ = _fwd_op(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, name)
     return y, h, (c if mode == "lstm" else None)
+
+
+class _StepFn(torch.autograd.Function):
+    """One step on the cpu kernels, eager only (torch.compile traces the registered op)."""
+
+    @staticmethod
+    def forward(ctx, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        y, h, c, ws = torch.ops.seqkern_C.rnn_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, False,
+                                                      True)
+        ctx.mode = mode
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, ws)
+        if mode != "lstm":
+            ctx.mark_non_differentiable(c)
+        return h, c
+
+    @staticmethod
+    def backward(ctx, dh, dc):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, ws = ctx.saved_tensors
+        B.check_no_double_backward(f"seqkern {ctx.mode}", "cpu")
+        need = [bool(n) for n in ctx.needs_input_grad[1:8]] + [False]
+        # the step's output y is h itself: its gradient comes in through dh alone
+        dh = torch.zeros_like(h0) if dh is None else dh.contiguous()
+        if ctx.mode == "lstm":
+            dc = torch.zeros_like(c0) if dc is None else dc.contiguous()
+        else:
+            dc = None
+        grads = torch.ops.seqkern_C.rnn_backward(ctx.mode, torch.zeros_like(y), dh, dc, x, h0, c0, w_ih, w_hh, b_ih,
+                                                 b_hh, None, None, False, y, ws, need)
+        return (None, *[g if n else None for g, n in zip(grads[:7], need)])
 
 
 def _split_hx(hx, name="hx"):

@@ -22,7 +22,11 @@
 #define SK_ASAN 0
 #endif
 
-#if !defined(__x86_64__)
+// SK_EMU_UCONTEXT forces the portable switch (to test it on x86-64)
+#if defined(__x86_64__) && !defined(SK_EMU_UCONTEXT)
+#define SK_ASM_SWITCH 1
+#else
+#define SK_ASM_SWITCH 0
 #include <ucontext.h>
 #endif
 
@@ -54,7 +58,9 @@ struct Block {
 namespace {
 std::vector<Fiber> g_fibers;
 std::vector<char*> g_stacks;
+#if SK_ASM_SWITCH
 void* g_sched_sp = nullptr;
+#endif
 Block* g_cur_block = nullptr;
 std::string g_fail;
 bool g_failed = false;
@@ -75,7 +81,7 @@ void* g_sched_fake = nullptr;
 const void* g_sched_bottom = nullptr;
 size_t g_sched_size = 0;
 #endif
-#if !defined(__x86_64__)
+#if !SK_ASM_SWITCH
 std::vector<ucontext_t> g_uctx;
 ucontext_t g_sched_uctx;
 #endif
@@ -84,7 +90,7 @@ ucontext_t g_sched_uctx;
 }  // namespace sk_emu
 
 
-#if defined(__x86_64__)
+#if SK_ASM_SWITCH
 // sk_emu_switch(void** save, void* to): saves the callee-saved registers and the fp control words on
 // the current stack, stores its pointer in *save and resumes the stack `to`.
 asm(R"(
@@ -128,8 +134,6 @@ extern "C" void sk_emu_entry();
 namespace sk_emu {
 namespace {
 
-const void* stack_bottom(const Fiber& f) { return f.stack; }
-
 
 // from the scheduler into fiber f, back when it yields
 void enter(Fiber& f) {
@@ -137,7 +141,7 @@ void enter(Fiber& f) {
 #if SK_ASAN
   __sanitizer_start_switch_fiber(&g_sched_fake, f.stack, kStack);
 #endif
-#if defined(__x86_64__)
+#if SK_ASM_SWITCH
   sk_emu_switch(&g_sched_sp, f.sp);
 #else
   swapcontext(&g_sched_uctx, &g_uctx[&f - g_fibers.data()]);
@@ -154,7 +158,7 @@ void leave(bool dying) {
 #if SK_ASAN
   __sanitizer_start_switch_fiber(dying ? nullptr : &f.asan_fake, g_sched_bottom, g_sched_size);
 #endif
-#if defined(__x86_64__)
+#if SK_ASM_SWITCH
   sk_emu_switch(&f.sp, g_sched_sp);
 #else
   swapcontext(&g_uctx[&f - g_fibers.data()], &g_sched_uctx);
@@ -293,7 +297,7 @@ void init_fiber(Fiber& f, size_t i) {
 #if SK_ASAN
   __asan_unpoison_memory_region(f.stack, kStack);  // frames of abandoned fibers leave poison behind
 #endif
-#if defined(__x86_64__)
+#if SK_ASM_SWITCH
   uint64_t* top = reinterpret_cast<uint64_t*>(f.stack + kStack);
   *--top = reinterpret_cast<uint64_t>(&sk_emu_entry);  // `ret` lands there with rsp 16-byte aligned
   for (int r = 0; r < 6; ++r) *--top = 0;
@@ -382,7 +386,7 @@ cudaError_t run(dim3 grid, dim3 block, size_t smem, const void* fn, bool coopera
   for (uint64_t first = 0; first < nblocks && !g_failed; first += together) {
     std::vector<Block> blocks(together);
     g_fibers.assign(together * nthreads, Fiber{});
-#if !defined(__x86_64__)
+#if !SK_ASM_SWITCH
     g_uctx.resize(g_fibers.size());
 #endif
     for (uint64_t k = 0; k < together; ++k) {
