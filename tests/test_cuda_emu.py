@@ -161,6 +161,17 @@ def test_emulator_primitives(lib):
     assert torch.equal(out[:, 3], torch.tensor([1] * 32 + [0] * 32, dtype=torch.int32))
 
 
+def test_emulator_block_reductions_and_bit_intrinsics(lib):
+    out = torch.full((96, 8), -1, dtype=torch.int32)
+    assert lib.emu_selftest(11, ptr(out)) == 0
+    assert (out[:, 0] == 32).all() and (out[:, 1] == 1).all() and (out[:, 2] == 1).all() and (out[:, 3] == 0).all()
+    popc = [bin((i * 2654435761) & 0xFFFFFFFF).count("1") for i in range(96)]
+    clz_ffs = [(32 - i.bit_length()) + 100 * ((i & -i).bit_length()) for i in range(96)]
+    brev = [int(f"{i:032b}"[::-1], 2) >> 16 for i in range(96)]
+    assert out[:, 4].tolist() == popc and out[:, 5].tolist() == clz_ffs and out[:, 6].tolist() == brev
+    assert (out[:, 7] == 0x7FFFFFFF).all()
+
+
 def test_half_conversions_round_to_nearest_even(lib):
     # every fp32 bit pattern class: subnormal/normal/overflow boundaries, ties, NaN, inf
     x = torch.cat((torch.randn(20000) * torch.logspace(-9, 5, 20000), torch.tensor(
