@@ -693,12 +693,14 @@ def test_rnn_persistent_uneven_blocks(lib):
 # ---------------------------------------------------------------------------
 
 def _schedule_probe(lib):
-    outs = []
+    outs = [torch.zeros(8, dtype=torch.int32)]
+    lib.emu_selftest(12, ptr(outs[0]))  # a planted race between blocks: must differ (checked below)
     for case in (ATTN_CASES[1], ATTN_CASES[4], ATTN_CASES[7]):
         outs += _attention(lib, case, torch.float32)
     outs.append(_rnn_check(lib, "lstm", [4, 1, 0, 3, 2], True, False, torch.float32, persistent=True,
                            T=4, B=5, I=5, H=20))
     outs.append(_rnn_check(lib, "gru", None, False, False, torch.float32, persistent=True, T=3, B=2, I=3, H=137))
+    outs.append(_rnn_check(lib, "lstm", [3, 5, 0, 1, 5], True, True, torch.float32, persistent=False))
     return outs
 
 
@@ -711,7 +713,8 @@ def test_results_do_not_depend_on_the_schedule(lib, order, seed):
             runs.append(_schedule_probe(lib))
         finally:
             lib.sk_emu_set_schedule(0, 0)
-    for i, (a, b) in enumerate(zip(*runs)):
+    assert not torch.equal(runs[0][0], runs[1][0]), "the planted race between blocks went unseen"
+    for i, (a, b) in enumerate(zip(runs[0][1:], runs[1][1:])):
         assert torch.equal(a, b), f"output {i} differs between thread orders"
 
 

@@ -66,8 +66,8 @@ Block* g_cur_block = nullptr;
 std::string g_fail;
 bool g_failed = false;
 uint64_t g_together = 1;  // blocks resident at once
-// Order in which a pass of the scheduler resumes the threads: 0 ascending, 1 descending, 2 shuffled
-// each pass. Threads run from one barrier/collective to the next without interruption, so code that
+// Order in which a pass of the scheduler resumes the threads (and a normal launch runs its blocks):
+// 0 ascending, 1 descending, 2 shuffled. Threads run from one barrier/collective to the next without interruption, so code that
 // reads what another thread writes between two barriers sees the write or not depending on the
 // order: a result that changes with the order is a race on the GPU.
 int g_order = 0;
@@ -402,6 +402,14 @@ cudaError_t run(dim3 grid, dim3 block, size_t smem, const void* fn, bool coopera
   // a normal launch runs its blocks one after another; a cooperative one runs them all together
   const uint64_t together = cooperative ? nblocks : 1;
   g_together = together;
+  // the blocks of a normal launch run one after another in the same order as the threads of a pass:
+  // a block that reads what another block of the same launch writes shows as a different result
+  std::vector<uint64_t> perm;
+  if (!cooperative && g_order == 2) {
+    perm.resize(nblocks);
+    std::iota(perm.begin(), perm.end(), uint64_t(0));
+    std::shuffle(perm.begin(), perm.end(), g_rng);
+  }
   for (uint64_t first = 0; first < nblocks && !g_failed; first += together) {
     std::vector<Block> blocks(together);
     g_fibers.assign(together * nthreads, Fiber{});
@@ -409,7 +417,7 @@ cudaError_t run(dim3 grid, dim3 block, size_t smem, const void* fn, bool coopera
     g_uctx.resize(g_fibers.size());
 #endif
     for (uint64_t k = 0; k < together; ++k) {
-      const uint64_t id = first + k;
+      const uint64_t id = cooperative || g_order == 0 ? first + k : (g_order == 1 ? nblocks - 1 - first : perm[first]);
       Block& b = blocks[k];
       b.idx = dim3(static_cast<unsigned>(id % grid.x), static_cast<unsigned>(id / grid.x % grid.y),
                    static_cast<unsigned>(id / grid.x / grid.y));

@@ -78,6 +78,11 @@ __global__ void reductions(int* out) {
   o[7] = static_cast<int>(__activemask() & 0x7fffffffu);
 }
 
+// a race between blocks: each block reads what the block before it writes in the same launch
+__global__ void chained_blocks(int* out) {
+  if (threadIdx.x == 0) out[blockIdx.x] = (blockIdx.x > 0 ? out[blockIdx.x - 1] : 0) + 1;
+}
+
 }  // namespace
 
 extern "C" int emu_selftest(int which, void* out) {
@@ -103,6 +108,7 @@ extern "C" int emu_selftest(int which, void* out) {
     case 9: SK_LAUNCH(0, 32, 0, nullptr, big_smem)(f); break;  // empty grid: invalid configuration
     case 10: SK_LAUNCH(1, 2048, 0, nullptr, big_smem)(f); break;
     case 11: SK_LAUNCH(1, 96, 0, nullptr, reductions)(static_cast<int*>(out)); break;
+    case 12: SK_LAUNCH(8, 32, 0, nullptr, chained_blocks)(static_cast<int*>(out)); break;
   }
   return cudaGetLastError();
 }
