@@ -161,6 +161,17 @@ def test_emulator_primitives(lib):
     assert torch.equal(out[:, 3], torch.tensor([1] * 32 + [0] * 32, dtype=torch.int32))
 
 
+def test_emulator_block_reductions_and_bit_intrinsics(lib):
+    out = torch.full((96, 8), -1, dtype=torch.int32)
+    assert lib.emu_selftest(11, ptr(out)) == 0
+    assert (out[:, 0] == 32).all() and (out[:, 1] == 1).all() and (out[:, 2] == 1).all() and (out[:, 3] == 0).all()
+    popc = [bin((i * 2654435761) & 0xFFFFFFFF).count("1") for i in range(96)]
+    clz_ffs = [(32 - i.bit_length()) + 100 * ((i & -i).bit_length()) for i in range(96)]
+    brev = [int(f"{i:032b}"[::-1], 2) >> 16 for i in range(96)]
+    assert out[:, 4].tolist() == popc and out[:, 5].tolist() == clz_ffs and out[:, 6].tolist() == brev
+    assert (out[:, 7] == 0x7FFFFFFF).all()
+
+
 def test_half_conversions_round_to_nearest_even(lib):
     # every fp32 bit pattern class: subnormal/normal/overflow boundaries, ties, NaN, inf
     x = torch.cat((torch.randn(20000) * torch.logspace(-9, 5, 20000), torch.tensor(
@@ -722,3 +733,19 @@ def test_rnn_lengths_out_of_range_stay_in_bounds(lib, persistent):
         runs.append([y, hT, cT] + [grads[k] for k in sorted(grads)])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_wkv4_batch_past_the_grid_limit(lib):
+    # B > 65535: the grid's y extent is capped and each block loops over b, b + 65535, ...
+    B, T, C = 65535 + 3, 2, 1
+    g = torch.Generator().manual_seed(2)
+    td, tf = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    k, v = torch.randn(B, T, C, generator=g), torch.randn(B, T, C, generator=g)
+    state = wkv4_initial_state(B, C, dtype=torch.float32)
+    negw = -td.exp()
+    y, st_out = poisoned(B, T, C, dtype=torch.float32), poisoned(B, 3, C, dtype=torch.float32)
+    call(lib, "emu_wkv4_forward", DT[torch.float32], ptr(negw), ptr(tf), ptr(k), ptr(v), ptr(state), ptr(y),
+         ptr(st_out), None, I64(B), I64(T), I64(C))
+    want_y, want_st = wkv4_reference(td, tf, k, v, state)
+    close(y, want_y, torch.float32, "y")
+    close(st_out, want_st, torch.float32, "state")

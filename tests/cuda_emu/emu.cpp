@@ -50,6 +50,7 @@ struct Warp {
 struct Block {
   dim3 idx;
   int nthreads = 0, arrived = 0, alive = 0, line = 0;
+  int64_t count = 0, counted = 0;  // __syncthreads_count: running, and of the last completed barrier
   uint64_t gen = 0;
   std::vector<Warp> warps;
   unsigned char* smem = nullptr;
@@ -169,6 +170,14 @@ void leave(bool dying) {
   (void)dying;
 }
 
+void release(Block& b) {
+  b.arrived = 0;
+  b.counted = b.count;
+  b.count = 0;
+  ++b.gen;
+  g_spins = 0;
+}
+
 void wait_for(const uint64_t* gen, uint64_t value) {
   g_cur->state = 1;
   g_cur->wait_on = gen;
@@ -200,17 +209,30 @@ void static_shared() {
   if (g_together > 1) fail("static __shared__ variable in a cooperative kernel: not modelled (blocks run together)");
 }
 
-void syncthreads(int line) {
+void syncthreads(int line) { syncthreads_reduce(0, line); }
+
+int syncthreads_reduce(int pred, int line) {
   Block& b = *g_cur->blk;
   if (b.arrived == 0) b.line = line;
   else if (b.line != line) fail("__syncthreads reached at different lines by threads of one block");
+  b.count += pred != 0;
   if (++b.arrived == b.alive) {
-    b.arrived = 0;
-    ++b.gen;
-    g_spins = 0;
-    return;
+    release(b);
+  } else {
+    wait_for(&b.gen, b.gen);
   }
-  wait_for(&b.gen, b.gen);
+  // b.counted changes only when every thread has arrived again, so after this thread has read it
+  return static_cast<int>(b.counted);
+}
+
+unsigned warp_full_mask() {
+  const Warp& w = g_cur->blk->warps[g_cur->warp];
+  return w.size == 32 ? 0xffffffffu : ((1u << w.size) - 1u);
+}
+
+long long clock() {
+  static long long ticks = 0;
+  return ticks += 1000;  // strictly increasing; nothing else about timing is modelled
 }
 
 uint64_t warp_exchange(int kind, unsigned mask, uint64_t bits, int src, int line) {
@@ -270,10 +292,7 @@ extern "C" void sk_emu_fiber_main() {
   if (w.arrived > 0) fail("thread exited while lanes of its warp wait at a collective");
   --w.members;
   // exited threads no longer count at __syncthreads, as on the hardware
-  if (--b.alive == b.arrived && b.arrived > 0) {
-    b.arrived = 0;
-    ++b.gen;
-  }
+  if (--b.alive == b.arrived && b.arrived > 0) release(b);
   f.state = 2;
   leave(true);
   std::abort();
