@@ -121,8 +121,8 @@ def poisoned(*shape, dtype):
     return torch.full(shape, float("nan"), dtype=dtype)
 
 
-def close(got, want, dtype, what):
-    tol = {torch.float64: 1e-10, torch.float32: 3e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}[dtype]
+def close(got, want, dtype, what, scale=1.0):
+    tol = scale * {torch.float64: 1e-10, torch.float32: 3e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}[dtype]
     # half types: errors scale with the largest magnitude (a gradient summed over many rounded terms)
     atol = tol * max(1.0, want.abs().max().item()) if dtype in (torch.float16, torch.bfloat16) and want.numel() else tol
     torch.testing.assert_close(got.to(want.dtype), want, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
@@ -159,6 +159,17 @@ def test_emulator_primitives(lib):
     assert torch.equal(out[:, 1], torch.where(t % 32 >= 3, t - 3, t).to(torch.int32))
     assert torch.equal(out[:, 2], torch.tensor([0] * 32 + [1] * 32, dtype=torch.int32))
     assert torch.equal(out[:, 3], torch.tensor([1] * 32 + [0] * 32, dtype=torch.int32))
+
+
+def test_emulator_block_reductions_and_bit_intrinsics(lib):
+    out = torch.full((96, 8), -1, dtype=torch.int32)
+    assert lib.emu_selftest(11, ptr(out)) == 0
+    assert (out[:, 0] == 32).all() and (out[:, 1] == 1).all() and (out[:, 2] == 1).all() and (out[:, 3] == 0).all()
+    popc = [bin((i * 2654435761) & 0xFFFFFFFF).count("1") for i in range(96)]
+    clz_ffs = [(32 - i.bit_length()) + 100 * ((i & -i).bit_length()) for i in range(96)]
+    brev = [int(f"{i:032b}"[::-1], 2) >> 16 for i in range(96)]
+    assert out[:, 4].tolist() == popc and out[:, 5].tolist() == clz_ffs and out[:, 6].tolist() == brev
+    assert (out[:, 7] == 0x7FFFFFFF).all()
 
 
 def test_half_conversions_round_to_nearest_even(lib):
@@ -220,6 +231,8 @@ ATTN_CASES = [
     (2, 1, 1, 17, 40, 16, 24, "bool", True, 0.0),
     (1, 2, 1, 40, 17, 24, 16, None, True, 0.0),
     (1, 2, 2, 20, 36, 40, 40, "dead_rows", False, 0.2),
+    (1, 8, 1, 3, 5, 1, 1, "key_independent", True, 0.5),  # G = 8, one-element heads, mask (B, H, L, 1)
+    (1, 1, 1, 1, 1, 256, 8, None, False, 0.0),
 ]
 
 
@@ -236,6 +249,8 @@ def _attn_inputs(case, dtype):
         keep = torch.rand(1, Hq, 1, S, generator=g) > 0.3
         keep[..., 0] = True
         mask = torch.where(keep, 0.0, float("-inf")).to(torch.float64)
+    elif mask_kind == "key_independent":  # stride 0 along the keys
+        mask = torch.randn(B, Hq, L, 1, generator=g, dtype=torch.float64)
     elif mask_kind == "dead_rows":
         keep = torch.rand(B, 1, L, S, generator=g) > 0.5
         keep[:, :, ::3] = False  # every third query row sees no key at all
@@ -273,6 +288,44 @@ def test_attention_forward_backward(lib, case):
 @pytest.mark.parametrize("case", [ATTN_CASES[1], ATTN_CASES[7]], ids=["gqa-additive", "dead-rows-dropout"])
 def test_attention_half_types(lib, case, dtype):
     _attention(lib, case, dtype)
+
+
+def _cpu_op():
+    import seqkern  # noqa: F401  (loads seqkern._C when built)
+
+    if not hasattr(torch.ops.seqkern_C, "sdpa_forward"):
+        pytest.skip("seqkern._C is not built")
+    return torch.ops.seqkern_C
+
+
+@pytest.mark.parametrize("case", [ATTN_CASES[4], ATTN_CASES[7]], ids=["causal", "dead-rows"])
+def test_attention_dropout_matches_cpu_backend(lib, case):
+    """The same seed drops the same elements as the cpu backend (both hash (row, column))."""
+    ops = _cpu_op()
+    q, k, v, mask, causal, p = _attn_inputs(case, torch.float32)
+    seed = (1 << 40) + 977  # past 32 bits: both sides keep the low 32
+    scale = q.shape[-1] ** -0.5
+    out_cpu, lse_cpu = ops.sdpa_forward(q, k, v, mask, p, causal, scale, seed)
+    emu_out, emu_lse, dq, dk, dv = _attention_run(lib, q, k, v, mask, causal, p, seed)
+    close(emu_out, out_cpu, torch.float32, "out")
+    close(emu_lse, lse_cpu.sum(-1), torch.float32, "lse")
+    dout = torch.randn(out_cpu.shape, generator=torch.Generator().manual_seed(9))
+    gq, gk, gv = ops.sdpa_backward(dout, q, k, v, mask, out_cpu, lse_cpu, p, causal, scale, seed)
+    for got, want, name in ((dq, gq, "dq"), (dk, gk, "dk"), (dv, gv, "dv")):
+        close(got, want, torch.float32, name)
+
+
+def _attention_run(lib, q, k, v, mask, causal, p, seed):
+    B, Hq, L, Ev = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
+    prm = _attn_params(q, k, v, mask, causal, p, seed, q.dtype)
+    out, lse = poisoned(B, Hq, L, Ev, dtype=q.dtype), poisoned(B, Hq, L, dtype=torch.float32)
+    call(lib, "emu_attention_forward", ctypes.byref(prm), ptr(out), ptr(lse))
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(q.dtype)
+    dq, dk, dv = (poisoned(*t.shape, dtype=q.dtype) for t in (q, k, v))
+    delta = poisoned(B, Hq, L, dtype=torch.float32)
+    call(lib, "emu_attention_backward", ctypes.byref(prm), ptr(dout), ptr(out), ptr(lse), ptr(delta), ptr(dq),
+         ptr(dk), ptr(dv))
+    return out, lse, dq, dk, dv
 
 
 @pytest.mark.parametrize("L,S", [(5, 0), (0, 7)])
@@ -331,12 +384,23 @@ def test_attention_rejects_fp64(lib):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_wkv4(lib, dtype, with_state):
+    _wkv4(lib, dtype, with_state, 2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_wkv4_huge_keys(lib, dtype):
+    # k ~ 1e3: every exponent is taken relative to a running maximum, nothing overflows; in fp32 an
+    # exponent near 1e3 carries ~6e-5 absolute rounding, hence the wider tolerance
+    _wkv4(lib, dtype, True, 1000.0, tol_scale=20.0)
+
+
+def _wkv4(lib, dtype, with_state, kscale, tol_scale=1.0):
     B, T, C = 3, 9, 70  # 70 channels: two 64-thread blocks, the second partly idle
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(5)
     td = torch.randn(C, generator=g, dtype=torch.float64).to(acc)
     tf = torch.randn(C, generator=g, dtype=torch.float64).to(acc)
-    k = (torch.randn(B, T, C, generator=g, dtype=torch.float64) * 2).to(dtype)
+    k = (torch.randn(B, T, C, generator=g, dtype=torch.float64) * kscale).to(dtype)
     v = torch.randn(B, T, C, generator=g, dtype=torch.float64).to(dtype)
     if with_state:
         state = torch.stack((torch.randn(B, C, generator=g, dtype=torch.float64),
@@ -349,8 +413,8 @@ def test_wkv4(lib, dtype, with_state):
     call(lib, "emu_wkv4_forward", DT[dtype], ptr(negw), ptr(u), ptr(k), ptr(v), ptr(state), ptr(y), ptr(st_out),
          ptr(saved), I64(B), I64(T), I64(C))
     want_y, want_st = wkv4_reference(td.double(), tf.double(), k.double(), v.double(), state.double())
-    close(y, want_y, dtype, "y")
-    close(st_out, want_st, dtype, "state")
+    close(y, want_y, dtype, "y", tol_scale)
+    close(st_out, want_st, dtype, "state", tol_scale)
     y2 = poisoned(B, T, C, dtype=dtype)  # without `saved`: the other instantiation
     call(lib, "emu_wkv4_forward", DT[dtype], ptr(negw), ptr(u), ptr(k), ptr(v), ptr(state), ptr(y2), ptr(st_out),
          None, I64(B), I64(T), I64(C))
@@ -364,11 +428,11 @@ def test_wkv4(lib, dtype, with_state):
          ptr(gy), ptr(gstate), ptr(gk), ptr(gv), ptr(gs), ptr(gw_bc), ptr(gu_bc), I64(B), I64(T), I64(C))
     want = wkv_ref_backward(td.double(), tf.double(), k.double(), v.double(), state.double(), gy.double(),
                             gstate.double())
-    close((gw_bc.sum(0) * td.exp()), want[0], dtype, "gw")
-    close(gu_bc.sum(0), want[1], dtype, "gu")
-    close(gk, want[2], dtype, "gk")
-    close(gv, want[3], dtype, "gv")
-    close(gs, want[4], dtype, "gstate")
+    close((gw_bc.sum(0) * td.exp()), want[0], dtype, "gw", tol_scale)
+    close(gu_bc.sum(0), want[1], dtype, "gu", tol_scale)
+    close(gk, want[2], dtype, "gk", tol_scale)
+    close(gv, want[3], dtype, "gv", tol_scale)
+    close(gs, want[4], dtype, "gstate", tol_scale)
 
 
 # ---------------------------------------------------------------------------
@@ -629,12 +693,14 @@ def test_rnn_persistent_uneven_blocks(lib):
 # ---------------------------------------------------------------------------
 
 def _schedule_probe(lib):
-    outs = []
+    outs = [torch.zeros(8, dtype=torch.int32)]
+    lib.emu_selftest(12, ptr(outs[0]))  # a planted race between blocks: must differ (checked below)
     for case in (ATTN_CASES[1], ATTN_CASES[4], ATTN_CASES[7]):
         outs += _attention(lib, case, torch.float32)
     outs.append(_rnn_check(lib, "lstm", [4, 1, 0, 3, 2], True, False, torch.float32, persistent=True,
                            T=4, B=5, I=5, H=20))
     outs.append(_rnn_check(lib, "gru", None, False, False, torch.float32, persistent=True, T=3, B=2, I=3, H=137))
+    outs.append(_rnn_check(lib, "lstm", [3, 5, 0, 1, 5], True, True, torch.float32, persistent=False))
     return outs
 
 
@@ -647,7 +713,8 @@ def test_results_do_not_depend_on_the_schedule(lib, order, seed):
             runs.append(_schedule_probe(lib))
         finally:
             lib.sk_emu_set_schedule(0, 0)
-    for i, (a, b) in enumerate(zip(*runs)):
+    assert not torch.equal(runs[0][0], runs[1][0]), "the planted race between blocks went unseen"
+    for i, (a, b) in enumerate(zip(runs[0][1:], runs[1][1:])):
         assert torch.equal(a, b), f"output {i} differs between thread orders"
 
 
@@ -669,3 +736,19 @@ def test_rnn_lengths_out_of_range_stay_in_bounds(lib, persistent):
         runs.append([y, hT, cT] + [grads[k] for k in sorted(grads)])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_wkv4_batch_past_the_grid_limit(lib):
+    # B > 65535: the grid's y extent is capped and each block loops over b, b + 65535, ...
+    B, T, C = 65535 + 3, 2, 1
+    g = torch.Generator().manual_seed(2)
+    td, tf = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    k, v = torch.randn(B, T, C, generator=g), torch.randn(B, T, C, generator=g)
+    state = wkv4_initial_state(B, C, dtype=torch.float32)
+    negw = -td.exp()
+    y, st_out = poisoned(B, T, C, dtype=torch.float32), poisoned(B, 3, C, dtype=torch.float32)
+    call(lib, "emu_wkv4_forward", DT[torch.float32], ptr(negw), ptr(tf), ptr(k), ptr(v), ptr(state), ptr(y),
+         ptr(st_out), None, I64(B), I64(T), I64(C))
+    want_y, want_st = wkv4_reference(td, tf, k, v, state)
+    close(y, want_y, torch.float32, "y")
+    close(st_out, want_st, torch.float32, "state")

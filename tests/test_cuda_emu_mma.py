@@ -113,6 +113,8 @@ CASES = [
     (1, 2, 1, 70, 70, 64, 64, None, True, 0.25),
     (1, 1, 1, 40, 70, 24, 40, "dead_rows", False, 0.2),
     (1, 2, 2, 17, 40, 20, 36, "keys", True, 0.0),
+    (1, 4, 2, 70, 45, 128, 80, "additive", False, 0.1),
+    (1, 4, 2, 100, 100, 96, 128, None, True, 0.0),
 ]
 
 
@@ -260,3 +262,37 @@ def test_mma_results_do_not_depend_on_the_schedule(lib, order, seed):
             lib.sk_emu_set_schedule(0, 0)
     for i, (a, b) in enumerate(zip(*runs)):
         assert torch.equal(a, b), f"output {i} differs between thread orders"
+
+
+def _offset_copy(t):
+    """t's values in a view one element into a larger buffer: a base pointer that is not 16-byte aligned."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    v = buf[1:].view(t.shape)
+    v.copy_(t)
+    return v
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_mma_unaligned_inputs_take_the_scalar_loads(lib, dtype):
+    # E, Ev multiples of 8 but the bases 2 bytes off: cp.async (16-byte chunks) must not be used
+    case = (1, 2, 1, 70, 45, 64, 64, "additive", True, 0.0)
+    q, k, v, mask, causal, p, dout = _inputs(case, dtype)
+    want = _run(lib, q, k, v, mask, causal, p, dout, mma=True)
+    got = _run(lib, *(_offset_copy(t) for t in (q, k, v)), mask, causal, p, _offset_copy(dout), mma=True)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"output {i} differs with unaligned inputs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_mma_large_logits_stay_finite(lib, dtype):
+    # scores of +-thousands: the running max keeps every exponent <= 0
+    g = torch.Generator().manual_seed(11)
+    q, k, v, dout = (torch.randn(1, 2, n, 32, generator=g, dtype=torch.float64) * s
+                     for n, s in ((70, 30.0), (90, 30.0), (90, 1.0), (70, 1.0)))
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
+    got = _run(lib, q, k, v, None, False, 0.0, dout, mma=True)
+    for i, t in enumerate(got):
+        assert torch.isfinite(t).all(), f"output {i} has NaN or inf"
+    want, want_lse = A.sdpa_reference_canonical(q.double(), k.double(), v.double(), None, 0.0, False,
+                                                32 ** -0.5, 0)
+    torch.testing.assert_close(got[1].double(), want_lse, rtol=1e-3, atol=1e-2)

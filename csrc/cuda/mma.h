@@ -109,6 +109,10 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 #ifdef SEQKERN_CUDA_EMULATE
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) & 31; }
+// what the hardware faults on, reported as a launch failure by the emulator
+__device__ __forceinline__ void require16(const void* p, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) & 15u) ::sk_emu::fail(what);
+}
 // a pointer crosses lanes as two 32-bit halves: the shuffle the shim provides is the 32-bit one
 __device__ __forceinline__ const unsigned char* shfl_ptr(const void* p, int src) {
   const uint64_t u = reinterpret_cast<uint64_t>(p);
@@ -171,6 +175,7 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
 #ifdef SEQKERN_CUDA_EMULATE
   const int lane = lane_id();
+  require16(row, "ldmatrix: a row address is not 16-byte aligned");
   for (int m = 0; m < 4; ++m) {
     const unsigned char* src = shfl_ptr(row, 8 * m + (lane >> 2));
     std::memcpy(&r[m], src + 4 * (lane & 3), 4);
@@ -186,6 +191,7 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row) {
 #ifdef SEQKERN_CUDA_EMULATE
   const int lane = lane_id();
+  require16(row, "ldmatrix: a row address is not 16-byte aligned");
   for (int m = 0; m < 4; ++m) {
     // every lane shuffles (the warp stays converged), then keeps the two rows it needs
     const unsigned char* lo_row = shfl_ptr(row, 8 * m + 2 * (lane & 3));
@@ -206,6 +212,8 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row)
 // ---- cp.async: 16 bytes global -> shared, completed by wait<N> (at most N groups left in flight) ----------
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 #ifdef SEQKERN_CUDA_EMULATE
+  require16(smem, "cp.async: shared address not 16-byte aligned");
+  require16(gmem, "cp.async: global address not 16-byte aligned");
   std::memcpy(smem, gmem, 16);
 #else
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));

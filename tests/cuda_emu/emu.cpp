@@ -22,7 +22,11 @@
 #define SK_ASAN 0
 #endif
 
-#if !defined(__x86_64__)
+// SK_EMU_UCONTEXT forces the portable switch (to test it on x86-64)
+#if defined(__x86_64__) && !defined(SK_EMU_UCONTEXT)
+#define SK_ASM_SWITCH 1
+#else
+#define SK_ASM_SWITCH 0
 #include <ucontext.h>
 #endif
 
@@ -46,6 +50,7 @@ struct Warp {
 struct Block {
   dim3 idx;
   int nthreads = 0, arrived = 0, alive = 0, line = 0;
+  int64_t count = 0, counted = 0;  // __syncthreads_count: running, and of the last completed barrier
   uint64_t gen = 0;
   std::vector<Warp> warps;
   unsigned char* smem = nullptr;
@@ -54,13 +59,15 @@ struct Block {
 namespace {
 std::vector<Fiber> g_fibers;
 std::vector<char*> g_stacks;
+#if SK_ASM_SWITCH
 void* g_sched_sp = nullptr;
+#endif
 Block* g_cur_block = nullptr;
 std::string g_fail;
 bool g_failed = false;
 uint64_t g_together = 1;  // blocks resident at once
-// Order in which a pass of the scheduler resumes the threads: 0 ascending, 1 descending, 2 shuffled
-// each pass. Threads run from one barrier/collective to the next without interruption, so code that
+// Order in which a pass of the scheduler resumes the threads (and a normal launch runs its blocks):
+// 0 ascending, 1 descending, 2 shuffled. Threads run from one barrier/collective to the next without interruption, so code that
 // reads what another thread writes between two barriers sees the write or not depending on the
 // order: a result that changes with the order is a race on the GPU.
 int g_order = 0;
@@ -75,7 +82,7 @@ void* g_sched_fake = nullptr;
 const void* g_sched_bottom = nullptr;
 size_t g_sched_size = 0;
 #endif
-#if !defined(__x86_64__)
+#if !SK_ASM_SWITCH
 std::vector<ucontext_t> g_uctx;
 ucontext_t g_sched_uctx;
 #endif
@@ -84,7 +91,7 @@ ucontext_t g_sched_uctx;
 }  // namespace sk_emu
 
 
-#if defined(__x86_64__)
+#if SK_ASM_SWITCH
 // sk_emu_switch(void** save, void* to): saves the callee-saved registers and the fp control words on
 // the current stack, stores its pointer in *save and resumes the stack `to`.
 asm(R"(
@@ -128,8 +135,6 @@ extern "C" void sk_emu_entry();
 namespace sk_emu {
 namespace {
 
-const void* stack_bottom(const Fiber& f) { return f.stack; }
-
 
 // from the scheduler into fiber f, back when it yields
 void enter(Fiber& f) {
@@ -137,7 +142,7 @@ void enter(Fiber& f) {
 #if SK_ASAN
   __sanitizer_start_switch_fiber(&g_sched_fake, f.stack, kStack);
 #endif
-#if defined(__x86_64__)
+#if SK_ASM_SWITCH
   sk_emu_switch(&g_sched_sp, f.sp);
 #else
   swapcontext(&g_sched_uctx, &g_uctx[&f - g_fibers.data()]);
@@ -154,7 +159,7 @@ void leave(bool dying) {
 #if SK_ASAN
   __sanitizer_start_switch_fiber(dying ? nullptr : &f.asan_fake, g_sched_bottom, g_sched_size);
 #endif
-#if defined(__x86_64__)
+#if SK_ASM_SWITCH
   sk_emu_switch(&f.sp, g_sched_sp);
 #else
   swapcontext(&g_uctx[&f - g_fibers.data()], &g_sched_uctx);
@@ -163,6 +168,14 @@ void leave(bool dying) {
   __sanitizer_finish_switch_fiber(f.asan_fake, &g_sched_bottom, &g_sched_size);
 #endif
   (void)dying;
+}
+
+void release(Block& b) {
+  b.arrived = 0;
+  b.counted = b.count;
+  b.count = 0;
+  ++b.gen;
+  g_spins = 0;
 }
 
 void wait_for(const uint64_t* gen, uint64_t value) {
@@ -196,17 +209,30 @@ void static_shared() {
   if (g_together > 1) fail("static __shared__ variable in a cooperative kernel: not modelled (blocks run together)");
 }
 
-void syncthreads(int line) {
+void syncthreads(int line) { syncthreads_reduce(0, line); }
+
+int syncthreads_reduce(int pred, int line) {
   Block& b = *g_cur->blk;
   if (b.arrived == 0) b.line = line;
   else if (b.line != line) fail("__syncthreads reached at different lines by threads of one block");
+  b.count += pred != 0;
   if (++b.arrived == b.alive) {
-    b.arrived = 0;
-    ++b.gen;
-    g_spins = 0;
-    return;
+    release(b);
+  } else {
+    wait_for(&b.gen, b.gen);
   }
-  wait_for(&b.gen, b.gen);
+  // b.counted changes only when every thread has arrived again, so after this thread has read it
+  return static_cast<int>(b.counted);
+}
+
+unsigned warp_full_mask() {
+  const Warp& w = g_cur->blk->warps[g_cur->warp];
+  return w.size == 32 ? 0xffffffffu : ((1u << w.size) - 1u);
+}
+
+long long clock() {
+  static long long ticks = 0;
+  return ticks += 1000;  // strictly increasing; nothing else about timing is modelled
 }
 
 uint64_t warp_exchange(int kind, unsigned mask, uint64_t bits, int src, int line) {
@@ -266,10 +292,7 @@ extern "C" void sk_emu_fiber_main() {
   if (w.arrived > 0) fail("thread exited while lanes of its warp wait at a collective");
   --w.members;
   // exited threads no longer count at __syncthreads, as on the hardware
-  if (--b.alive == b.arrived && b.arrived > 0) {
-    b.arrived = 0;
-    ++b.gen;
-  }
+  if (--b.alive == b.arrived && b.arrived > 0) release(b);
   f.state = 2;
   leave(true);
   std::abort();
@@ -293,7 +316,7 @@ void init_fiber(Fiber& f, size_t i) {
 #if SK_ASAN
   __asan_unpoison_memory_region(f.stack, kStack);  // frames of abandoned fibers leave poison behind
 #endif
-#if defined(__x86_64__)
+#if SK_ASM_SWITCH
   uint64_t* top = reinterpret_cast<uint64_t*>(f.stack + kStack);
   *--top = reinterpret_cast<uint64_t>(&sk_emu_entry);  // `ret` lands there with rsp 16-byte aligned
   for (int r = 0; r < 6; ++r) *--top = 0;
@@ -379,14 +402,22 @@ cudaError_t run(dim3 grid, dim3 block, size_t smem, const void* fn, bool coopera
   // a normal launch runs its blocks one after another; a cooperative one runs them all together
   const uint64_t together = cooperative ? nblocks : 1;
   g_together = together;
+  // the blocks of a normal launch run one after another in the same order as the threads of a pass:
+  // a block that reads what another block of the same launch writes shows as a different result
+  std::vector<uint64_t> perm;
+  if (!cooperative && g_order == 2) {
+    perm.resize(nblocks);
+    std::iota(perm.begin(), perm.end(), uint64_t(0));
+    std::shuffle(perm.begin(), perm.end(), g_rng);
+  }
   for (uint64_t first = 0; first < nblocks && !g_failed; first += together) {
     std::vector<Block> blocks(together);
     g_fibers.assign(together * nthreads, Fiber{});
-#if !defined(__x86_64__)
+#if !SK_ASM_SWITCH
     g_uctx.resize(g_fibers.size());
 #endif
     for (uint64_t k = 0; k < together; ++k) {
-      const uint64_t id = first + k;
+      const uint64_t id = cooperative || g_order == 0 ? first + k : (g_order == 1 ? nblocks - 1 - first : perm[first]);
       Block& b = blocks[k];
       b.idx = dim3(static_cast<unsigned>(id % grid.x), static_cast<unsigned>(id / grid.x % grid.y),
                    static_cast<unsigned>(id / grid.x / grid.y));

@@ -64,6 +64,25 @@ __global__ void primitives(int* out) {
   out[t * 4 + 3] = __all_sync(0xffffffffu, t < 40);
 }
 
+// correct: block-wide reductions at a barrier, bit intrinsics, the active mask
+__global__ void reductions(int* out) {
+  const int t = static_cast<int>(threadIdx.x);
+  int* o = out + t * 8;
+  o[0] = __syncthreads_count(t % 3 == 0);
+  o[1] = __syncthreads_or(t == 95);
+  o[2] = __syncthreads_and(t < 96);
+  o[3] = __syncthreads_and(t < 95);
+  o[4] = __popc(static_cast<unsigned>(t) * 2654435761u);
+  o[5] = __clz(t) + 100 * __ffs(t);
+  o[6] = static_cast<int>(__brev(static_cast<unsigned>(t)) >> 16);
+  o[7] = static_cast<int>(__activemask() & 0x7fffffffu);
+}
+
+// a race between blocks: each block reads what the block before it writes in the same launch
+__global__ void chained_blocks(int* out) {
+  if (threadIdx.x == 0) out[blockIdx.x] = (blockIdx.x > 0 ? out[blockIdx.x - 1] : 0) + 1;
+}
+
 }  // namespace
 
 extern "C" int emu_selftest(int which, void* out) {
@@ -88,6 +107,8 @@ extern "C" int emu_selftest(int which, void* out) {
     case 8: SK_LAUNCH(1, 96, 0, nullptr, primitives)(static_cast<int*>(out)); break;
     case 9: SK_LAUNCH(0, 32, 0, nullptr, big_smem)(f); break;  // empty grid: invalid configuration
     case 10: SK_LAUNCH(1, 2048, 0, nullptr, big_smem)(f); break;
+    case 11: SK_LAUNCH(1, 96, 0, nullptr, reductions)(static_cast<int*>(out)); break;
+    case 12: SK_LAUNCH(8, 32, 0, nullptr, chained_blocks)(static_cast<int*>(out)); break;
   }
   return cudaGetLastError();
 }

@@ -78,6 +78,9 @@ void static_shared();
 void syncthreads(int line);
 uint64_t warp_exchange(int kind, unsigned mask, uint64_t bits, int src, int line);  // the value of lane `src`
 void spin_yield();
+int syncthreads_reduce(int pred, int line);  // the count of threads with pred != 0
+unsigned warp_full_mask();
+long long clock();
 [[noreturn]] void fail(const char* what);
 
 // one launch: body(ctx) is run by every thread of every block
@@ -159,7 +162,17 @@ inline int __any_sync(unsigned mask, int pred, int line = __builtin_LINE()) { re
 inline int __all_sync(unsigned mask, int pred, int line = __builtin_LINE()) {
   return __ballot_sync(mask, pred, line) == __ballot_sync(mask, 1, line);
 }
+// __syncthreads plus a block-wide count / or / and of `pred`
+inline int __syncthreads_count(int pred, int line = __builtin_LINE()) { return sk_emu::syncthreads_reduce(pred, line); }
+inline int __syncthreads_or(int pred, int line = __builtin_LINE()) { return sk_emu::syncthreads_reduce(pred, line) != 0; }
+inline int __syncthreads_and(int pred, int line = __builtin_LINE()) {
+  return sk_emu::syncthreads_reduce(pred, line) == sk_emu::syncthreads_reduce(1, line);
+}
+// every lane of a warp is converged here: collectives with a partial mask are refused anyway
+inline unsigned __activemask() { return sk_emu::warp_full_mask(); }
 inline void __nanosleep(unsigned) { sk_emu::spin_yield(); }
+inline long long clock64() { return sk_emu::clock(); }
+inline int clock() { return static_cast<int>(sk_emu::clock()); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
@@ -176,6 +189,31 @@ template <typename T> T __ldca(const T* p) { return *p; }
 template <typename T> T __ldcs(const T* p) { return *p; }
 template <typename T> void __stcg(T* p, T v) { *p = v; }
 template <typename T> void __stcs(T* p, T v) { *p = v; }
+
+// bit intrinsics
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x)); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline unsigned __brev(unsigned x) {
+  unsigned r = 0;
+  for (int i = 0; i < 32; ++i) r |= ((x >> i) & 1u) << (31 - i);
+  return r;
+}
+inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((uint64_t(a) * b) >> 32); }
+inline int __mulhi(int a, int b) { return static_cast<int>((int64_t(a) * b) >> 32); }
+inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline int __float_as_int(float f) { int x; std::memcpy(&x, &f, 4); return x; }
+inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned x; std::memcpy(&x, &f, 4); return x; }
+inline double __longlong_as_double(long long x) { double d; std::memcpy(&d, &x, 8); return d; }
+inline long long __double_as_longlong(double d) { long long x; std::memcpy(&x, &d, 8); return x; }
+inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __fma_rn(double a, double b, double c) { return fma(a, b, c); }
 
 // device math that host C++ lacks or names differently (the intrinsics are the accurate functions)
 inline float __expf(float x) { return expf(x); }
@@ -203,6 +241,16 @@ cudaError_t cudaGetDevice(int* dev);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev);
 cudaError_t cudaDeviceSynchronize();
 cudaError_t cudaStreamSynchronize(cudaStream_t);
+// memory is host memory and streams run synchronously
+enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice,
+                      cudaMemcpyDefault };
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) { std::memset(p, v, n); return cudaSuccess; }
+inline cudaError_t cudaMemset(void* p, int v, size_t n) { std::memset(p, v, n); return cudaSuccess; }
+inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t = nullptr) {
+  std::memmove(d, s, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) { std::memmove(d, s, n); return cudaSuccess; }
 namespace sk_emu {
 cudaError_t func_set_attribute(const void* fn, cudaFuncAttribute attr, int value);
 cudaError_t occupancy(int* blocks, const void* fn, int threads, size_t smem);
