@@ -610,7 +610,7 @@ def _rnn_inputs(mode, lengths, proj, dtype, T=5, B=5, I=7, H=60, P=40):
     return x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lens
 
 
-def _rnn_check(lib, mode, lengths, reverse, proj, dtype, persistent, **dims):
+def _rnn_check(lib, mode, lengths, reverse, proj, dtype, persistent, scale=1.0, **dims):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lens = _rnn_inputs(mode, lengths, proj, dtype, **dims)
     ins64 = [None if t is None else t.double().clone() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
     leaves = [None if t is None else t.requires_grad_() for t in ins64]
@@ -638,7 +638,7 @@ def _rnn_check(lib, mode, lengths, reverse, proj, dtype, persistent, **dims):
                                [gg.double() for _, gg in outs], allow_unused=True)
     want = dict(zip([n for n, t in zip(names, leaves) if t is not None], want))
     for name, w in want.items():
-        close(got[name], torch.zeros_like(ins64[names.index(name)]) if w is None else w, dtype, f"d{name}")
+        close(got[name], torch.zeros_like(ins64[names.index(name)]) if w is None else w, dtype, f"d{name}", scale)
     return y
 
 
@@ -652,9 +652,44 @@ def test_rnn_steps(lib, case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", [RNN_CASES[4], RNN_CASES[5], RNN_CASES[8]], ids=["lstm", "gru", "lstm-proj"])
 def test_rnn_steps_half_types(lib, case, dtype):
-    if case[3] and dtype == torch.bfloat16:
-        pytest.skip("bf16 through the projection's extra GEMMs drifts ~10% from fp64; fp16 covers the path")
-    _rnn_check(lib, *case, dtype, persistent=False)
+    # bf16 with a projection: the gate gradients, h before the projection and the projection's
+    # GEMMs are all rounded to bf16, so the weight gradients sit up to ~10% of their largest
+    # element off fp64; torch.nn.LSTM itself is further off (test_rnn_proj_half_types_vs_torch)
+    _rnn_check(lib, *case, dtype, persistent=False, scale=2.0 if case[3] and dtype == torch.bfloat16 else 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rnn_proj_half_types_vs_torch(lib, dtype):
+    """LSTM with a projection in a half type: the kernels' error against fp64 is no larger than
+    that of torch.nn.LSTM run in the same dtype (what a user would otherwise get), for the
+    output, the final states and every gradient."""
+    import warnings
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lens = _rnn_inputs("lstm", None, True, dtype)
+    leaves = [t.double().clone().requires_grad_() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
+    yr, hr, cr = R.reference("lstm", *leaves, None, False)
+    g = torch.Generator().manual_seed(3)
+    dy, dh, dc = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in (yr, hr, cr))
+    want = torch.autograd.grad([yr, hr, cr], leaves, [dy.double(), dh.double(), dc.double()])
+    y, hT, cT, ws = cuda_rnn_forward(lib, "lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, None, False, True, False)
+    got = cuda_rnn_backward(lib, "lstm", dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, None, False, ws)
+    m = torch.nn.LSTM(x.shape[-1], w_hh.shape[0] // 4, proj_size=w_hr.shape[0]).to(dtype)
+    names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0", "weight_hr_l0"]
+    with torch.no_grad():
+        for n, t in zip(names, (w_ih, w_hh, b_ih, b_hh, w_hr)):
+            getattr(m, n).copy_(t)
+    xx, hh, cc = x.clone().requires_grad_(), h0[None].clone().requires_grad_(), c0[None].clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "LSTM with projections is not supported with oneDNN"
+        yt, (ht, ct) = m(xx, (hh, cc))
+        gt = torch.autograd.grad([yt, ht, ct], [xx, hh, cc] + [getattr(m, n) for n in names], [dy, dh[None], dc[None]])
+    err = lambda a, b: (a.double().reshape(b.shape) - b).abs().max().item()  # noqa: E731
+    ours = [err(y, yr), err(hT, hr), err(cT, cr)] + [err(got[n], w) for n, w in zip(
+        ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr"], want)]
+    theirs = [err(yt, yr), err(ht, hr), err(ct, cr)] + [err(a, w) for a, w in zip(gt, want)]
+    what = ["y", "h_T", "c_T", "dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dw_hr"]
+    # 5% slack: both round their outputs to the dtype, so equal-quality results can differ slightly
+    worse = [(n, o, t) for n, o, t in zip(what, ours, theirs) if o > t * 1.05 + 1e-6]
+    assert not worse, f"kernel error above torch.nn.LSTM's in {dtype}: {worse}"
 
 
 @pytest.mark.parametrize("case", [c for c in RNN_CASES if not c[3]], ids=lambda c: f"{c[0]}-{'len' if c[1] else 'full'}-"
