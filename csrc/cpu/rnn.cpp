@@ -1138,7 +1138,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
 // row order by one thread, so the result does not depend on the thread count.
 template <typename T>
 void column_sum(const T* a, int64_t rows, int64_t cols, int64_t lda, T* out) {
-  at::parallel_for(0, cols, 256, [&](int64_t c0, int64_t c1) {
+  // a few rows (one step of a cell) take less time than waking the other threads
+  const int64_t grain = rows * cols < (int64_t(1) << 16) ? std::max<int64_t>(cols, 1) : 256;
+  at::parallel_for(0, cols, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) out[c] = T(0);
     for (int64_t r = 0; r < rows; ++r) {
       const T* ar = a + r * lda;
@@ -1204,8 +1206,10 @@ void backward_loop(const Shape& d, const Workspace<T>& ws, const T* dyp, const T
                       separate, lstm ? dcc + b * H : nullptr, dhh + b * H, 0, H);
       }
     });
-    // gru keeps the direct term dh * z written above (beta = 1)
-    gemm<T>(false, false, B, P, GH, T(1), dgs, ldg, w_hh.data_ptr<T>(), P, gru ? T(1) : T(0), dhh, P);
+    // gru keeps the direct term dh * z written above (beta = 1); the first step's product is
+    // dh0 alone, skipped when not wanted (a cell whose state needs no gradient: its only read of W_hh)
+    if (s > 0 || need[1])
+      gemm<T>(false, false, B, P, GH, T(1), dgs, ldg, w_hh.data_ptr<T>(), P, gru ? T(1) : T(0), dhh, P);
   }
 
   if (need[0]) {
