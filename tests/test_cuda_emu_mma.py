@@ -1,6 +1,7 @@
 """The tensor-core attention kernels (csrc/cuda/attention_mma.cu, opt-in through SEQKERN_ATTN_MMA=1) run
 on the CPU through the CUDA emulator of tests/test_cuda_emu.py, with csrc/cuda/mma.h's emulation of
-mma.sync / ldmatrix / cp.async (rebuilt from the PTX fragment layouts with warp shuffles), and are
+mma.sync / ldmatrix (rebuilt from the PTX fragment layouts with warp shuffles) / cp.async (deferred to its
+thread's wait_group, the destination poisoned until then), and are
 compared with the fp64 reference and with the SIMT kernel in fp16 and bf16. This checks the kernels'
 indexing, masking, softmax and fragment bookkeeping; the real instructions, timing and the memory
 model are only exercised on a GPU (bench/gpu_check.sh)."""
@@ -280,7 +281,7 @@ def test_wrapper_pack_rounds_like_torch(wlib, dtype):
 @pytest.mark.parametrize("order,seed", [(1, 0), (2, 3)], ids=["descending", "shuffled"])
 def test_mma_results_do_not_depend_on_the_schedule(lib, order, seed):
     # a missing barrier between the warps of a block shows as a result that changes with the thread order
-    # (cp.async is a plain copy here: its waits are checked only on a GPU)
+    # (cp.async copies land at their thread's wait_group: test_a_short_cp_async_wait_shows)
     runs = []
     for o in (0, order):
         lib.sk_emu_set_schedule(o, seed)
@@ -294,6 +295,17 @@ def test_mma_results_do_not_depend_on_the_schedule(lib, order, seed):
             lib.sk_emu_set_schedule(0, 0)
     for i, (a, b) in enumerate(zip(*runs)):
         assert torch.equal(a, b), f"output {i} differs between thread orders"
+
+
+def test_a_short_cp_async_wait_shows(lib):
+    # mma.h defers each cp.async to its thread's wait_group and poisons the destination until then; built
+    # with every wait one group short, the kernels must read poison (NaN) or stale tiles somewhere
+    short = ctypes.CDLL(emu._build(["-DSEQKERN_EMU_CP_ASYNC_WAIT_SHIFT=1"]))
+    short.sk_emu_last_failure.restype = ctypes.c_char_p
+    q, k, v, mask, causal, p, dout = _inputs(CASES[1], torch.float16)
+    want = _run(lib, q, k, v, mask, causal, p, dout, mma=True)
+    got = _run(short, q, k, v, mask, causal, p, dout, mma=True)
+    assert not all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def _offset_copy(t):
