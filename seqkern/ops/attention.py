@@ -141,9 +141,33 @@ def _broadcast(*shapes):
     return torch.Size(out)
 
 
+def _additive(m, q):
+    if m.dtype == torch.bool:
+        return torch.where(m, torch.zeros((), dtype=q.dtype, device=q.device),
+                           torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+    return m
+
+
 def _canonical(q, k, v, attn_mask, enable_gqa):
     """Views (Bf, Hq, L, E), (Bf, Hk, S, E), (Bf, Hk, S, Ev), the mask as a 4-D additive tensor whose
     dims are 1 or full (or None), and the output's shape."""
+    if q.dim() == 4 and k.dim() == 4 and v.dim() == 4:
+        # (B, H, L, E) inputs with nothing to broadcast (what modules pass, one decoding step at a
+        # time) are already canonical: the general path below costs ~15 us, twice torch's whole SDPA
+        # call at such sizes. Anything unusual (broadcast, odd heads, a mask that needs checking)
+        # takes the general path, which also raises the errors.
+        Bq, Hq, L, _ = q.shape
+        Bk, Hk, S, _ = k.shape
+        Bv, Hv, _, Ev = v.shape
+        if Bq == Bk == Bv and Hk == Hv and (Hq == Hk or (enable_gqa and Hk != 0 and Hq % Hk == 0)):
+            out_shape = (Bq, Hq, L, Ev)
+            if attn_mask is None:
+                return q, k, v, None, out_shape
+            ms = attn_mask.shape
+            nd = len(ms)
+            if nd <= 4 and all(d == 1 or d == f for d, f in zip(ms, (Bq, Hq, L, S)[4 - nd:])):
+                m = _additive(attn_mask, q)
+                return q, k, v, (m if nd == 4 else m.reshape((1,) * (4 - nd) + tuple(ms))), out_shape
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     q3, k3, v3 = (t if t.dim() >= 3 else t.unsqueeze(0) for t in (q, k, v))
     try:
@@ -181,10 +205,7 @@ def _canonical(q, k, v, attn_mask, enable_gqa):
         except RuntimeError:
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                              f"(..., L, S) = {full}") from None
-        m = attn_mask
-        if m.dtype == torch.bool:
-            m = torch.where(m, torch.zeros((), dtype=q.dtype, device=q.device),
-                            torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+        m = _additive(attn_mask, q)
         m = m.reshape((1,) * (len(full) - m.dim()) + tuple(m.shape))
         if all(d == 1 for d in m.shape[:-3]):
             mask = m.reshape(1, *m.shape[-3:])
@@ -399,6 +420,19 @@ def _(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, backend,
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
+def _plain_eager(*tensors) -> bool:
+    """Whether calling a backend's function directly is exactly what the custom op would run: not
+    traced (torch.compile, AOT/make_fx, fake tensors), no dispatch or function mode, no functorch
+    transform, no tensor subclass. Eagerly the op's dispatcher and its autograd wrapper cost ~25 us
+    a call (plus ~30-60 us in torch's fill_defaults with grad), several times the kernel itself on
+    decoding-size inputs; under any of those conditions the op must be seen, so it is used."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None):
+        return False
+    return all(t is None or type(t) is Tensor for t in tensors)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin = inputs
     out, lse = output
@@ -413,8 +447,13 @@ def _backward(ctx, dout, dlse):
         B.check_no_double_backward(OP, backend)
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _sdpa_backward(dout.contiguous(), q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed,
-                                backend, cos, sin)
+    dout = dout.contiguous()
+    # with grad enabled (create_graph) the op keeps its own behaviour, whatever that is
+    if not torch.is_grad_enabled() and _plain_eager(dout, q, k, v, mask, out, lse, cos, sin):
+        dq, dk, dv = _BWD[backend](dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, cos, sin)
+    else:
+        dq, dk, dv = _sdpa_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, backend,
+                                    cos, sin)
     dmask = None
     if mask is not None and ctx.needs_input_grad[3]:
         # the fused kernels never form dS; the rare gradient w.r.t. an additive mask comes from the equations
@@ -427,6 +466,21 @@ def _backward(ctx, dout, dlse):
 
 
 _sdpa_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerSdpa(torch.autograd.Function):
+    """The autograd node register_autograd builds for the op, without the op's dispatch around it
+    (see _plain_eager): same setup_context, same backward, same inputs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin):
+        out, lse = _FWD[backend](q, k, v, mask, dropout_p, is_causal, scale, seed, cos, sin)
+        _setup_context(ctx, (q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin), (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse)
 
 
 # ---------------------------------------------------------------------------
@@ -531,5 +585,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if name == "reference":
         out, _ = sdpa_reference_canonical(q, k, v, mask, dropout_p, is_causal, sc, seed)
     else:
-        out, _ = _sdpa_forward(q, k, v, mask, dropout_p, is_causal, sc, seed, name, cos, sin)
+        if not _plain_eager(q, k, v, mask, cos, sin):
+            out, _ = _sdpa_forward(q, k, v, mask, dropout_p, is_causal, sc, seed, name, cos, sin)
+        elif torch.is_grad_enabled() and torch._C._any_requires_grad(q, k, v, mask, cos, sin):
+            out, _ = _EagerSdpa.apply(q, k, v, mask, dropout_p, is_causal, sc, seed, name, cos, sin)
+        else:
+            out, _ = _FWD[name](q, k, v, mask, dropout_p, is_causal, sc, seed, cos, sin)
     return out.reshape(out_shape)
