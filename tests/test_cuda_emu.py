@@ -34,8 +34,10 @@ if ASAN:
 DT = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
-def _build():
-    h = hashlib.sha256(" ".join([CXX] + FLAGS).encode())
+def _build(extra=()):
+    """extra: more compiler flags (a mutated variant of the kernels, built into its own directory)."""
+    flags = FLAGS + list(extra)
+    h = hashlib.sha256(" ".join([CXX] + flags).encode())
     deps = SOURCES + sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.h")) +
                             glob.glob(os.path.join(EMU, "include", "*.h")))
     for p in deps:
@@ -50,7 +52,7 @@ def _build():
     for src in SOURCES:
         obj = os.path.join(out, os.path.basename(src) + f".{os.getpid()}.o")
         lang = ["-x", "c++"] if src.endswith(".cu") else []
-        procs.append((src, subprocess.Popen([CXX] + lang + FLAGS + ["-c", src, "-o", obj], stdout=subprocess.PIPE,
+        procs.append((src, subprocess.Popen([CXX] + lang + flags + ["-c", src, "-o", obj], stdout=subprocess.PIPE,
                                             stderr=subprocess.STDOUT, text=True)))
         objs.append(obj)
     for src, p in procs:

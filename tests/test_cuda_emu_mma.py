@@ -1,6 +1,7 @@
 """The tensor-core attention kernels (csrc/cuda/attention_mma.cu, opt-in through SEQKERN_ATTN_MMA=1) run
 on the CPU through the CUDA emulator of tests/test_cuda_emu.py, with csrc/cuda/mma.h's emulation of
-mma.sync / ldmatrix / cp.async (rebuilt from the PTX fragment layouts with warp shuffles), and are
+mma.sync / ldmatrix (rebuilt from the PTX fragment layouts with warp shuffles) / cp.async (deferred to its
+thread's wait_group, the destination poisoned until then), and are
 compared with the fp64 reference and with the SIMT kernel in fp16 and bf16. This checks the kernels'
 indexing, masking, softmax and fragment bookkeeping; the real instructions, timing and the memory
 model are only exercised on a GPU (bench/gpu_check.sh)."""
@@ -135,8 +136,8 @@ def test_mma_matches_reference(lib, case, dtype):
     scale = q.shape[-1] ** -0.5
     want, want_lse = A.sdpa_reference_canonical(*d64, p, causal, scale, seed)
     grads = A.sdpa_reference_backward(dout.double(), *d64, want, want_lse, p, causal, scale, seed)[:3]
-    # the tensor-core path rounds P and dS to the input dtype before their products (as FlashAttention
-    # does); its error may be a few times the SIMT kernel's (fp32 P), never more than a small bound
+    # the tensor-core path rounds P to the input dtype before P^T dO; its error may be a few times the
+    # SIMT kernel's (fp32 P), never more than a small bound
     eps = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
     for i, (name, w) in enumerate(zip(("out", "lse", "dq", "dk", "dv"), (want, want_lse) + grads)):
         finite = torch.isfinite(w)
@@ -149,6 +150,38 @@ def test_mma_matches_reference(lib, case, dtype):
     if mask is not None and torch.isinf(mask).all(-1).any():
         dead = torch.isinf(mask).all(-1).expand(q.shape[0], q.shape[1], q.shape[2])
         assert torch.isneginf(got[1][dead]).all() and (got[0][dead] == 0).all() and (got[2][dead] == 0).all()
+
+
+# (B, Hq, Hk, L, S, E, Ev, causal): causal and not, L != S both ways, D 16/64/128, GQA
+RULE_CASES = [
+    (1, 2, 2, 70, 70, 64, 64, True),
+    (1, 4, 2, 33, 100, 128, 128, False),
+    (1, 2, 2, 100, 45, 16, 16, True),
+    (1, 4, 1, 64, 130, 64, 64, False),
+]
+
+
+def _reference_with_grads(q, k, v, causal, dout, dtype):
+    from seqkern import functional as SF
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    o = SF.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True, backend="reference")
+    o.backward(dout.to(dtype))
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("mma", [False, True], ids=["simt", "mma"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", RULE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_half_error_at_most_twice_the_references_in_that_dtype(lib, case, dtype, mma):
+    # DESIGN.md "Numerics", literally: error against the fp32 reference (on the upcast half inputs) at most
+    # twice that of the same reference run in the half dtype; max abs error of O, dQ, dK, dV
+    q, k, v, _, causal, p, dout = _inputs(case[:7] + (None, case[7], 0.0), dtype)
+    r32 = _reference_with_grads(q, k, v, causal, dout, torch.float32)
+    rh = _reference_with_grads(q, k, v, causal, dout, dtype)
+    out, _, dq, dk, dv = _run(lib, q, k, v, None, causal, p, dout, mma=mma)
+    for name, got, half, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), rh, r32):
+        err, err_ref = _max_err(got, want), _max_err(half, want)
+        assert err <= 2 * err_ref, f"{name}: error {err:.3g} = {err / err_ref:.2f}x the {dtype} reference's"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -248,7 +281,7 @@ def test_wrapper_pack_rounds_like_torch(wlib, dtype):
 @pytest.mark.parametrize("order,seed", [(1, 0), (2, 3)], ids=["descending", "shuffled"])
 def test_mma_results_do_not_depend_on_the_schedule(lib, order, seed):
     # a missing barrier between the warps of a block shows as a result that changes with the thread order
-    # (cp.async is a plain copy here: its waits are checked only on a GPU)
+    # (cp.async copies land at their thread's wait_group: test_a_short_cp_async_wait_shows)
     runs = []
     for o in (0, order):
         lib.sk_emu_set_schedule(o, seed)
@@ -262,6 +295,17 @@ def test_mma_results_do_not_depend_on_the_schedule(lib, order, seed):
             lib.sk_emu_set_schedule(0, 0)
     for i, (a, b) in enumerate(zip(*runs)):
         assert torch.equal(a, b), f"output {i} differs between thread orders"
+
+
+def test_a_short_cp_async_wait_shows(lib):
+    # mma.h defers each cp.async to its thread's wait_group and poisons the destination until then; built
+    # with every wait one group short, the kernels must read poison (NaN) or stale tiles somewhere
+    short = ctypes.CDLL(emu._build(["-DSEQKERN_EMU_CP_ASYNC_WAIT_SHIFT=1"]))
+    short.sk_emu_last_failure.restype = ctypes.c_char_p
+    q, k, v, mask, causal, p, dout = _inputs(CASES[1], torch.float16)
+    want = _run(lib, q, k, v, mask, causal, p, dout, mma=True)
+    got = _run(short, q, k, v, mask, causal, p, dout, mma=True)
+    assert not all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def _offset_copy(t):

@@ -115,6 +115,30 @@ __device__ __forceinline__ void to_a(uint32_t (&a)[4], const float (&c0)[4], con
   a[3] = pack2<BF16>(c1[2], c1[3]);
 }
 
+// the same tiles as hi + lo, both in the input dtype: hi * B + lo * B carries about twice the mantissa bits.
+// DESIGN.md "Numerics" allows twice the error of the reference run in the input dtype (which rounds only
+// its results); with dS rounded once before dS K, dQ measured up to 2.6x that in fp16, and with P rounded
+// before P V, O's extra error reached dQ again through delta = rowsum(dO O) (2.0x). Split: dS in both
+// backward kernels, P in the forward; P^T dO in dK/dV stays one product (dV at most 1.7x). Cost: one more
+// mma per split one, same B fragments: forward 2 -> 3 products per tile, dK/dV 4 -> 5, dQ 3 -> 4.
+template <bool BF16>
+__device__ __forceinline__ float lo_half(uint32_t r) {
+  return mma::to_float<BF16>(static_cast<uint16_t>(r & 0xffffu));
+}
+template <bool BF16>
+__device__ __forceinline__ float hi_half(uint32_t r) {
+  return mma::to_float<BF16>(static_cast<uint16_t>(r >> 16));
+}
+template <bool BF16>
+__device__ __forceinline__ void to_a_split(uint32_t (&hi)[4], uint32_t (&lo)[4], const float (&c0)[4],
+                                           const float (&c1)[4]) {
+  to_a<BF16>(hi, c0, c1);
+  lo[0] = pack2<BF16>(c0[0] - lo_half<BF16>(hi[0]), c0[1] - hi_half<BF16>(hi[0]));
+  lo[1] = pack2<BF16>(c0[2] - lo_half<BF16>(hi[1]), c0[3] - hi_half<BF16>(hi[1]));
+  lo[2] = pack2<BF16>(c1[0] - lo_half<BF16>(hi[2]), c1[1] - hi_half<BF16>(hi[2]));
+  lo[3] = pack2<BF16>(c1[2] - lo_half<BF16>(hi[3]), c1[3] - hi_half<BF16>(hi[3]));
+}
+
 // rows g and g+8 of a 16 x (NT*8) fp32 accumulator times `mul`, into a row-major (ld) tensor: rows
 // below `rows`, columns below `cols`
 template <bool BF16, int NT>
@@ -241,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // tiles wholly inside the mask-free, causal-visible, in-range region skip the per-element checks
     const bool plain = p.mask == nullptr && j0 + BN <= p.S && (!p.causal || j0 + BN - 1 <= w0);
-    uint32_t pa[MT][BN / 16][4];
+    uint32_t pa[MT][BN / 16][4], plo[MT][BN / 16][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       float mx[2] = {m_r[mt][0], m_r[mt][1]};
@@ -280,7 +304,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         o[mt][nt][3] *= alpha[1];
       }
 #pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) to_a<BF16>(pa[mt][kk], s[mt][2 * kk], s[mt][2 * kk + 1]);
+      for (int kk = 0; kk < BN / 16; ++kk)
+        to_a_split<BF16>(pa[mt][kk], plo[mt][kk], s[mt][2 * kk], s[mt][2 * kk + 1]);
     }
 
     cp_async_wait<1>();  // V has landed (the next K may still be in flight)
@@ -296,6 +321,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int mt = 0; mt < MT; ++mt) {
           mma16816<BF16>(o[mt][2 * dp], pa[mt][kk], vf[0], vf[1]);
           mma16816<BF16>(o[mt][2 * dp + 1], pa[mt][kk], vf[2], vf[3]);
+          mma16816<BF16>(o[mt][2 * dp], plo[mt][kk], vf[0], vf[1]);
+          mma16816<BF16>(o[mt][2 * dp + 1], plo[mt][kk], vf[2], vf[3]);
         }
       }
     __syncthreads();  // every warp is done with Vs
@@ -443,9 +470,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
-      uint32_t pa[4], da[4];
+      uint32_t pa[4], da[4], dlo[4];
       to_a<BF16>(pa, st[2 * kk], st[2 * kk + 1]);
-      to_a<BF16>(da, dpt[2 * kk], dpt[2 * kk + 1]);
+      to_a_split<BF16>(da, dlo, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
       for (int dp = 0; dp < KD; ++dp) {
         uint32_t bf[4];
@@ -458,6 +485,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           ldsm_x4_trans(bf, Qs + (kk * 16 + a_row(lane)) * P + dp * 16 + a_col(lane));
           mma16816<BF16>(dka[2 * dp], da, bf[0], bf[1]);
           mma16816<BF16>(dka[2 * dp + 1], da, bf[2], bf[3]);
+          mma16816<BF16>(dka[2 * dp], dlo, bf[0], bf[1]);
+          mma16816<BF16>(dka[2 * dp + 1], dlo, bf[2], bf[3]);
         }
       }
     }
@@ -473,7 +502,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // dQ: a block owns 64 queries (16 per warp, Q and dO fragments in registers) and walks key tiles of BN,
 // the next K/V tile loading into the other of two stages while this one is used.
 template <bool BF16, int D, int BN>
-__global__ void __launch_bounds__(kThreads)
+// 2 blocks per SM as before the dS split; without the bound ptxas aimed at 3 and spilled
+__global__ void __launch_bounds__(kThreads, 2)
     dq_mma_kernel(const AttnParams p, const bool vec, const uint16_t* __restrict__ dout, const float* __restrict__ lse,
                   const float* __restrict__ delta, uint16_t* __restrict__ dq) {
   SK_DYNAMIC_SMEM(unsigned char, smem_raw);
@@ -567,8 +597,8 @@ __global__ void __launch_bounds__(kThreads)
       }
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t da[4];
-      to_a<BF16>(da, s[2 * kk], s[2 * kk + 1]);
+      uint32_t da[4], dlo[4];
+      to_a_split<BF16>(da, dlo, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
       for (int dp = 0; dp < KD; ++dp) {
         if (dp >= nkE) break;
@@ -576,6 +606,8 @@ __global__ void __launch_bounds__(kThreads)
         ldsm_x4_trans(bf, Ks + (kk * 16 + a_row(lane)) * P + dp * 16 + a_col(lane));
         mma16816<BF16>(dqa[2 * dp], da, bf[0], bf[1]);
         mma16816<BF16>(dqa[2 * dp + 1], da, bf[2], bf[3]);
+        mma16816<BF16>(dqa[2 * dp], dlo, bf[0], bf[1]);
+        mma16816<BF16>(dqa[2 * dp + 1], dlo, bf[2], bf[3]);
       }
     }
     __syncthreads();  // this stage is free for the prefetch of the next iteration

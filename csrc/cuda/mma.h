@@ -17,6 +17,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#ifdef SEQKERN_CUDA_EMULATE
+#include <deque>
+#include <unordered_map>
+#include <vector>
+#endif
 
 #ifndef SEQKERN_CUDA_EMULATE
 #include <cuda_bf16.h>
@@ -210,24 +215,63 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row)
 }
 
 // ---- cp.async: 16 bytes global -> shared, completed by wait<N> (at most N groups left in flight) ----------
+#ifdef SEQKERN_CUDA_EMULATE
+// Deferred like the hardware's: a copy lands only when its own thread waits for its group (a __syncthreads
+// completes nothing), and its destination reads as 0xFFFF (NaN in fp16 and bf16) until then, so a missing
+// or short wait shows as a NaN where the hardware would race. Copies are done at the wait, from the source
+// as it is then (the kernels copy inputs only). State per emulated thread (one OS thread runs the fibers).
+struct CpAsyncCopy {
+  void* dst;
+  const void* src;
+};
+struct CpAsyncThread {
+  const void* blk = nullptr;                      // the block it was issued in: a failed launch leaves stale ones
+  std::vector<CpAsyncCopy> open;                  // issued, not yet committed
+  std::deque<std::vector<CpAsyncCopy>> groups;    // committed, oldest first
+};
+inline CpAsyncThread& cp_async_state() {
+  static std::unordered_map<const void*, CpAsyncThread> states;
+  CpAsyncThread& st = states[::sk_emu::g_cur];
+  if (st.blk != ::sk_emu::g_cur->blk) st = CpAsyncThread{::sk_emu::g_cur->blk};
+  return st;
+}
+#endif
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 #ifdef SEQKERN_CUDA_EMULATE
   require16(smem, "cp.async: shared address not 16-byte aligned");
   require16(gmem, "cp.async: global address not 16-byte aligned");
-  std::memcpy(smem, gmem, 16);
+  std::memset(smem, 0xff, 16);
+  cp_async_state().open.push_back({smem, gmem});
 #else
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem));
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
-#ifndef SEQKERN_CUDA_EMULATE
+#ifdef SEQKERN_CUDA_EMULATE
+  CpAsyncThread& st = cp_async_state();
+  st.groups.push_back(std::move(st.open));
+  st.open.clear();
+#else
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#ifndef SEQKERN_CUDA_EMULATE
+#ifdef SEQKERN_CUDA_EMULATE
+  // the test build can shift every wait by one group, to check that the tests notice a short wait
+#ifdef SEQKERN_EMU_CP_ASYNC_WAIT_SHIFT
+  constexpr size_t kLeft = N + SEQKERN_EMU_CP_ASYNC_WAIT_SHIFT;
+#else
+  constexpr size_t kLeft = N;
+#endif
+  CpAsyncThread& st = cp_async_state();
+  while (st.groups.size() > kLeft) {
+    for (const CpAsyncCopy& c : st.groups.front()) std::memcpy(c.dst, c.src, 16);
+    st.groups.pop_front();
+  }
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }
