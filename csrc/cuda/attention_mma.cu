@@ -139,6 +139,17 @@ __device__ __forceinline__ void to_a_split(uint32_t (&hi)[4], uint32_t (&lo)[4],
   lo[3] = pack2<BF16>(c1[2] - lo_half<BF16>(hi[3]), c1[3] - hi_half<BF16>(hi[3]));
 }
 
+// d0 += (hi + lo) B[:, 0:8] and d1 += (hi + lo) B[:, 8:16] for an A split by to_a_split and one
+// ldmatrix x4 fragment b of B: the low half reuses b, so the split costs mma issues, not shared loads
+template <bool BF16>
+__device__ __forceinline__ void mma_split_x2(float (&d0)[4], float (&d1)[4], const uint32_t (&hi)[4],
+                                             const uint32_t (&lo)[4], const uint32_t (&b)[4]) {
+  mma16816<BF16>(d0, hi, b[0], b[1]);
+  mma16816<BF16>(d1, hi, b[2], b[3]);
+  mma16816<BF16>(d0, lo, b[0], b[1]);
+  mma16816<BF16>(d1, lo, b[2], b[3]);
+}
+
 // rows g and g+8 of a 16 x (NT*8) fp32 accumulator times `mul`, into a row-major (ld) tensor: rows
 // below `rows`, columns below `cols`
 template <bool BF16, int NT>
@@ -319,10 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         ldsm_x4_trans(vf, Vs + (kk * 16 + a_row(lane)) * P + dp * 16 + a_col(lane));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          mma16816<BF16>(o[mt][2 * dp], pa[mt][kk], vf[0], vf[1]);
-          mma16816<BF16>(o[mt][2 * dp + 1], pa[mt][kk], vf[2], vf[3]);
-          mma16816<BF16>(o[mt][2 * dp], plo[mt][kk], vf[0], vf[1]);
-          mma16816<BF16>(o[mt][2 * dp + 1], plo[mt][kk], vf[2], vf[3]);
+          mma_split_x2<BF16>(o[mt][2 * dp], o[mt][2 * dp + 1], pa[mt][kk], plo[mt][kk], vf);
         }
       }
     __syncthreads();  // every warp is done with Vs
@@ -483,10 +491,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         if (dp < nkE) {
           ldsm_x4_trans(bf, Qs + (kk * 16 + a_row(lane)) * P + dp * 16 + a_col(lane));
-          mma16816<BF16>(dka[2 * dp], da, bf[0], bf[1]);
-          mma16816<BF16>(dka[2 * dp + 1], da, bf[2], bf[3]);
-          mma16816<BF16>(dka[2 * dp], dlo, bf[0], bf[1]);
-          mma16816<BF16>(dka[2 * dp + 1], dlo, bf[2], bf[3]);
+          mma_split_x2<BF16>(dka[2 * dp], dka[2 * dp + 1], da, dlo, bf);
         }
       }
     }
@@ -604,10 +609,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (dp >= nkE) break;
         uint32_t bf[4];
         ldsm_x4_trans(bf, Ks + (kk * 16 + a_row(lane)) * P + dp * 16 + a_col(lane));
-        mma16816<BF16>(dqa[2 * dp], da, bf[0], bf[1]);
-        mma16816<BF16>(dqa[2 * dp + 1], da, bf[2], bf[3]);
-        mma16816<BF16>(dqa[2 * dp], dlo, bf[0], bf[1]);
-        mma16816<BF16>(dqa[2 * dp + 1], dlo, bf[2], bf[3]);
+        mma_split_x2<BF16>(dqa[2 * dp], dqa[2 * dp + 1], da, dlo, bf);
       }
     }
     __syncthreads();  // this stage is free for the prefetch of the next iteration
