@@ -193,6 +193,30 @@ def select(op: str, backend: str | None, *args, **kwargs) -> str:
     return chosen
 
 
+# Parameter disables __torch_function__: as plain as a Tensor for the direct paths below
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_depth = torch._C._len_torch_dispatch_stack
+_function_mode = torch._C._is_torch_function_mode_enabled
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+_autocast_on = torch.is_autocast_enabled
+
+
+def eager_cpu(backend) -> bool:
+    """Whether a call with these settings may run a cpu kernel directly, skipping select() and the
+    registered op: the cpu backend asked for (or automatic with SEQKERN_BACKEND unset or "cpu"), not
+    traced, no dispatch or function mode, no functorch transform, no CPU autocast, no debug log (it
+    reports each selection). The caller still checks its tensors (plain cpu ones of a cpu dtype)."""
+    if backend is None:
+        env = os.environ.get("SEQKERN_BACKEND")
+        if env and env != "cpu":
+            return False
+    elif backend != "cpu":
+        return False
+    return not (_EXT is None or _is_compiling() or _dispatch_depth() or _function_mode()
+                or _functorch_level() is not None or _autocast_on("cpu") or log.isEnabledFor(logging.DEBUG))
+
+
 def explain(op: str, *args, **kwargs) -> Dict[str, Tuple[bool, str]]:
     """For each backend, whether it could serve ``op`` on these inputs and why not."""
     return {name: _can_serve(op, name, args, kwargs) for name in BACKENDS}

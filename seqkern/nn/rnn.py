@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import backends as B
-from ..ops.rnn import gru, gru_cell, lstm, lstm_cell, rnn, rnn_cell
+from ..ops.rnn import _RNN_MODES, cell_eager, gru, gru_cell, lstm, lstm_cell, rnn, rnn_cell
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
@@ -338,6 +338,15 @@ class _CellMixin:
                                     f"({self.weight_ih.dtype})")
         return _cast(x, ac), [_cast(s, ac) for s in out], batched, ac
 
+    def _weights(self):
+        """(w_ih, w_hh, b_ih, b_hh) read from ``_parameters`` (module ``__getattr__`` costs ~1 us an
+        attribute), or None when any of them lives elsewhere (a parametrization, weight_norm)."""
+        p = self._parameters
+        try:
+            return p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
+        except KeyError:
+            return None
+
     def _params(self, ac):
         return tuple(_cast(w, ac) for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh))
 
@@ -350,6 +359,11 @@ class RNNCell(_CellMixin, torch.nn.RNNCell):
         self.backend = _check_backend(backend)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        w, mode = self._weights(), _RNN_MODES.get(self.nonlinearity)
+        if w is not None and mode is not None:
+            out = cell_eager(mode, input, hx, None, *w, self.backend)
+            if out is not None:
+                return out[0]
         x, (h,), batched, ac = self._prepare(input, (hx,), "RNNCell")
         with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
             out = rnn_cell(x, h, *self._params(ac), nonlinearity=self.nonlinearity, backend=self.backend)
@@ -364,6 +378,11 @@ class LSTMCell(_CellMixin, torch.nn.LSTMCell):
         self.backend = _check_backend(backend)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        w = self._weights()
+        if w is not None and (hx is None or (type(hx) in (tuple, list) and len(hx) == 2)):
+            out = cell_eager("lstm", input, *((None, None) if hx is None else hx), *w, self.backend)
+            if out is not None:
+                return out
         if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
             raise TypeError(f"LSTMCell: hx must be a tuple (h, c) of tensors, got {type(hx).__name__}")
         x, (h, c), batched, ac = self._prepare(input, (None, None) if hx is None else tuple(hx), "LSTMCell")
@@ -380,6 +399,11 @@ class GRUCell(_CellMixin, torch.nn.GRUCell):
         self.backend = _check_backend(backend)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        w = self._weights()
+        if w is not None:
+            out = cell_eager("gru", input, hx, None, *w, self.backend)
+            if out is not None:
+                return out[0]
         x, (h,), batched, ac = self._prepare(input, (hx,), "GRUCell")
         with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
             out = gru_cell(x, h, *self._params(ac), backend=self.backend)

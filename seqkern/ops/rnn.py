@@ -25,8 +25,6 @@ ones) are exactly the time indices ``t < L_b``: every backend uses it.
 """
 from __future__ import annotations
 
-import logging
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -509,56 +507,75 @@ def _cell_state(t, name, unbatched):
     return t.unsqueeze(0) if unbatched else t
 
 
-def _fast_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
-    """Whether this cell call is the common eager one on the cpu backend (cpu tensors of one
-    fp32/fp64 dtype, consistent 2-d shapes): then it skips the general checks and backend
-    selection, which cost more than the step at small batch. Anything else, including every
-    bad input, goes the general way, which names the argument at fault."""
-    if backend is None:
-        if os.environ.get("SEQKERN_BACKEND") not in (None, "", "cpu"):
-            return False
-    elif backend != "cpu":
-        return False
-    if B._EXT is None or not _CPU_REGISTERED or torch.compiler.is_compiling() or B.log.isEnabledFor(logging.DEBUG):
-        return False
-    if not (isinstance(x, Tensor) and isinstance(w_ih, Tensor) and isinstance(w_hh, Tensor)):
-        return False
+_RNN_MODES = {"tanh": "rnn_tanh", "relu": "rnn_relu"}
+_CELL_OP = {"lstm": "lstm_cell", "gru": "gru_cell", "rnn_tanh": "rnn_cell", "rnn_relu": "rnn_cell"}
+_FAST_OK = B._EXT is not None and _CPU_REGISTERED
+_any_requires_grad = torch._C._any_requires_grad
+_rnn_forward_C = torch.ops.seqkern_C.rnn_forward if _FAST_OK else None
+
+
+def cell_eager(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
+    """One step on the cpu kernels for the common eager call, or None when this call is not that
+    one: the cpu backend chosen (explicitly or automatically), plain cpu tensors of one fp32/fp64
+    dtype with consistent shapes (x (B, I) or (I,), h and c like x or None), not traced, no mode,
+    functorch transform or autocast. Then the general checks and backend selection, which cost
+    more than the step at small batch, are skipped. Anything else, every bad input included,
+    returns None and goes the general way, which names the argument at fault. Returns (h', c')
+    (c' None unless lstm), unbatched when x is."""
+    P = B.PLAIN_TENSORS
+    if not _FAST_OK or type(x) not in P or type(w_ih) not in P or type(w_hh) not in P:
+        return None
     dt = x.dtype
-    if dt not in _CPU_DTYPES or not x.is_cpu or x.dim() != 2 or w_hh.dim() != 2:
-        return False
-    Bsz, I = x.shape
-    GH, H = w_hh.shape
-    if GH != _GATES[mode] * H or H == 0 or w_ih.shape != (GH, I) or w_ih.dtype != dt or w_hh.dtype != dt \
-            or not (w_ih.is_cpu and w_hh.is_cpu):
-        return False
-    for t, shape in ((b_ih, (GH,)), (b_hh, (GH,)), (h, (Bsz, H)), (c, (Bsz, H))):
-        if t is not None and not (isinstance(t, Tensor) and t.dtype == dt and t.is_cpu and t.shape == shape):
-            return False
-    return True
+    if (dt not in _CPU_DTYPES or not x.is_cpu or w_ih.dtype is not dt or w_hh.dtype is not dt or not w_ih.is_cpu
+            or not w_hh.is_cpu or not B.eager_cpu(backend)):
+        return None
+    xs, ws = x.shape, w_hh.shape
+    if len(ws) != 2 or w_ih.dim() != 2:
+        return None
+    GH, H = ws
+    nd = len(xs)
+    if nd == 2:
+        Bsz, I = xs
+        sshape = (Bsz, H)
+    elif nd == 1:
+        Bsz, I = 1, xs[0]
+        sshape = (H,)
+    else:
+        return None
+    if GH != _GATES[mode] * H or H == 0 or w_ih.shape != (GH, I):
+        return None
+    lstm = mode == "lstm"
+    for t, shape in ((b_ih, (GH,)), (b_hh, (GH,)), (h, sshape), (c, sshape)):
+        if t is not None and not (type(t) in P and t.dtype is dt and t.is_cpu and t.shape == shape):
+            return None
+    x3 = x[None] if nd == 2 else x[None, None]
+    h = x.new_zeros(Bsz, H) if h is None else (h if nd == 2 else h[None])
+    if lstm:
+        c = x.new_zeros(Bsz, H) if c is None else (c if nd == 2 else c[None])
+    B._LAST[_CELL_OP[mode]] = "cpu"
+    if torch.is_grad_enabled() and _any_requires_grad(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        h1, c1 = _StepFn.apply(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh)
+    else:
+        _, h1, c1, _ = _rnn_forward_C(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, False)
+    if nd == 1:
+        return h1[0], (c1[0] if lstm else None)
+    return h1, (c1 if lstm else None)
 
 
 def _cell(op, mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
     """One step of x (B, I) from h, c (B, H) or None: (h', c' or None)."""
-    if not _fast_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
-        _, h1, c1 = _run(op, mode, x.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, backend)
-        return h1, c1
-    B._LAST[op] = "cpu"
-    lstm = mode == "lstm"
-    if h is None:
-        h = x.new_zeros(x.shape[0], w_hh.shape[1])
-    if lstm and c is None:
-        c = x.new_zeros(x.shape[0], w_hh.shape[1])
-    x = x.unsqueeze(0)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)):
-        h1, c1 = _StepFn.apply(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
-    else:
-        _, h1, c1, _ = torch.ops.seqkern_C.rnn_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, False)
-    return h1, (c1 if lstm else None)
+    _, h1, c1 = _run(op, mode, x.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, backend)
+    return h1, c1
 
 
 def lstm_cell(x: Tensor, hx, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
               b_hh: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """One LSTM step: x (B, I) or (I,), hx = (h, c) or None; returns (h', c')."""
+    if hx is None or (type(hx) in (tuple, list) and len(hx) == 2):
+        h, c = (None, None) if hx is None else hx
+        out = cell_eager("lstm", x, h, c, w_ih, w_hh, b_ih, b_hh, backend)
+        if out is not None:
+            return out
     unb = _cell_input(x)
     h, c = _split_hx(hx)
     h, c = _cell_state(h, "h", unb), _cell_state(c, "c", unb)
@@ -569,6 +586,9 @@ def lstm_cell(x: Tensor, hx, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] 
 def gru_cell(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
              b_hh: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
     """One GRU step: x (B, I) or (I,), h or None; returns h'."""
+    out = cell_eager("gru", x, h, None, w_ih, w_hh, b_ih, b_hh, backend)
+    if out is not None:
+        return out[0]
     unb = _cell_input(x)
     h = _cell_state(h, "h", unb)
     h1, _ = _cell("gru_cell", "gru", x.unsqueeze(0) if unb else x, h, None, w_ih, w_hh, b_ih, b_hh, backend)
@@ -578,6 +598,11 @@ def gru_cell(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: O
 def rnn_cell(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
              b_hh: Optional[Tensor] = None, *, nonlinearity: str = "tanh", backend: Optional[str] = None) -> Tensor:
     """One Elman RNN step (tanh or relu): x (B, I) or (I,), h or None; returns h'."""
+    mode = _RNN_MODES.get(nonlinearity) if type(nonlinearity) is str else None
+    if mode is not None:
+        out = cell_eager(mode, x, h, None, w_ih, w_hh, b_ih, b_hh, backend)
+        if out is not None:
+            return out[0]
     mode = _rnn_mode(nonlinearity)
     unb = _cell_input(x)
     h = _cell_state(h, "h", unb)
