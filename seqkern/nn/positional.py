@@ -21,11 +21,12 @@ class SinusoidalPositionalEncoding(torch.nn.Module):
     """
 
     def __init__(self, d_model: int, max_len: int = 5000, dropout: float = 0.0, batch_first: bool = False,
-                 base: float = 10000.0, device=None, dtype=None):
+                 base: float = 10000.0, device=None, dtype=None, backend: str | None = None):
         super().__init__()
         if d_model <= 0:
             raise ValueError(f"d_model must be positive, got {d_model}")
-        self.d_model, self.batch_first, self.base = d_model, batch_first, base
+        # backend: accepted like every layer's (DESIGN "Backends"); adding the table is plain torch
+        self.d_model, self.batch_first, self.base, self.backend = d_model, batch_first, base, backend
         self.dropout = torch.nn.Dropout(dropout)
         self.register_buffer("pe", self._table(max_len, device, dtype or torch.get_default_dtype()), persistent=False)
 
