@@ -460,7 +460,7 @@ def _run(op, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ba
 
 def _is_auto(backend) -> bool:
     """Whether B.select chose the backend itself (no argument, no SEQKERN_BACKEND)."""
-    return backend is None and not os.environ.get("SEQKERN_BACKEND")
+    return backend is None and not os.environ.get("SEQKERN_BACKEND", "").strip()
 
 
 def _save_activations(tensors) -> bool:
