@@ -97,8 +97,13 @@ class RWKV4TimeMix(nn.Module):
         xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
         wkv_state = None if state is None else state[:, 1:4]
-        y, wkv_state = wkv4(self.time_decay, self.time_first, k, v, wkv_state, backend=self.backend)
-        out = self.output(torch.sigmoid(r) * y)
+        # Under autocast the projections come out in bf16/fp16 while time_decay/time_first stay
+        # fp32: the WKV then runs in the wider dtype, as RWKV-4's own kernel wrapper runs it in fp32
+        # (the decay exp(-exp(time_decay)) and k's exponent do not survive a bf16 rounding).
+        wd = torch.promote_types(k.dtype, self.time_decay.dtype)
+        y, wkv_state = wkv4(self.time_decay.to(wd), self.time_first.to(wd), k.to(wd), v.to(wd), wkv_state,
+                            backend=self.backend)
+        out = self.output(torch.sigmoid(r) * y.to(k.dtype))
         acc = acc_dtype(x.dtype)
         if x.shape[1]:
             last = x[:, -1]
