@@ -192,6 +192,8 @@ def test_every_layer_takes_backend():
     assert set(layers) == set(snn.__all__)
     for name, make in layers.items():
         make(None), make("reference")
+        with pytest.raises(ValueError, match="backend"):  # where it is written, as snn.LSTM does
+            make("bogus")
     blk = snn.RWKV4Block(4, 8, 0, backend="reference")
     assert blk.ffn.backend == "reference"
 

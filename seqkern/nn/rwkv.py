@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..backends import check_backend_name
 from ..ops.wkv import acc_dtype, wkv4, wkv4_initial_state
 
 
@@ -61,7 +62,7 @@ class RWKV4TimeMix(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         fk = dict(device=device, dtype=dtype)
-        self.n_embd, self.layer_id, self.backend = n_embd, layer_id, backend
+        self.n_embd, self.layer_id, self.backend = n_embd, layer_id, check_backend_name(backend)
         self._ratios = _ratios(layer_id, n_layer)
         self.time_decay = nn.Parameter(torch.empty(n_embd, **fk))
         self.time_first = nn.Parameter(torch.empty(n_embd, **fk))
@@ -125,7 +126,7 @@ class RWKV4ChannelMix(nn.Module):
         fk = dict(device=device, dtype=dtype)
         # backend: accepted like every layer's (DESIGN "Backends"); channel mixing is plain torch
         # (matmuls and elementwise), so no seqkern op reads it
-        self.n_embd, self.dim_ffn, self.layer_id, self.backend = n_embd, dim_ffn, layer_id, backend
+        self.n_embd, self.dim_ffn, self.layer_id, self.backend = n_embd, dim_ffn, layer_id, check_backend_name(backend)
         self._ratios = _ratios(layer_id, n_layer)
         self.time_mix_k = nn.Parameter(torch.empty(1, 1, n_embd, **fk))
         self.time_mix_r = nn.Parameter(torch.empty(1, 1, n_embd, **fk))
