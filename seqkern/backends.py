@@ -201,6 +201,13 @@ def select(op: str, backend: str | None, *args, **kwargs) -> str:
     return chosen
 
 
+def check_backend_name(backend):
+    """For layer constructors: a wrong ``backend=`` fails where it is written, not at the first call."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
 def explain(op: str, *args, **kwargs) -> Dict[str, Tuple[bool, str]]:
     """For each backend, whether it could serve ``op`` on these inputs and why not."""
     return {name: _can_serve(op, name, args, kwargs) for name in BACKENDS}

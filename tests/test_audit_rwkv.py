@@ -192,6 +192,8 @@ def test_every_layer_takes_backend():
     assert set(layers) == set(snn.__all__)
     for name, make in layers.items():
         make(None), make("reference")
+        with pytest.raises(ValueError, match="backend"):  # where it is written, as snn.LSTM does
+            make("bogus")
     blk = snn.RWKV4Block(4, 8, 0, backend="reference")
     assert blk.ffn.backend == "reference"
 
@@ -221,3 +223,21 @@ def test_python_dash_m_seqkern_info():
     out = subprocess.run([sys.executable, "-m", "seqkern", "info"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert torch.__version__ in out.stdout and "backends" in out.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_block_under_cpu_autocast(dtype):
+    """Autocast gives bf16/fp16 k and v but fp32 time_decay: the WKV runs in fp32 (was a TypeError)."""
+    torch.manual_seed(0)
+    blk = snn.RWKV4Block(8, 16, 0)
+    x = torch.randn(2, 5, 8)
+    want, want_state = blk(x)
+    with torch.autocast("cpu", dtype=dtype):
+        y, st = blk(x)
+    assert st.dtype == torch.float32
+    torch.testing.assert_close(y.float(), want, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(st, want_state, atol=3e-2, rtol=3e-2)
+    y.float().square().sum().backward()
+    assert blk.att.time_decay.grad.dtype == torch.float32 and torch.isfinite(blk.att.time_decay.grad).all()
+    if seqkern.backends()["cpu"]["available"]:
+        assert seqkern.last_backend("wkv4") == "cpu"

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..backends import check_backend_name
 from ..ops.rotary import apply_rotary, rotary_cos_sin
 
 
@@ -26,7 +27,8 @@ class SinusoidalPositionalEncoding(torch.nn.Module):
         if d_model <= 0:
             raise ValueError(f"d_model must be positive, got {d_model}")
         # backend: accepted like every layer's (DESIGN "Backends"); adding the table is plain torch
-        self.d_model, self.batch_first, self.base, self.backend = d_model, batch_first, base, backend
+        self.d_model, self.batch_first, self.base = d_model, batch_first, base
+        self.backend = check_backend_name(backend)
         self.dropout = torch.nn.Dropout(dropout)
         self.register_buffer("pe", self._table(max_len, device, dtype or torch.get_default_dtype()), persistent=False)
 
@@ -65,7 +67,7 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         if dim <= 0 or dim % 2:
             raise ValueError(f"dim must be a positive even number, got {dim}")
-        self.dim, self.base, self.interleaved, self.backend = dim, base, interleaved, backend
+        self.dim, self.base, self.interleaved, self.backend = dim, base, interleaved, check_backend_name(backend)
         cos, sin = rotary_cos_sin(max_seq_len, dim, base, device=device, dtype=torch.float64)
         self.register_buffer("cos_cached", cos, persistent=False)
         self.register_buffer("sin_cached", sin, persistent=False)

@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..backends import check_backend_name
 from ..ops.wkv import acc_dtype, wkv4, wkv4_initial_state
 
 
@@ -61,7 +62,7 @@ class RWKV4TimeMix(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         fk = dict(device=device, dtype=dtype)
-        self.n_embd, self.layer_id, self.backend = n_embd, layer_id, backend
+        self.n_embd, self.layer_id, self.backend = n_embd, layer_id, check_backend_name(backend)
         self._ratios = _ratios(layer_id, n_layer)
         self.time_decay = nn.Parameter(torch.empty(n_embd, **fk))
         self.time_first = nn.Parameter(torch.empty(n_embd, **fk))
@@ -97,8 +98,13 @@ class RWKV4TimeMix(nn.Module):
         xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
         wkv_state = None if state is None else state[:, 1:4]
-        y, wkv_state = wkv4(self.time_decay, self.time_first, k, v, wkv_state, backend=self.backend)
-        out = self.output(torch.sigmoid(r) * y)
+        # Under autocast the projections come out in bf16/fp16 while time_decay/time_first stay
+        # fp32: the WKV then runs in the wider dtype, as RWKV-4's own kernel wrapper runs it in fp32
+        # (the decay exp(-exp(time_decay)) and k's exponent do not survive a bf16 rounding).
+        wd = torch.promote_types(k.dtype, self.time_decay.dtype)
+        y, wkv_state = wkv4(self.time_decay.to(wd), self.time_first.to(wd), k.to(wd), v.to(wd), wkv_state,
+                            backend=self.backend)
+        out = self.output(torch.sigmoid(r) * y.to(k.dtype))
         acc = acc_dtype(x.dtype)
         if x.shape[1]:
             last = x[:, -1]
@@ -120,7 +126,7 @@ class RWKV4ChannelMix(nn.Module):
         fk = dict(device=device, dtype=dtype)
         # backend: accepted like every layer's (DESIGN "Backends"); channel mixing is plain torch
         # (matmuls and elementwise), so no seqkern op reads it
-        self.n_embd, self.dim_ffn, self.layer_id, self.backend = n_embd, dim_ffn, layer_id, backend
+        self.n_embd, self.dim_ffn, self.layer_id, self.backend = n_embd, dim_ffn, layer_id, check_backend_name(backend)
         self._ratios = _ratios(layer_id, n_layer)
         self.time_mix_k = nn.Parameter(torch.empty(1, 1, n_embd, **fk))
         self.time_mix_r = nn.Parameter(torch.empty(1, 1, n_embd, **fk))
