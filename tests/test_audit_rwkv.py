@@ -223,6 +223,9 @@ def test_python_dash_m_seqkern_info():
     out = subprocess.run([sys.executable, "-m", "seqkern", "info"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert torch.__version__ in out.stdout and "backends" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "seqkern", "--version"], capture_output=True, text=True, env=env,
+                         cwd=ROOT)
+    assert out.returncode == 0 and seqkern.__version__ in out.stdout, out.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
