@@ -164,3 +164,38 @@ def test_jit_trace_cell(mode):
     (got if mode != "lstm" else got[1]).sum().backward()
     (want if mode != "lstm" else want[1]).sum().backward()
     assert_grads_close([x.grad] + [p.grad for p in m.parameters()], [x2.grad] + [p.grad for p in t.parameters()])
+
+
+def _error_cases():
+    x = torch.randn(5, 2, I)
+    h64 = torch.zeros(1, 2, H, dtype=F64)
+    c = torch.zeros(1, 2, H)
+    return [
+        ("lstm", (x, (h64, c))),                         # h_0 of another dtype than the input
+        ("lstm", (x, (c, c, c))),                        # three states
+        ("lstm", (x, torch.zeros(2, 1, 2, H))),          # one tensor for the pair
+        ("gru", (x, h64)),
+        ("rnn_relu", (x, h64)),
+        ("cell_lstm", (torch.randn(2, I, dtype=F64),)),  # input of another dtype than the weights
+        ("cell_lstm", (torch.randn(2, I), (c[0], c[0], c[0]))),
+        ("cell_gru", (torch.randn(2, I), h64[0])),
+        ("cell_rnn", (torch.randn(2, I, dtype=F64),)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_error_cases())))
+def test_bad_state_raises_what_torch_raises(case):
+    """Code that catches torch's exception (pytest.raises(RuntimeError)) catches ours, which is
+    also a TypeError (seqkern's rule for a wrong kind of argument)."""
+    mode, args = _error_cases()[case]
+    if mode.startswith("cell_"):
+        ours, theirs = CELLS[mode[5:]]
+        m, t = ours(I, H), theirs(I, H)
+    else:
+        ours, theirs, extra = LAYERS[mode]
+        m, t = ours(I, H, **extra), theirs(I, H, **extra)
+    with pytest.raises(Exception) as want:
+        t(*args)
+    with pytest.raises(type(want.value)) as got:
+        m(*args)
+    assert isinstance(got.value, TypeError)
