@@ -229,3 +229,22 @@ def test_jit_script_of_a_model_after_replace_modules():
         m, t = cell_pair(mode)
         x = torch.randn(2, I, dtype=F64)
         torch.testing.assert_close(torch.jit.script(m)(x), t(x), **TOL[F64])
+
+
+@pytest.mark.parametrize("kind", ["layer", "cell"])
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_forward_mode_ad_like_torch(kind, mode):
+    """torch.autograd.forward_ad dual inputs (fp64, where torch's LSTM takes its native path
+    that supports forward AD): tangents like torch's, through the reference."""
+    import torch.autograd.forward_ad as fwAD
+
+    m, t = layer_pair(mode) if kind == "layer" else cell_pair(mode)
+    x = torch.randn(*((5, 2, I) if kind == "layer" else (2, I)), dtype=F64)
+    v = torch.randn_like(x)
+    tangents = []
+    for mod in (m, t):
+        with fwAD.dual_level():
+            out = mod(fwAD.make_dual(x, v))
+            out = out[0] if isinstance(out, tuple) else out
+            tangents.append(fwAD.unpack_dual(out).tangent)
+    torch.testing.assert_close(tangents[0], tangents[1], **TOL[F64])

@@ -30,6 +30,7 @@ import os
 from typing import List, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
 from .. import backends as B
@@ -375,24 +376,30 @@ def _wants_graph() -> bool:
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def _functorch_active() -> bool:
-    # torch.func transforms (grad, vmap, jacrev, ...) cannot see through the custom op's
-    # autograd (torch raises "must override the setup_context staticmethod"), so under them
-    # only the reference, plain differentiable PyTorch, can run
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+def _reference_only(tensors) -> Optional[str]:
+    """Why only the reference can serve these inputs (None when any backend may): torch.func
+    transforms (grad, vmap, jacrev, ...) and forward-mode AD cannot see through the fused
+    backends' autograd (torch raises "must override the setup_context staticmethod" / "must
+    implement the jvp function"), while the reference is plain differentiable PyTorch."""
+    if torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform (grad, vmap, jacrev, ...) is active; only the reference runs under one"
+    if _fwad._current_level >= 0 and any(t is not None and _fwad.unpack_dual(t).tangent is not None
+                                         for t in tensors):
+        return "an input is a forward-mode AD dual tensor; only the reference computes its tangent"
+    return None
 
 
 # ---------------------------------------------------------------------------
 # what each backend supports
 # ---------------------------------------------------------------------------
 
-_FUNCTORCH = "a torch.func transform (grad, vmap, jacrev, ...) is active; only the reference runs under one"
-
-
 def _supports(dtypes, device_type):
     def supports(*tensors):
-        if _functorch_active():
-            return False, _FUNCTORCH
+        why = _reference_only(tensors)
+        if why:
+            return False, why
         x = tensors[0]
         if x.device.type != device_type:
             return False, f"inputs are on {x.device.type}, this backend runs on {device_type}"
@@ -401,8 +408,9 @@ def _supports(dtypes, device_type):
 
 
 def _triton_supports(*tensors):
-    if _functorch_active():
-        return False, _FUNCTORCH
+    why = _reference_only(tensors)
+    if why:
+        return False, why
     ok, reason = B.same_device_and_dtype(tensors, _GPU_DTYPES)
     if ok and tensors[0].device.type == "cpu" and tensors[0].dtype == torch.bfloat16:
         return False, "bf16 is computed wrongly by the Triton interpreter"
@@ -575,7 +583,7 @@ def _fast_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
     elif backend != "cpu":
         return False
     if B._EXT is None or not _CPU_REGISTERED or torch.compiler.is_compiling() or B.log.isEnabledFor(logging.DEBUG) \
-            or torch.jit.is_tracing() or _functorch_active():
+            or torch.jit.is_tracing() or _reference_only((x, h, c, w_ih, w_hh, b_ih, b_hh)):
         return False
     if not (isinstance(x, Tensor) and isinstance(w_ih, Tensor) and isinstance(w_hh, Tensor)):
         return False
