@@ -340,3 +340,18 @@ def test_mma_large_logits_stay_finite(lib, dtype):
     want, want_lse = A.sdpa_reference_canonical(q.double(), k.double(), v.double(), None, 0.0, False,
                                                 32 ** -0.5, 0)
     torch.testing.assert_close(got[1].double(), want_lse, rtol=1e-3, atol=1e-2)
+
+
+def test_mma_refuses_a_grid_past_its_limit(lib):
+    # as test_cuda_emu.test_attention_refuses_a_grid_past_its_limit, through the tensor-core launchers:
+    # B = 2^32 + 1 (one block per (b, h) at L, S <= 64) is refused, not wrapped to one block
+    q, k, v = (torch.randn(1, 1, 1, 16, dtype=torch.float64).half() for _ in range(3))
+    prm = _params(q, k, v, None, False, 0.0, 0, mma=True)
+    prm.B = (1 << 32) + 1
+    out, lse = _nan(1, 1, 1, 16, dtype=torch.float16), _nan(1, 1, 1, dtype=torch.float32)
+    assert lib.emu_attention_forward(ctypes.byref(prm), _ptr(out), _ptr(lse)) == 9  # cudaErrorInvalidConfiguration
+    assert out.isnan().all() and lse.isnan().all()
+    prm.L = 0
+    dk, dv = _nan(1, 1, 1, 16, dtype=torch.float16), _nan(1, 1, 1, 16, dtype=torch.float16)
+    assert lib.emu_attention_backward(ctypes.byref(prm), None, None, None, None, None, _ptr(dk), _ptr(dv)) == 9
+    assert dk.isnan().all() and dv.isnan().all()
