@@ -244,3 +244,32 @@ def test_block_under_cpu_autocast(dtype):
     assert blk.att.time_decay.grad.dtype == torch.float32 and torch.isfinite(blk.att.time_decay.grad).all()
     if seqkern.backends()["cpu"]["available"]:
         assert seqkern.last_backend("wkv4") == "cpu"
+
+
+def _imports(path):
+    import ast
+
+    tree = ast.parse(open(path).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield "." * node.level + (node.module or "")
+            yield from ("." * node.level + (node.module + "." if node.module else "") + a.name for a in node.names)
+
+
+def test_layering_ops_know_no_modules_and_modules_reach_kernels_through_ops():
+    """DESIGN "Layout": seqkern/ops imports no seqkern.nn; nn/, functional.py and convert.py reach
+    seqkern.kernels and seqkern._C only through ops (kernels/ and csrc/cuda have their own tests)."""
+    pkg = os.path.join(ROOT, "seqkern")
+    for fn in os.listdir(os.path.join(pkg, "ops")):
+        if fn.endswith(".py"):
+            src = open(os.path.join(pkg, "ops", fn)).read()
+            assert "nn.Module" not in src, fn
+            for name in _imports(os.path.join(pkg, "ops", fn)):
+                assert not name.startswith(("..nn", "seqkern.nn")), (fn, name)
+    upper = [os.path.join(pkg, "nn", f) for f in os.listdir(os.path.join(pkg, "nn")) if f.endswith(".py")]
+    for path in upper + [os.path.join(pkg, "functional.py"), os.path.join(pkg, "convert.py")]:
+        for name in _imports(path):
+            assert not any(part in ("kernels", "_C") for part in name.replace(".", " ").split()), (path, name)
+        assert "torch.ops.seqkern" not in open(path).read(), path
