@@ -199,3 +199,33 @@ def test_bad_state_raises_what_torch_raises(case):
     with pytest.raises(type(want.value)) as got:
         m(*args)
     assert isinstance(got.value, TypeError)
+
+
+class _Tagger(torch.nn.Module):
+    """A model of the kind that gets scripted for deployment."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, I)
+        self.rnn = torch.nn.LSTM(I, H, num_layers=2, batch_first=True, bidirectional=True)
+        self.cell = torch.nn.GRUCell(2 * H, H)
+        self.out = torch.nn.Linear(H, 3)
+
+    def forward(self, tok):
+        y, _ = self.rnn(self.emb(tok))
+        return self.out(self.cell(y[:, -1]))
+
+
+def test_jit_script_of_a_model_after_replace_modules():
+    """torch.jit.script works on models holding seqkern's layers and cells as on torch's: the
+    scripted model holds torch's modules with the same parameters."""
+    ref = _Tagger().double()
+    model = seqkern.replace_modules(_Tagger().double())
+    model.load_state_dict(ref.state_dict())
+    tok = torch.randint(0, 10, (2, 5))
+    scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(tok), ref(tok), **TOL[F64])
+    for mode in CELLS:  # a cell as the root
+        m, t = cell_pair(mode)
+        x = torch.randn(2, I, dtype=F64)
+        torch.testing.assert_close(torch.jit.script(m)(x), t(x), **TOL[F64])

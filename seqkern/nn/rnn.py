@@ -107,6 +107,27 @@ def _pack(y: Tensor, flat: Tensor) -> Tensor:
 # layers
 # ---------------------------------------------------------------------------
 
+def _scriptable_twin(module):
+    """``torch.jit.script`` support: TorchScript cannot compile seqkern's forward (Python-side
+    backend dispatch, PackedSequence handling, custom ops with optional arguments), so scripting
+    gets the torch.nn module of the same name holding the very same parameter tensors, hooks and
+    settings. Only for the exact seqkern classes: a subclass's own forward must not be dropped.
+    Note: torch.jit.script puts what this returns into the parent's ``_modules`` in place, so
+    after scripting a model, its eager copy runs torch's module there too (same weights)."""
+    cls = type(module)
+    if cls.__module__ != __name__ or cls.__name__ not in __all__:
+        return module
+    twin = object.__new__(getattr(torch.nn, cls.__name__))
+    state = dict(module.__dict__)
+    for k in ("backend", "_seqkern_replaced_from"):
+        state.pop(k, None)
+    for k, v in state.items():
+        if k.startswith("_") and isinstance(v, dict):
+            state[k] = type(v)(v)  # own containers: registering on the twin leaves the module alone
+    twin.__dict__.update(state)
+    return twin
+
+
 class _SeqMixin:
     """forward() shared by RNN, LSTM and GRU; placed before the torch class in the MRO."""
 
@@ -115,6 +136,9 @@ class _SeqMixin:
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s if self.backend is None else f"{s}, backend={self.backend!r}"
+
+    def __prepare_scriptable__(self):
+        return _scriptable_twin(self)
 
     # --- checks, with torch's messages and exception types -------------------
 
@@ -314,6 +338,9 @@ class _CellMixin:
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s if self.backend is None else f"{s}, backend={self.backend!r}"
+
+    def __prepare_scriptable__(self):
+        return _scriptable_twin(self)
 
     def _prepare(self, input, states, name):
         """Checks as torch's cells do (same messages); returns (x, states, batched, autocast dtype)."""
