@@ -195,7 +195,11 @@ def test_every_layer_takes_backend():
         with pytest.raises(ValueError, match="backend"):  # where it is written, as snn.LSTM does
             make("bogus")
     blk = snn.RWKV4Block(4, 8, 0, backend="reference")
-    assert blk.ffn.backend == "reference"
+    assert blk.backend == blk.ffn.backend == "reference"
+    blk.backend = "cpu"  # settable afterwards, as on the RNN layers
+    assert blk.att.backend == "cpu"
+    with pytest.raises(ValueError, match="backend"):
+        blk.backend = "bogus"
 
 
 def test_env_backend_is_checked_and_forgiving(monkeypatch):

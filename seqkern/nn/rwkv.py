@@ -173,6 +173,15 @@ class RWKV4Block(nn.Module):
         self.att = RWKV4TimeMix(n_embd, layer_id, n_layer, backend=backend, **fk)
         self.ffn = RWKV4ChannelMix(n_embd, dim_ffn, layer_id, n_layer, backend=backend, **fk)
 
+    @property
+    def backend(self) -> Optional[str]:
+        """The WKV backend of this block (``None``: automatic); settable, like the RNN layers' ``backend``."""
+        return self.att.backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        self.att.backend = self.ffn.backend = check_backend_name(value)
+
     def forward(self, x: Tensor, state: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         _check_x(x, self.n_embd, type(self).__name__)
         _check_state(state, x, 5, type(self).__name__)
