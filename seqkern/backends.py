@@ -167,7 +167,15 @@ def select(op: str, backend: str | None, *args, **kwargs) -> str:
     call or :class:`BackendUnavailable` is raised. Otherwise the first backend of
     the automatic order for the inputs' device that supports them is chosen.
     """
-    explicit = backend if backend is not None else (os.environ.get("SEQKERN_BACKEND") or None)
+    explicit = backend
+    if explicit is None:
+        env = os.environ.get("SEQKERN_BACKEND", "").strip()
+        if env:
+            # an environment value is typed by hand (export SEQKERN_BACKEND=CPU): case and spaces do not matter
+            explicit = env.lower()
+            if explicit not in BACKENDS:
+                raise ValueError(f"SEQKERN_BACKEND={env!r} is not a backend; expected one of {BACKENDS} "
+                                 f"(or unset/empty for automatic choice)")
     if explicit is not None:
         if not isinstance(explicit, str) or explicit not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {explicit!r}")
@@ -193,14 +201,34 @@ def select(op: str, backend: str | None, *args, **kwargs) -> str:
     return chosen
 
 
+def check_backend_name(backend):
+    """For layer constructors: a wrong ``backend=`` fails where it is written, not at the first call."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
 def explain(op: str, *args, **kwargs) -> Dict[str, Tuple[bool, str]]:
     """For each backend, whether it could serve ``op`` on these inputs and why not."""
     return {name: _can_serve(op, name, args, kwargs) for name in BACKENDS}
 
 
-def last_backend(op: str) -> str | None:
-    """The backend that ran the last call of ``op`` in this process (None before the first)."""
-    return _LAST.get(op)
+# Other names a user may give an op: the family and the short name of attention.
+_ALIASES = {"sdpa": "scaled_dot_product_attention", "attention": "scaled_dot_product_attention",
+            "wkv": "wkv4", "rotary": "apply_rotary"}
+
+
+def last_backend(op) -> str | None:
+    """The backend that ran the last call of ``op`` in this process (None before the first).
+
+    ``op`` is the op's name (``"lstm"``, ``"wkv4"``, ``"scaled_dot_product_attention"``; also
+    ``"sdpa"``/``"attention"``, ``"wkv"``, ``"rotary"``) or the public function itself (``SF.wkv4``).
+    """
+    if callable(op) and not isinstance(op, str):
+        op = getattr(op, "__name__", op)
+    if not isinstance(op, str):
+        raise TypeError(f"op must be an op name or a seqkern op, got {type(op).__name__}")
+    return _LAST.get(_ALIASES.get(op, op))
 
 
 def check_no_double_backward(op: str, backend: str) -> None:

@@ -46,6 +46,12 @@ from ..ops.rnn import gru, gru_cell, lstm, lstm_cell, rnn, rnn_cell
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
 
+class StateTypeError(TypeError, RuntimeError):
+    """A state or input of the wrong kind or dtype: a TypeError by seqkern's rule, and a
+    RuntimeError, which is what torch.nn's recurrent modules raise for the same call (from
+    deep inside their kernels), so ``except``/``pytest.raises`` written for either catches it."""
+
+
 def _check_backend(backend):
     if backend is not None and backend not in B.BACKENDS:
         raise ValueError(f"backend must be one of {B.BACKENDS} or None, got {backend!r}")
@@ -101,6 +107,27 @@ def _pack(y: Tensor, flat: Tensor) -> Tensor:
 # layers
 # ---------------------------------------------------------------------------
 
+def _scriptable_twin(module):
+    """``torch.jit.script`` support: TorchScript cannot compile seqkern's forward (Python-side
+    backend dispatch, PackedSequence handling, custom ops with optional arguments), so scripting
+    gets the torch.nn module of the same name holding the very same parameter tensors, hooks and
+    settings. Only for the exact seqkern classes: a subclass's own forward must not be dropped.
+    Note: torch.jit.script puts what this returns into the parent's ``_modules`` in place, so
+    after scripting a model, its eager copy runs torch's module there too (same weights)."""
+    cls = type(module)
+    if cls.__module__ != __name__ or cls.__name__ not in __all__:
+        return module
+    twin = object.__new__(getattr(torch.nn, cls.__name__))
+    state = dict(module.__dict__)
+    for k in ("backend", "_seqkern_replaced_from"):
+        state.pop(k, None)
+    for k, v in state.items():
+        if k.startswith("_") and isinstance(v, dict):
+            state[k] = type(v)(v)  # own containers: registering on the twin leaves the module alone
+    twin.__dict__.update(state)
+    return twin
+
+
 class _SeqMixin:
     """forward() shared by RNN, LSTM and GRU; placed before the torch class in the MRO."""
 
@@ -109,6 +136,9 @@ class _SeqMixin:
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s if self.backend is None else f"{s}, backend={self.backend!r}"
+
+    def __prepare_scriptable__(self):
+        return _scriptable_twin(self)
 
     # --- checks, with torch's messages and exception types -------------------
 
@@ -185,7 +215,8 @@ class _SeqMixin:
         if hx is not None:
             if is_lstm:
                 if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                    raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0) of tensors, got {type(hx).__name__}")
+                    what = f"{len(hx)}-{type(hx).__name__}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+                    raise StateTypeError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {what}")
                 h0, c0 = hx
                 want = 3 if batched else 2
                 if not packed and (h0.dim() != want or c0.dim() != want):
@@ -198,6 +229,11 @@ class _SeqMixin:
                 if not packed and h0.dim() != want:
                     kind = "batched 3-D" if batched else "unbatched 2-D"
                     raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {h0.dim()}-D tensor")
+            if ac is None:
+                for st, what in ((h0, "h_0"), (c0, "c_0")):
+                    if st is not None and st.dtype != x.dtype:
+                        raise StateTypeError(f"{name}: {what} dtype ({st.dtype}) does not match input dtype "
+                                             f"({x.dtype})")
             if not batched:
                 h0 = h0.unsqueeze(1)
                 c0 = None if c0 is None else c0.unsqueeze(1)
@@ -303,6 +339,9 @@ class _CellMixin:
         s = super().extra_repr()
         return s if self.backend is None else f"{s}, backend={self.backend!r}"
 
+    def __prepare_scriptable__(self):
+        return _scriptable_twin(self)
+
     def _prepare(self, input, states, name):
         """Checks as torch's cells do (same messages); returns (x, states, batched, autocast dtype)."""
         if input.dim() not in (1, 2):
@@ -334,7 +373,7 @@ class _CellMixin:
         if ac is None:
             for t, what in ((x, "input"), *((s, f"hidden{i}") for i, s in enumerate(out))):
                 if t is not None and t.dtype != self.weight_ih.dtype:
-                    raise TypeError(f"{name}: {what} dtype ({t.dtype}) does not match weight dtype "
+                    raise StateTypeError(f"{name}: {what} dtype ({t.dtype}) does not match weight dtype "
                                     f"({self.weight_ih.dtype})")
         return _cast(x, ac), [_cast(s, ac) for s in out], batched, ac
 
@@ -365,7 +404,8 @@ class LSTMCell(_CellMixin, torch.nn.LSTMCell):
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
-            raise TypeError(f"LSTMCell: hx must be a tuple (h, c) of tensors, got {type(hx).__name__}")
+            what = f"{len(hx)}-{type(hx).__name__}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+            raise StateTypeError(f"LSTMCell: hx must be a tuple (h, c) of two tensors, got {what}")
         x, (h, c), batched, ac = self._prepare(input, (None, None) if hx is None else tuple(hx), "LSTMCell")
         with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
             h1, c1 = lstm_cell(x, None if h is None else (h, c), *self._params(ac), backend=self.backend)
