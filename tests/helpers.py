@@ -41,8 +41,8 @@ def assert_unchanged(before, after):
 
 
 # The tensor-core attention kernels (csrc/cuda/attention_mma.cu), emulated on the CPU
-# (test_cuda_emu_mma.py, which adds a mask with causal: the public op refuses both, as torch does) and on
-# a GPU through the public op (test_attention_cuda_mma.py, which adds larger shapes):
+# (test_cuda_emu_mma.py, which adds a mask with causal; the public op takes that pair too, as torch's
+# default kernels do) and on a GPU through the public op (test_attention_cuda_mma.py, which adds larger shapes):
 # (B, Hq, Hk, L, S, E, Ev, mask, causal, dropout_p). Lengths 1/17/70/130 against the 64-row blocks and
 # 64- or 32-key tiles, GQA, L != S both ways, head dims 16/40/64/72/128 (both compiled widths, padded
 # k-steps, E % 8 != 0 through the scalar tile loads), masks broadcast, causal, dropout, dead rows.
