@@ -13,7 +13,7 @@ Each layer and direction is one call of ``seqkern.functional.{rnn,lstm,gru}``; a
 ``PackedSequence`` is unpacked to a padded (T, B, I) tensor and its lengths go to the op
 (``lengths=``), which keeps finished rows' states and reverses each row within its own
 length, so no per-step slicing happens here. Inter-layer dropout is ``F.dropout`` on the
-whole layer output, like torch.
+whole layer output (of a PackedSequence: on its packed rows), like torch.
 
 Autocast: with autocast enabled on the input's device, the layer computes in the autocast
 dtype (input, state and weights are cast; fp64 stays fp64), as torch does for cuDNN RNNs
@@ -101,6 +101,13 @@ def _unpack(data: Tensor, batch_sizes: Tensor, Bsz: int) -> Tuple[Tensor, Tensor
 
 def _pack(y: Tensor, flat: Tensor) -> Tensor:
     return y.reshape(-1, y.shape[-1]).index_select(0, flat)
+
+
+def _dropout_packed(y: Tensor, p: float, flat: Tensor) -> Tensor:
+    """Inter-layer dropout of a packed batch as torch applies it: on the packed rows, in their
+    order (so one seed drops the same units as torch.nn), the padding left at zero."""
+    rows = F.dropout(_pack(y, flat), p, True)
+    return y.new_zeros(y.shape[0] * y.shape[1], y.shape[2]).index_copy(0, flat, rows).view(y.shape)
 
 
 # ---------------------------------------------------------------------------
@@ -265,7 +272,8 @@ class _SeqMixin:
                         c_n.append(c)
                 layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
                 if dropout > 0 and layer + 1 < self.num_layers:
-                    layer_in = F.dropout(layer_in, dropout, True)
+                    layer_in = (_dropout_packed(layer_in, dropout, flat) if packed
+                                else F.dropout(layer_in, dropout, True))
         out = layer_in
         h_T = torch.stack(h_n, 0)
         c_T = torch.stack(c_n, 0) if is_lstm else None
