@@ -248,3 +248,20 @@ def test_forward_mode_ad_like_torch(kind, mode):
             out = out[0] if isinstance(out, tuple) else out
             tangents.append(fwAD.unpack_dual(out).tangent)
     torch.testing.assert_close(tangents[0], tangents[1], **TOL[F64])
+
+
+@pytest.mark.parametrize("mode", list(LAYERS))
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_in_place_op_on_the_output_then_backward(mode, batch_first):
+    """out, _ = rnn(x); F.relu(out, inplace=True): torch.nn's RNNs (fp64, native path) allow
+    it; the output must not be something the backward reads."""
+    m, t = layer_pair(mode, batch_first=batch_first)
+    grads = []
+    for mod in (m, t):
+        x = leaf(2, 5, I, seed=1)
+        out, state = mod(x)
+        out.mul_(torch.linspace(0.5, 2, out.shape[-1], dtype=F64))
+        torch.nn.functional.relu(out, inplace=True)
+        (out.sum() + (state[0] if isinstance(state, tuple) else state).sum()).backward()
+        grads.append([x.grad] + [p.grad for p in mod.parameters()])
+    assert_grads_close(*grads)

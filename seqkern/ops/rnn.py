@@ -334,11 +334,14 @@ def _setup_context(ctx, inputs, output):
     # the workspace is no output to differentiate: without this autograd materialises a zero
     # gradient the size of every saved activation (tens of MiB filled per backward)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y, ws)
+    # y itself is not saved: no backward reads it (the workspace holds every step's state), and
+    # saving it would make an in-place op on the layer's output (F.relu(y, inplace=True), an
+    # in-place dropout) fail the backward's version check, where torch.nn's RNNs allow it
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ws)
 
 
 def _backward(ctx, dy, dh, dc, dws):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y, ws = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ws = ctx.saved_tensors
     need = [bool(n) for n in ctx.needs_input_grad[1:9]]
     if ctx.backend == "reference":
         grads = _reference_grads(ctx.mode, dy, dh, dc if ctx.mode == "lstm" else None, x, h0, c0, w_ih, w_hh, b_ih,
@@ -355,13 +358,14 @@ def _backward(ctx, dy, dh, dc, dws):
         raise RuntimeError("seqkern rnn: the forward ran without saving activations (no input required grad "
                            "or grad mode was off), so it cannot be differentiated")
     B.check_no_double_backward(f"seqkern {ctx.mode}", ctx.backend)
-    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
+    dy = x.new_zeros(x.shape[0], x.shape[1], h0.shape[1]) if dy is None else dy.contiguous()
     dh = torch.zeros_like(h0) if dh is None else dh.contiguous()
     if ctx.mode == "lstm":
         dc = torch.zeros_like(c0) if dc is None else dc.contiguous()
     else:
         dc = None
-    grads = _bwd_op(ctx.mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse, y, ws,
+    # the op's y argument is unread by every backend (see _setup_context): dy stands in, same shape
+    grads = _bwd_op(ctx.mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse, dy, ws,
                     need, ctx.backend)
     res = [g if n else None for g, n in zip(grads, need)]
     return (None, *res, None, None, None, None, None, None)
