@@ -218,3 +218,21 @@ def test_forward_mode_ad_through_attention_and_rotary():
     torch.testing.assert_close(got, want, **TOL[torch.float64])
     # a rotation is linear: the tangent of the rotated q is the rotated tangent
     torch.testing.assert_close(rot, SF.apply_rotary(tq, tq, cos, sin, backend="reference")[0], **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_torch_jit_script_of_a_converted_model(batch_first):
+    """TorchScript cannot compile seqkern's forward: scripting hands torch's module the same parameters."""
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(D, NH, 32, dropout=0.0, batch_first=batch_first)
+    ours = seqkern.replace_modules(copy.deepcopy(ref))
+    scripted = torch.jit.script(ours)
+    x = torch.randn((B_, S_, D) if batch_first else (S_, B_, D))
+    kpm = torch.zeros(B_, S_, dtype=torch.bool)
+    kpm[0, -2:] = True
+    torch.testing.assert_close(scripted(x, src_key_padding_mask=kpm), ref(x, src_key_padding_mask=kpm))
+    assert scripted.self_attn.in_proj_weight is ours.self_attn.in_proj_weight
+    mha = seqkern.nn.MultiheadAttention(D, NH, backend="cpu")
+    q = torch.randn(S_, B_, D)
+    torch.testing.assert_close(torch.jit.script(mha)(q, q, q)[0], mha(q, q, q)[0])
+    assert type(mha) is seqkern.nn.MultiheadAttention  # a module scripted directly stays seqkern's
