@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import types
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -146,6 +146,21 @@ def _device_type(args, kwargs) -> str:
                 if isinstance(b, torch.Tensor):
                     return b.device.type
     return "cpu"
+
+
+def reference_only(tensors) -> Optional[str]:
+    """For the ops' ``supports``: why only the reference can serve these inputs (None when any backend
+    may): torch.func transforms (grad, vmap, jacrev, ...) and forward-mode AD cannot see through the
+    fused backends' autograd (torch raises "must override the setup_context staticmethod" / "must
+    implement the jvp function"), while the reference is plain differentiable PyTorch."""
+    if torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform (grad, vmap, jacrev, ...) is active; only the reference runs under one"
+    fwad = torch.autograd.forward_ad
+    if fwad._current_level >= 0 and any(t is not None and fwad.unpack_dual(t).tangent is not None for t in tensors):
+        return "an input is a forward-mode AD dual tensor; only the reference computes its tangent"
+    return None
 
 
 def _can_serve(op: str, name: str, args, kwargs) -> Tuple[bool, str]:

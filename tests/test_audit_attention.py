@@ -173,3 +173,66 @@ def test_encoder_nested_tensor_reaches_attention_when_the_layer_fast_path_is_off
         want, got = ref(x, src_key_padding_mask=kpm), ours(x, src_key_padding_mask=kpm)
     assert seen == [True, True]
     torch.testing.assert_close(got, want)
+
+
+# -- torch.func and forward-mode AD: the fused backends' autograd cannot be seen through, so automatic
+# selection takes the reference (plain torch); an explicit fused backend says why
+
+def test_torch_func_per_sample_grads_of_multihead_attention():
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(8, 2, batch_first=True)
+    ours = seqkern.replace_modules(copy.deepcopy(ref))
+    x = torch.randn(4, 5, 8)
+
+    def loss(params, xb, mod):
+        xb = xb[None]
+        return torch.func.functional_call(mod, params, (xb, xb, xb), dict(need_weights=False))[0].pow(2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, None))
+    got = per_sample(dict(ours.named_parameters()), x, ours)
+    want = per_sample(dict(ref.named_parameters()), x, ref)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+
+
+def test_torch_func_with_an_explicit_fused_backend_says_why():
+    q, k, v = _qkv(grad=False)
+    with pytest.raises(seqkern.BackendUnavailable, match="torch.func"):
+        torch.func.grad(lambda q: SF.scaled_dot_product_attention(q, k, v, backend="cpu").sum())(q)
+
+
+def test_forward_mode_ad_through_attention_and_rotary():
+    import torch.autograd.forward_ad as fwad
+
+    q, k, v = _qkv(dtype=torch.float64, grad=False)
+    tq = torch.randn_like(q)
+    cos, sin = seqkern.ops.rotary.rotary_cos_sin(5, 8, dtype=torch.float64)
+    with fwad.dual_level():
+        qd = fwad.make_dual(q, tq)
+        got = fwad.unpack_dual(SF.scaled_dot_product_attention(qd, k, v, is_causal=True)).tangent
+        # torch's CPU SDPA has no forward AD: its math, written out
+        causal = torch.ones(5, 7, dtype=torch.bool).tril()
+        scores = (qd @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~causal, float("-inf"))
+        want = fwad.unpack_dual(torch.softmax(scores, -1) @ v).tangent
+        rot = fwad.unpack_dual(SF.apply_rotary(qd, qd, cos, sin)[0]).tangent
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+    # a rotation is linear: the tangent of the rotated q is the rotated tangent
+    torch.testing.assert_close(rot, SF.apply_rotary(tq, tq, cos, sin, backend="reference")[0], **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_torch_jit_script_of_a_converted_model(batch_first):
+    """TorchScript cannot compile seqkern's forward: scripting hands torch's module the same parameters."""
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(D, NH, 32, dropout=0.0, batch_first=batch_first)
+    ours = seqkern.replace_modules(copy.deepcopy(ref))
+    scripted = torch.jit.script(ours)
+    x = torch.randn((B_, S_, D) if batch_first else (S_, B_, D))
+    kpm = torch.zeros(B_, S_, dtype=torch.bool)
+    kpm[0, -2:] = True
+    torch.testing.assert_close(scripted(x, src_key_padding_mask=kpm), ref(x, src_key_padding_mask=kpm))
+    assert scripted.self_attn.in_proj_weight is ours.self_attn.in_proj_weight
+    mha = seqkern.nn.MultiheadAttention(D, NH, backend="cpu")
+    q = torch.randn(S_, B_, D)
+    torch.testing.assert_close(torch.jit.script(mha)(q, q, q)[0], mha(q, q, q)[0])
+    assert type(mha) is seqkern.nn.MultiheadAttention  # a module scripted directly stays seqkern's

@@ -10,6 +10,7 @@ call (see ``seqkern.backends``).
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional, Tuple
 
@@ -117,6 +118,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         self.backend = _check_backend(backend)
 
     backend: Optional[str] = None  # class default: modules pickled by torch.nn or converted in place
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script cannot compile this forward (backend dispatch in Python); a scripted model gets
+        # torch's own module over the very same parameters, so it scripts and computes as unconverted.
+        # (torch.jit.script puts what this returns into the parent's _modules: that parent, scripted or
+        # not, then holds torch's module, as after seqkern.restore_modules.)
+        m = copy.copy(self)  # shallow: the same parameter and submodule dicts
+        m.__dict__.pop("backend", None)
+        m.__dict__.pop("_seqkern_replaced_from", None)
+        m.__class__ = torch.nn.MultiheadAttention
+        return m
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}" if self.backend is not None else ""

@@ -522,6 +522,9 @@ _EXT_OP, _EXT_OP_REASON = _ext_has_op()
 def _supports_cpu(q, k, v, mask, dropout_p=0.0, is_causal=False):
     if not _EXT_OP:
         return False, _EXT_OP_REASON
+    why = B.reference_only((q, k, v, mask))
+    if why:
+        return False, why
     if q.device.type != "cpu":
         return False, f"inputs are on {q.device.type}, this backend runs on cpu"
     if q.dtype not in _CPU_DTYPES:
@@ -535,6 +538,9 @@ def _supports_gpu(device_types, dtypes):
             return False, f"inputs are on {q.device.type}, this backend runs on {'/'.join(device_types)}"
         if "cpu" not in device_types and not _EXT_OP:
             return False, _EXT_OP_REASON
+        why = B.reference_only((q, k, v, mask))
+        if why:
+            return False, why
         if q.dtype not in dtypes:
             why = "" if torch.float64 in dtypes else "; its kernel accumulates in fp32"
             return False, f"dtype {q.dtype} not supported (supports {', '.join(str(d)[6:] for d in dtypes)}{why})"

@@ -30,7 +30,6 @@ import os
 from typing import List, Optional, Tuple
 
 import torch
-import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
 from .. import backends as B
@@ -380,19 +379,7 @@ def _wants_graph() -> bool:
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def _reference_only(tensors) -> Optional[str]:
-    """Why only the reference can serve these inputs (None when any backend may): torch.func
-    transforms (grad, vmap, jacrev, ...) and forward-mode AD cannot see through the fused
-    backends' autograd (torch raises "must override the setup_context staticmethod" / "must
-    implement the jvp function"), while the reference is plain differentiable PyTorch."""
-    if torch.compiler.is_compiling():
-        return None
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return "a torch.func transform (grad, vmap, jacrev, ...) is active; only the reference runs under one"
-    if _fwad._current_level >= 0 and any(t is not None and _fwad.unpack_dual(t).tangent is not None
-                                         for t in tensors):
-        return "an input is a forward-mode AD dual tensor; only the reference computes its tangent"
-    return None
+_reference_only = B.reference_only  # torch.func / forward-mode AD: see there
 
 
 # ---------------------------------------------------------------------------
