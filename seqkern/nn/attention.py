@@ -10,7 +10,6 @@ call (see ``seqkern.backends``).
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Optional, Tuple
 
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from .. import backends as B
 from ..ops.attention import scaled_dot_product_attention
+from .rnn import _scriptable_twin
 
 __all__ = ["MultiheadAttention"]
 
@@ -120,15 +120,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     backend: Optional[str] = None  # class default: modules pickled by torch.nn or converted in place
 
     def __prepare_scriptable__(self):
-        # torch.jit.script cannot compile this forward (backend dispatch in Python); a scripted model gets
-        # torch's own module over the very same parameters, so it scripts and computes as unconverted.
-        # (torch.jit.script puts what this returns into the parent's _modules: that parent, scripted or
-        # not, then holds torch's module, as after seqkern.restore_modules.)
-        m = copy.copy(self)  # shallow: the same parameter and submodule dicts
-        m.__dict__.pop("backend", None)
-        m.__dict__.pop("_seqkern_replaced_from", None)
-        m.__class__ = torch.nn.MultiheadAttention
-        return m
+        # torch.jit.script cannot compile this forward: scripting gets torch's module over the same
+        # parameters (see seqkern.nn.rnn._scriptable_twin, shared with the recurrent modules)
+        return _scriptable_twin(self, __name__, __all__)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}" if self.backend is not None else ""

@@ -114,15 +114,16 @@ def _dropout_packed(y: Tensor, p: float, flat: Tensor) -> Tensor:
 # layers
 # ---------------------------------------------------------------------------
 
-def _scriptable_twin(module):
+def _scriptable_twin(module, home: str = __name__, names=tuple(__all__)):
     """``torch.jit.script`` support: TorchScript cannot compile seqkern's forward (Python-side
     backend dispatch, PackedSequence handling, custom ops with optional arguments), so scripting
     gets the torch.nn module of the same name holding the very same parameter tensors, hooks and
-    settings. Only for the exact seqkern classes: a subclass's own forward must not be dropped.
+    settings. Only for the exact seqkern classes (``names`` of module ``home``; nn/attention.py
+    passes its own): a subclass's own forward must not be dropped.
     Note: torch.jit.script puts what this returns into the parent's ``_modules`` in place, so
     after scripting a model, its eager copy runs torch's module there too (same weights)."""
     cls = type(module)
-    if cls.__module__ != __name__ or cls.__name__ not in __all__:
+    if cls.__module__ != home or cls.__name__ not in names:
         return module
     twin = object.__new__(getattr(torch.nn, cls.__name__))
     state = dict(module.__dict__)
