@@ -236,3 +236,21 @@ def test_torch_jit_script_of_a_converted_model(batch_first):
     q = torch.randn(S_, B_, D)
     torch.testing.assert_close(torch.jit.script(mha)(q, q, q)[0], mha(q, q, q)[0])
     assert type(mha) is seqkern.nn.MultiheadAttention  # a module scripted directly stays seqkern's
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_laid_out_like_a_transposed_query(backend):
+    """(B, L, H, E) projections viewed as (B, H, L, E) (GPT-style code): torch's output has the query's
+    layout, so `o.transpose(1, 2).view(B, L, H * E)` works; on contiguous inputs it is contiguous."""
+    B, L, H, E = 2, 5, 3, 8
+    x = torch.randn(B, L, 3 * H * E, requires_grad=True)
+    q, k, v = (t.view(B, L, H, E).transpose(1, 2) for t in x.split(H * E, dim=2))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    got = SF.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
+    assert got.stride() == want.stride()
+    y = got.transpose(1, 2).view(B, L, H * E)
+    torch.testing.assert_close(y, want.transpose(1, 2).view(B, L, H * E))
+    gx, = torch.autograd.grad(y.pow(2).sum(), x)
+    torch.testing.assert_close(gx, torch.autograd.grad(want.pow(2).sum(), x)[0])
+    q2, k2, v2 = torch.randn(3, B, H, L, E).unbind(0)
+    assert SF.scaled_dot_product_attention(q2, k2, v2, backend=backend).is_contiguous()

@@ -618,4 +618,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             out, _ = _EagerSdpa.apply(q, k, v, mask, dropout_p, is_causal, sc, seed, name, cos, sin)
         else:
             out, _ = _FWD[name](q, k, v, mask, dropout_p, is_causal, sc, seed, cos, sin)
-    return out.reshape(out_shape)
+    out = out.reshape(out_shape)
+    if query.dim() == 4 and not query.is_contiguous():
+        # torch lays its output out in the query's order of (B, H, L): a (B, H, L, E) view of (B, L, H, E)
+        # projections gives (B, L, H, Ev) memory, and code may follow with o.transpose(1, 2).view(...).
+        # The copy here is the one that the caller's .contiguous() or reshape then skips.
+        order = sorted(range(3), key=lambda d: -query.stride(d))
+        if order != [0, 1, 2]:
+            out = out.permute(*order, 3).contiguous().permute(*(order.index(d) for d in range(3)), 3)
+    return out
