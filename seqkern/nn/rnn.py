@@ -197,7 +197,11 @@ class _SeqMixin:
         P = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
         ac = _autocast_dtype(input.data if packed else input)
-        w_dtype = self.weight_ih_l0.dtype
+        # every weight read once a call (torch reads each once or twice): a parametrized weight
+        # (weight_norm, spectral_norm) is recomputed, and spectral_norm's power iteration steps,
+        # at each read
+        all_w = [[self._weights(layer, d) for d in range(D)] for layer in range(self.num_layers)]
+        w_dtype = all_w[0][0][0].dtype
 
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -264,7 +268,7 @@ class _SeqMixin:
                 outs = []
                 for d in range(D):
                     k = layer * D + d
-                    weights = tuple(_cast(w, ac) for w in self._weights(layer, d))
+                    weights = tuple(_cast(w, ac) for w in all_w[layer][d])
                     y, h, c = self._run_layer(layer_in, None if h0 is None else h0[k], None if c0 is None else c0[k],
                                               weights, lengths, d == 1)
                     outs.append(y)
@@ -352,7 +356,8 @@ class _CellMixin:
         return _scriptable_twin(self)
 
     def _prepare(self, input, states, name):
-        """Checks as torch's cells do (same messages); returns (x, states, batched, autocast dtype)."""
+        """Checks as torch's cells do (same messages); returns (x, states, batched, autocast dtype,
+        parameters), each parameter read once (a parametrized one is recomputed at each read)."""
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         for i, s in enumerate(states):
@@ -379,15 +384,14 @@ class _CellMixin:
                                    f"expected {self.hidden_size}")
             out.append(s)
         ac = _autocast_dtype(x)
+        params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         if ac is None:
+            w_dtype = params[0].dtype
             for t, what in ((x, "input"), *((s, f"hidden{i}") for i, s in enumerate(out))):
-                if t is not None and t.dtype != self.weight_ih.dtype:
+                if t is not None and t.dtype != w_dtype:
                     raise StateTypeError(f"{name}: {what} dtype ({t.dtype}) does not match weight dtype "
-                                    f"({self.weight_ih.dtype})")
-        return _cast(x, ac), [_cast(s, ac) for s in out], batched, ac
-
-    def _params(self, ac):
-        return tuple(_cast(w, ac) for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh))
+                                         f"({w_dtype})")
+        return _cast(x, ac), [_cast(s, ac) for s in out], batched, ac, tuple(_cast(w, ac) for w in params)
 
 
 class RNNCell(_CellMixin, torch.nn.RNNCell):
@@ -398,9 +402,9 @@ class RNNCell(_CellMixin, torch.nn.RNNCell):
         self.backend = _check_backend(backend)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        x, (h,), batched, ac = self._prepare(input, (hx,), "RNNCell")
+        x, (h,), batched, ac, params = self._prepare(input, (hx,), "RNNCell")
         with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
-            out = rnn_cell(x, h, *self._params(ac), nonlinearity=self.nonlinearity, backend=self.backend)
+            out = rnn_cell(x, h, *params, nonlinearity=self.nonlinearity, backend=self.backend)
         return out if batched else out.squeeze(0)
 
 
@@ -415,9 +419,9 @@ class LSTMCell(_CellMixin, torch.nn.LSTMCell):
         if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
             what = f"{len(hx)}-{type(hx).__name__}" if isinstance(hx, (tuple, list)) else type(hx).__name__
             raise StateTypeError(f"LSTMCell: hx must be a tuple (h, c) of two tensors, got {what}")
-        x, (h, c), batched, ac = self._prepare(input, (None, None) if hx is None else tuple(hx), "LSTMCell")
+        x, (h, c), batched, ac, params = self._prepare(input, (None, None) if hx is None else tuple(hx), "LSTMCell")
         with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
-            h1, c1 = lstm_cell(x, None if h is None else (h, c), *self._params(ac), backend=self.backend)
+            h1, c1 = lstm_cell(x, None if h is None else (h, c), *params, backend=self.backend)
         return (h1, c1) if batched else (h1.squeeze(0), c1.squeeze(0))
 
 
@@ -429,7 +433,7 @@ class GRUCell(_CellMixin, torch.nn.GRUCell):
         self.backend = _check_backend(backend)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        x, (h,), batched, ac = self._prepare(input, (hx,), "GRUCell")
+        x, (h,), batched, ac, params = self._prepare(input, (hx,), "GRUCell")
         with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
-            out = gru_cell(x, h, *self._params(ac), backend=self.backend)
+            out = gru_cell(x, h, *params, backend=self.backend)
         return out if batched else out.squeeze(0)
