@@ -254,3 +254,9 @@ def test_output_laid_out_like_a_transposed_query(backend):
     torch.testing.assert_close(gx, torch.autograd.grad(want.pow(2).sum(), x)[0])
     q2, k2, v2 = torch.randn(3, B, H, L, E).unbind(0)
     assert SF.scaled_dot_product_attention(q2, k2, v2, backend=backend).is_contiguous()
+
+
+def test_nested_jagged_inputs_get_a_clear_error():
+    qn = torch.nested.nested_tensor([torch.randn(4, 3, 8), torch.randn(6, 3, 8)], layout=torch.jagged).transpose(1, 2)
+    with pytest.raises(TypeError, match="query is a nested tensor"):
+        SF.scaled_dot_product_attention(qn, qn, qn)

@@ -92,6 +92,9 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.is_nested:  # jagged (torch.nested) inputs: no backend takes ragged sequences
+            raise TypeError(f"{name} is a nested tensor, which seqkern's attention does not take: pad the "
+                            "sequences and pass an attn_mask that excludes the padding")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
         if t.dim() < 2:
