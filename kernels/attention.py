@@ -81,6 +81,11 @@ def _scores(q, k_tile_t, qk_scale, log2e, bh, b, h, offs_m, offs_n, L, S, mask_p
     if HAS_MASK:
         mp = mask_ptr + b * smb + h * smh + offs_m[:, None].to(tl.int64) * sml + offs_n[None, :].to(tl.int64) * sms
         am = tl.load(mp, mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0.0).to(ACC)
+        # finite masks past +-2.3e38 (HF-style finfo(float32).min) would overflow to -inf once in
+        # base 2, turning a row masked everywhere with them into a dead row (0) where torch averages;
+        # +-inf and NaN pass as they are
+        am = tl.where((am < -2.3e38) & (am != float("-inf")), -2.3e38, am)
+        am = tl.where((am > 2.3e38) & (am != float("inf")), 2.3e38, am)
         s = s + am * log2e
     valid = offs_n[None, :] < S
     if CAUSAL:

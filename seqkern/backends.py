@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import types
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -148,6 +148,21 @@ def _device_type(args, kwargs) -> str:
     return "cpu"
 
 
+def reference_only(tensors) -> Optional[str]:
+    """For the ops' ``supports``: why only the reference can serve these inputs (None when any backend
+    may): torch.func transforms (grad, vmap, jacrev, ...) and forward-mode AD cannot see through the
+    fused backends' autograd (torch raises "must override the setup_context staticmethod" / "must
+    implement the jvp function"), while the reference is plain differentiable PyTorch."""
+    if torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform (grad, vmap, jacrev, ...) is active; only the reference runs under one"
+    fwad = torch.autograd.forward_ad
+    if fwad._current_level >= 0 and any(t is not None and fwad.unpack_dual(t).tangent is not None for t in tensors):
+        return "an input is a forward-mode AD dual tensor; only the reference computes its tangent"
+    return None
+
+
 def _can_serve(op: str, name: str, args, kwargs) -> Tuple[bool, str]:
     ok, reason = available(name)
     if not ok:
@@ -167,7 +182,15 @@ def select(op: str, backend: str | None, *args, **kwargs) -> str:
     call or :class:`BackendUnavailable` is raised. Otherwise the first backend of
     the automatic order for the inputs' device that supports them is chosen.
     """
-    explicit = backend if backend is not None else (os.environ.get("SEQKERN_BACKEND") or None)
+    explicit = backend
+    if explicit is None:
+        env = os.environ.get("SEQKERN_BACKEND", "").strip()
+        if env:
+            # an environment value is typed by hand (export SEQKERN_BACKEND=CPU): case and spaces do not matter
+            explicit = env.lower()
+            if explicit not in BACKENDS:
+                raise ValueError(f"SEQKERN_BACKEND={env!r} is not a backend; expected one of {BACKENDS} "
+                                 f"(or unset/empty for automatic choice)")
     if explicit is not None:
         if not isinstance(explicit, str) or explicit not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {explicit!r}")
@@ -193,28 +216,39 @@ def select(op: str, backend: str | None, *args, **kwargs) -> str:
     return chosen
 
 
+def check_backend_name(backend):
+    """For layer constructors: a wrong ``backend=`` fails where it is written, not at the first call."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
 # Parameter disables __torch_function__: as plain as a Tensor for the direct paths below
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _is_compiling = torch.compiler.is_compiling
+_is_tracing = torch.jit.is_tracing
 _dispatch_depth = torch._C._len_torch_dispatch_stack
 _function_mode = torch._C._is_torch_function_mode_enabled
 _functorch_level = torch._C._functorch.peek_interpreter_stack
 _autocast_on = torch.is_autocast_enabled
+_forward_ad = torch.autograd.forward_ad
 
 
 def eager_cpu(backend) -> bool:
     """Whether a call with these settings may run a cpu kernel directly, skipping select() and the
     registered op: the cpu backend asked for (or automatic with SEQKERN_BACKEND unset or "cpu"), not
-    traced, no dispatch or function mode, no functorch transform, no CPU autocast, no debug log (it
-    reports each selection). The caller still checks its tensors (plain cpu ones of a cpu dtype)."""
+    traced (compile, jit.trace), no dispatch or function mode, no torch.func transform, no forward-AD
+    level (see reference_only), no CPU autocast, no debug log (it reports each selection). The
+    caller still checks its tensors (plain cpu ones of a cpu dtype)."""
     if backend is None:
         env = os.environ.get("SEQKERN_BACKEND")
-        if env and env != "cpu":
+        if env and env.strip() and env != "cpu":
             return False
     elif backend != "cpu":
         return False
-    return not (_EXT is None or _is_compiling() or _dispatch_depth() or _function_mode()
-                or _functorch_level() is not None or _autocast_on("cpu") or log.isEnabledFor(logging.DEBUG))
+    return not (_EXT is None or _is_compiling() or _is_tracing() or _dispatch_depth() or _function_mode()
+                or _functorch_level() is not None or _forward_ad._current_level >= 0 or _autocast_on("cpu")
+                or log.isEnabledFor(logging.DEBUG))
 
 
 def explain(op: str, *args, **kwargs) -> Dict[str, Tuple[bool, str]]:
@@ -222,9 +256,22 @@ def explain(op: str, *args, **kwargs) -> Dict[str, Tuple[bool, str]]:
     return {name: _can_serve(op, name, args, kwargs) for name in BACKENDS}
 
 
-def last_backend(op: str) -> str | None:
-    """The backend that ran the last call of ``op`` in this process (None before the first)."""
-    return _LAST.get(op)
+# Other names a user may give an op: the family and the short name of attention.
+_ALIASES = {"sdpa": "scaled_dot_product_attention", "attention": "scaled_dot_product_attention",
+            "wkv": "wkv4", "rotary": "apply_rotary"}
+
+
+def last_backend(op) -> str | None:
+    """The backend that ran the last call of ``op`` in this process (None before the first).
+
+    ``op`` is the op's name (``"lstm"``, ``"wkv4"``, ``"scaled_dot_product_attention"``; also
+    ``"sdpa"``/``"attention"``, ``"wkv"``, ``"rotary"``) or the public function itself (``SF.wkv4``).
+    """
+    if callable(op) and not isinstance(op, str):
+        op = getattr(op, "__name__", op)
+    if not isinstance(op, str):
+        raise TypeError(f"op must be an op name or a seqkern op, got {type(op).__name__}")
+    return _LAST.get(_ALIASES.get(op, op))
 
 
 def check_no_double_backward(op: str, backend: str) -> None:

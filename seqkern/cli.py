@@ -36,8 +36,15 @@ def _info() -> int:
     return 0
 
 
+def _version() -> str:
+    from seqkern import __version__
+
+    return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="seqkern", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"seqkern {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, device and each backend's availability")
     pb = sub.add_parser("bench", help="run the speed report (bench/report.py); extra arguments pass through",

@@ -18,7 +18,9 @@ A swapped RNN/LSTM/GRU is no longer an instance of ``torch.nn.LSTM`` (etc.), onl
 ``torch.compile(fullgraph=True)`` refuses torch's own RNN modules.
 
 Subclasses of the torch modules are left alone (their own ``forward`` may differ), as
-are modules that already are seqkern's.
+are modules that already are seqkern's; a module with ``torch.nn.utils.parametrize``
+parametrizations (whose class torch replaces by a generated ``Parametrized<Class>``) is
+converted, its parametrizations kept.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from collections import Counter
 from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
+from torch.nn.utils import parametrize
 
 from . import backends as B
 
@@ -59,6 +62,30 @@ def _resolve_include(include) -> Tuple[type, ...]:
     return tuple(out)
 
 
+def _base_class(m: torch.nn.Module) -> type:
+    """The class that decides a module's conversion: its own, or for a module with
+    ``torch.nn.utils.parametrize`` parametrizations (``parametrizations.weight_norm``,
+    ``orthogonal``, ``spectral_norm``; torch gives such a module a generated subclass
+    ``Parametrized<Class>`` holding the parametrized attributes as properties) the class under it."""
+    cls = type(m)
+    if parametrize.is_parametrized(m) and len(cls.__bases__) == 1 and cls.__name__ == "Parametrized" + \
+            cls.__bases__[0].__name__:
+        return cls.__bases__[0]
+    return cls
+
+
+def _set_base_class(m: torch.nn.Module, base: type) -> None:
+    """Gives ``m`` the class ``base``, or for a parametrized module a new ``Parametrized<Class>``
+    over ``base`` with the same properties and methods (so parametrizations keep working, and
+    ``remove_parametrizations`` leaves ``base``)."""
+    cls = type(m)
+    if cls is _base_class(m):
+        m.__class__ = base
+        return
+    dct = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    m.__class__ = type(cls.__name__, (base,), dct)
+
+
 def replace_modules(model: torch.nn.Module, *, include: Optional[Iterable[Union[type, str]]] = None,
                     backend: Optional[str] = None, return_summary: bool = False):
     """Swap, in place, torch.nn RNN/LSTM/GRU, their cells and MultiheadAttention in
@@ -83,11 +110,10 @@ def replace_modules(model: torch.nn.Module, *, include: Optional[Iterable[Union[
     table = _table()
     summary: Dict[str, str] = {}
     for name, m in model.named_modules():
-        cls = type(m)
+        cls = _base_class(m)
         if cls not in wanted:
             continue
-        target = table[cls]
-        m.__class__ = target
+        _set_base_class(m, table[cls])
         m.__dict__[_MARK] = cls
         m.backend = backend
         summary[name] = cls.__name__
@@ -110,7 +136,7 @@ def restore_modules(model: torch.nn.Module, *, return_summary: bool = False):
         if original is None:
             continue
         m.__dict__.pop("backend", None)
-        m.__class__ = original
+        _set_base_class(m, original)
         summary[name] = original.__name__
     log.info("seqkern.restore_modules: restored %d module(s)", len(summary))
     return (model, summary) if return_summary else model

@@ -85,7 +85,7 @@ def _compare(backend, dtype, sq, sk, gqa, mask_kind, causal, scale, Ev=None):
         assert torch.equal(b_, t.detach())
 
 
-# torch forbids attn_mask together with is_causal (test_mask_and_causal_is_an_error)
+# attn_mask together with is_causal: test_mask_and_causal_together_apply_both, test_audit_attention.py
 MASK_CAUSAL = [(m, False) for m in MASKS] + [(None, True)]
 
 
@@ -253,10 +253,13 @@ def test_dropout_same_mask_as_reference_and_unbiased(backend):
     assert torch.equal(zero, torch.zeros_like(zero))
 
 
-def test_mask_and_causal_is_an_error():
+def test_mask_and_causal_together_apply_both():
+    # as torch's default CPU/CUDA kernels (its math fallback refuses the pair); vs torch: test_audit_attention.py
     q, k, v = _inputs((1, 1, 3, 4), (1, 1, 3, 4))
-    with pytest.raises(ValueError, match="is_causal"):
-        SF.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 3, dtype=torch.bool), is_causal=True)
+    mask = torch.tensor([[True, False, True]] * 3)
+    out = SF.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+    both = mask & torch.ones(3, 3, dtype=torch.bool).tril()
+    torch.testing.assert_close(out, SF.scaled_dot_product_attention(q, k, v, attn_mask=both, backend="reference"))
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -267,7 +270,7 @@ def test_mask_and_causal_is_an_error():
     (lambda q, k, v: dict(query=q.long()), "query"),
     (lambda q, k, v: dict(attn_mask=torch.ones(4, 4, dtype=torch.bool)), "attn_mask"),
     (lambda q, k, v: dict(attn_mask=torch.ones(5, 6, dtype=torch.int32)), "attn_mask"),
-    (lambda q, k, v: dict(attn_mask=torch.ones(5, 6, dtype=torch.float32)), "attn_mask"),
+    (lambda q, k, v: dict(attn_mask=torch.ones(5, 6, dtype=torch.float16)), "attn_mask"),  # float32 goes (torch)
     (lambda q, k, v: dict(dropout_p=1.5), "dropout_p"),
     (lambda q, k, v: dict(dropout_p="0.1"), "dropout_p"),
     (lambda q, k, v: dict(scale="x"), "scale"),

@@ -9,24 +9,12 @@ import torch
 import seqkern.functional as SF
 from seqkern.ops import attention as A
 
-from helpers import require
+from helpers import MMA_ATTN_CASES, require
 
 pytestmark = pytest.mark.cuda
 
-# (B, Hq, Hk, L, S, E, Ev, mask, causal, dropout_p): partial tiles, GQA, L != S, both compiled widths
-# (64, 128) with padded k-steps and E % 8 != 0, broadcast masks, causal, dropout, dead rows; two larger
-# shapes with many tiles per block
-CASES = [
-    (1, 2, 2, 17, 17, 16, 16, None, False, 0.0),
-    (1, 2, 1, 70, 33, 64, 64, "additive", False, 0.0),
-    (2, 4, 2, 1, 70, 40, 40, "keys", False, 0.0),
-    (1, 2, 2, 70, 70, 72, 72, None, True, 0.0),
-    (1, 1, 1, 130, 70, 128, 128, None, True, 0.0),
-    (1, 2, 2, 33, 130, 128, 96, "additive", False, 0.0),
-    (1, 2, 1, 70, 70, 64, 64, None, True, 0.25),
-    (1, 1, 1, 40, 70, 24, 40, "dead_rows", False, 0.2),
-    (1, 4, 2, 70, 45, 128, 80, "additive", False, 0.1),
-    (1, 4, 2, 100, 100, 96, 128, None, True, 0.0),
+# the cases the emulator runs (tests/helpers.py), and two larger shapes with many tiles per block
+CASES = MMA_ATTN_CASES + [
     (2, 8, 2, 1000, 1000, 128, 128, None, True, 0.0),
     (1, 4, 4, 513, 1031, 64, 64, "additive", False, 0.1),
 ]

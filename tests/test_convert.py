@@ -184,6 +184,42 @@ def test_subclasses_left_alone():
     assert summary == {} and type(model[0]) is MyLSTM
 
 
+def test_parametrized_modules_are_converted_and_restored():
+    """weight_norm / orthogonal / spectral_norm (torch.nn.utils.parametrizations) give a module a
+    generated class Parametrized<Class>: it is swapped too, its parametrizations kept working."""
+    from torch.nn.utils import parametrizations as P, parametrize
+
+    def build():
+        torch.manual_seed(0)
+        m = nn.ModuleDict({"lstm": nn.LSTM(3, 4, num_layers=2), "gru": nn.GRU(3, 3), "cell": nn.GRUCell(3, 3)})
+        P.weight_norm(m["lstm"], "weight_hh_l1")
+        P.orthogonal(m["gru"], "weight_hh_l0")
+        P.spectral_norm(m["cell"], "weight_ih")
+        return m.double()
+
+    def run(m):
+        x = torch.randn(5, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        out = m["lstm"](x)[0].sum() + m["gru"](x)[0].sum() + m["cell"](x[0]).sum()
+        out.backward()
+        return [out] + [p.grad for p in m.parameters()]
+
+    ref, model = build(), build()
+    _, summary = seqkern.replace_modules(model, return_summary=True)
+    assert summary == {"lstm": "LSTM", "gru": "GRU", "cell": "GRUCell"}
+    for name, cls in (("lstm", snn.LSTM), ("gru", snn.GRU), ("cell", snn.GRUCell)):
+        assert isinstance(model[name], cls) and parametrize.is_parametrized(model[name])
+        assert type(model[name]).__name__ == type(ref[name]).__name__
+    for a, b in zip(run(model), run(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+    assert seqkern.last_backend("gru_cell") == "cpu"
+    model.load_state_dict(ref.state_dict())
+    parametrize.remove_parametrizations(model["gru"], "weight_hh_l0")
+    assert type(model["gru"]) is snn.GRU
+    seqkern.restore_modules(model)
+    assert type(model["gru"]) is nn.GRU and type(model["lstm"]).__bases__ == (nn.LSTM,)
+    assert parametrize.is_parametrized(model["lstm"], "weight_hh_l1")
+
+
 def test_device_dtype_mode_and_shared_module():
     shared = nn.GRUCell(3, 3).float()
     model = nn.ModuleDict({"a": shared, "b": nn.Sequential(shared)}).eval()

@@ -4,6 +4,7 @@ compared with the reference backend. No GPU has ever run them; this is where the
 The library is built on first use into build/cuda_emu/<hash of the sources and flags>.
 SEQKERN_EMU_ASAN=1 builds it with AddressSanitizer (libasan must then be preloaded, see
 test_emulated_kernels_under_asan)."""
+import contextlib
 import ctypes
 import hashlib
 import glob
@@ -206,9 +207,14 @@ def test_struct_layouts(lib):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("interleaved,inverse", [(False, False), (True, False), (False, True), (True, True)])
 def test_rotary(lib, dtype, interleaved, inverse):
+    _rotary(lib, dtype, interleaved, inverse)
+
+
+def _rotary(lib, dtype, interleaved, inverse):
     rows_per_t, T, D, half = 3, 37, 20, 7  # 6 pass-through dims; 3*37*13 threads span several blocks
-    x = torch.randn(rows_per_t, T, D).to(dtype)
-    ang = torch.randn(T, half, dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(rows_per_t, T, D, generator=g).to(dtype)
+    ang = torch.randn(T, half, generator=g, dtype=torch.float64)
     cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
     out = poisoned(rows_per_t, T, D, dtype=dtype)
     call(lib, "emu_rotary", DT[dtype], ptr(x), ptr(out), ptr(cos), ptr(sin), I64(rows_per_t * T), I64(T), I64(D),
@@ -216,6 +222,7 @@ def test_rotary(lib, dtype, interleaved, inverse):
     want = _rotate_reference(x, cos, sin, interleaved, inverse)
     close(out, want, dtype, "rotary")
     assert torch.equal(out[..., 2 * half:], x[..., 2 * half:])
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -396,8 +403,8 @@ def test_wkv4_huge_keys(lib, dtype):
     _wkv4(lib, dtype, True, 1000.0, tol_scale=20.0)
 
 
-def _wkv4(lib, dtype, with_state, kscale, tol_scale=1.0):
-    B, T, C = 3, 9, 70  # 70 channels: two 64-thread blocks, the second partly idle
+def _wkv4(lib, dtype, with_state, kscale, tol_scale=1.0, B=3):
+    T, C = 9, 70  # 70 channels: two 64-thread blocks, the second partly idle
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(5)
     td = torch.randn(C, generator=g, dtype=torch.float64).to(acc)
@@ -435,6 +442,7 @@ def _wkv4(lib, dtype, with_state, kscale, tol_scale=1.0):
     close(gk, want[2], dtype, "gk", tol_scale)
     close(gv, want[3], dtype, "gv", tol_scale)
     close(gs, want[4], dtype, "gstate", tol_scale)
+    return y, st_out, saved, gk, gv, gs, gw_bc, gu_bc
 
 
 # ---------------------------------------------------------------------------
@@ -789,3 +797,85 @@ def test_wkv4_batch_past_the_grid_limit(lib):
     want_y, want_st = wkv4_reference(td, tf, k, v, state)
     close(y, want_y, torch.float32, "y")
     close(st_out, want_st, torch.float32, "state")
+
+
+# ---------------------------------------------------------------------------
+# capped grids: the launchers cap a grid dimension and the kernels loop past it (wkv4: gridDim.y <= 65535
+# batch rows; the rnn step/projection and rotary kernels: 1-D grid-stride launches of at most 65535 * 8
+# and 65535 * 16 blocks). Shapes that reach those caps are far too large to emulate, so the emulator lowers
+# every cap at run time (SK_GRID_CAP in csrc/cuda/common.h) to a few blocks, below these shapes.
+# ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def grid_cap(lib, n):
+    lib.sk_emu_set_grid_cap(I64(n))
+    try:
+        yield
+    finally:
+        lib.sk_emu_set_grid_cap(I64(0))
+
+
+def last_grid(lib):
+    g = (ctypes.c_int64 * 3)()
+    lib.sk_emu_last_grid(g)
+    return tuple(g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("interleaved,inverse", [(False, False), (True, True)])
+def test_rotary_past_the_grid_cap(lib, dtype, interleaved, inverse):
+    # 3*37*13 = 1443 threads' work on 2 blocks of 256: every thread takes 2 or 3 turns of the grid-stride loop
+    want = _rotary(lib, dtype, interleaved, inverse)
+    with grid_cap(lib, 2):
+        got = _rotary(lib, dtype, interleaved, inverse)
+        assert last_grid(lib) == (2, 1, 1)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_wkv4_past_the_grid_cap(lib, dtype):
+    # B = 7 batch rows on gridDim.y = 3: each block takes b, b + 3 (and b + 6), forward (both instantiations)
+    # and backward, each compared with the reference inside _wkv4 and bit for bit with the uncapped grid
+    want = _wkv4(lib, dtype, True, 2.0, B=7)
+    with grid_cap(lib, 3):
+        got = _wkv4(lib, dtype, True, 2.0, B=7)
+        assert last_grid(lib) == (2, 3, 1)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"output {i} differs with the capped grid"
+
+
+# B*H = 9*70 = 630 and B*P = 9*60 = 540 elements on 2 blocks of 256: the forward and backward step kernels
+# and both projection kernels take a second turn of their grid-stride loops; lengths and reverse included
+@pytest.mark.parametrize("case,dtype", [
+    (("lstm", [5, 2, 0, 4, 5, 1, 3, 5, 2], True, True), torch.float64),
+    (("lstm", None, False, False), torch.float32),
+    (("gru", [2, 5, 4, 0, 3, 5, 1, 5, 4], True, False), torch.float32),
+    (("rnn_relu", [5, 0, 3, 5, 1, 2, 4, 5, 5], False, False), torch.float32),
+], ids=["lstm-proj-len-rev", "lstm", "gru-len-rev", "rnn_relu-len"])
+def test_rnn_steps_past_the_grid_cap(lib, case, dtype):
+    dims = dict(T=5, B=9, I=4, H=70, P=60)
+    want = _rnn_check(lib, *case, dtype, persistent=False, **dims)
+    with grid_cap(lib, 2):
+        got = _rnn_check(lib, *case, dtype, persistent=False, **dims)
+        assert last_grid(lib) == (2, 1, 1)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_refuses_a_grid_past_its_limit(lib, dtype):
+    # The attention grids have no cap and no loop: one block per (b, h) and 8 query rows (or 8 keys). Past
+    # 2^32 blocks the count used to wrap when cast to unsigned: B = 2^32 + 1 ran one block and returned
+    # success with every other row unwritten. The launchers refuse it before launching anything (only
+    # row 0 exists here: the kernels must not run).
+    B = (1 << 32) + 1
+    q, k, v = (torch.randn(1, 1, 1, 8).to(dtype) for _ in range(3))
+    prm = _attn_params(q, k, v, None, False, 0.0, 0, dtype)
+    prm.B = B
+    out, lse = poisoned(1, 1, 1, 8, dtype=dtype), poisoned(1, 1, 1, dtype=torch.float32)
+    assert lib.emu_attention_forward(ctypes.byref(prm), ptr(out), ptr(lse)) == 9  # cudaErrorInvalidConfiguration
+    assert out.isnan().all() and lse.isnan().all()
+    # backward: no queries (L = 0, no delta or dQ launch), one key per (b, h): the dK/dV grid is the one past it
+    prm.L = 0
+    dk, dv = poisoned(1, 1, 1, 8, dtype=dtype), poisoned(1, 1, 1, 8, dtype=dtype)
+    assert lib.emu_attention_backward(ctypes.byref(prm), None, None, None, None, None, ptr(dk), ptr(dv)) == 9
+    assert dk.isnan().all() and dv.isnan().all()

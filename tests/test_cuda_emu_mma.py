@@ -13,6 +13,8 @@ import torch
 
 from seqkern.ops import attention as A
 
+from helpers import MMA_ATTN_CASES
+
 try:  # the emulator's build and ctypes mirrors live with its own tests
     import test_cuda_emu as emu
 except ImportError as e:  # pragma: no cover
@@ -101,22 +103,9 @@ def _inputs(case, dtype):
     return cast(q), cast(k), cast(v), cast(mask), causal, p, cast(dout)
 
 
-# (B, Hq, Hk, L, S, E, Ev, mask, causal, dropout_p): lengths 1/17/70/130 against the 64-row blocks and
-# 64- or 32-key tiles, GQA, L != S both ways, head dims 16/40/64/72/128 (both compiled widths, padded
-# k-steps, E % 8 != 0 through the scalar tile loads), masks broadcast, causal, dropout, dead rows
-CASES = [
-    (1, 2, 2, 17, 17, 16, 16, None, False, 0.0),
-    (1, 2, 1, 70, 33, 64, 64, "additive", False, 0.0),
-    (2, 4, 2, 1, 70, 40, 40, "keys", False, 0.0),
-    (1, 2, 2, 70, 70, 72, 72, None, True, 0.0),
-    (1, 1, 1, 130, 70, 128, 128, None, True, 0.0),
-    (1, 2, 2, 33, 130, 128, 96, "additive", False, 0.0),
-    (1, 2, 1, 70, 70, 64, 64, None, True, 0.25),
-    (1, 1, 1, 40, 70, 24, 40, "dead_rows", False, 0.2),
-    (1, 2, 2, 17, 40, 20, 36, "keys", True, 0.0),
-    (1, 4, 2, 70, 45, 128, 80, "additive", False, 0.1),
-    (1, 4, 2, 100, 100, 96, 128, None, True, 0.0),
-]
+# tests/helpers.py (the GPU runs those too, test_attention_cuda_mma.py), and a key mask with causal, which
+# only the kernels take (the public op refuses a mask with is_causal, as torch does)
+CASES = MMA_ATTN_CASES + [(1, 2, 2, 17, 40, 20, 36, "keys", True, 0.0)]
 
 
 def _max_err(got, want):
@@ -340,3 +329,19 @@ def test_mma_large_logits_stay_finite(lib, dtype):
     want, want_lse = A.sdpa_reference_canonical(q.double(), k.double(), v.double(), None, 0.0, False,
                                                 32 ** -0.5, 0)
     torch.testing.assert_close(got[1].double(), want_lse, rtol=1e-3, atol=1e-2)
+
+
+def test_mma_refuses_a_grid_past_its_limit(lib):
+    # as test_cuda_emu.test_attention_refuses_a_grid_past_its_limit, through the tensor-core launchers:
+    # B = 2^32 + 1 (one block per (b, h) at L, S <= 64) is refused, not wrapped to one block
+    q, k, v = (torch.randn(1, 1, 1, 16, dtype=torch.float64).half() for _ in range(3))
+    prm = _params(q, k, v, None, False, 0.0, 0, mma=True)
+    prm.B = (1 << 32) + 1
+    out, lse = _nan(1, 1, 1, 16, dtype=torch.float16), _nan(1, 1, 1, dtype=torch.float32)
+    assert lib.emu_attention_forward(ctypes.byref(prm), _ptr(out), _ptr(lse)) == 9  # cudaErrorInvalidConfiguration
+    assert out.isnan().all() and lse.isnan().all()
+    prm.L = 0
+    dk, dv = _nan(1, 1, 1, 16, dtype=torch.float16), _nan(1, 1, 1, 16, dtype=torch.float16)
+    assert lib.emu_attention_backward(ctypes.byref(prm), None, None, None, None, None, _ptr(dk), _ptr(dv)) == 9
+    assert dk.isnan().all() and dv.isnan().all()
+

@@ -313,6 +313,22 @@ def test_dropout_in_training_matches_torch_with_the_same_seed(mode, dtype):
         torch.testing.assert_close(u, v, **TOL[dtype])
 
 
+@pytest.mark.parametrize("mode", ["lstm_proj", "gru"])
+def test_dropout_packed_matches_torch_with_the_same_seed(mode):
+    """torch drops units of the packed rows (N, D), not of a padded tensor: same seed, same units."""
+    m, t = pair(mode, "cpu", F64, num_layers=3, bidirectional=True, dropout=0.5, batch_first=True)
+    seqs = [torch.randn(n, I, dtype=F64) for n in (3, 6, 1, 4)]
+    grads = []
+    for mod in (m, t):
+        leaves = [s.clone().requires_grad_() for s in seqs]
+        torch.manual_seed(11)
+        out = flat(mod(torch.nn.utils.rnn.pack_sequence(leaves, enforce_sorted=False)))
+        sum(o.sum() for o in out).backward()
+        grads.append(out + [s.grad for s in leaves] + [p.grad for p in mod.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL[F64])
+
+
 def test_dropout_packed_is_deterministic_and_drops():
     m = snn.LSTM(I, H, num_layers=2, dropout=0.5, dtype=F64, backend="cpu")
     p = torch.nn.utils.rnn.pack_sequence([torch.randn(n, I, dtype=F64) for n in (4, 6, 2)], enforce_sorted=False)

@@ -261,6 +261,7 @@ template <typename T, int NT>
 cudaError_t forward_t(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
   const int64_t blocks = p.B * p.Hq * ((p.L + kWarps - 1) / kWarps);
   if (blocks == 0) return cudaSuccess;
+  if (blocks > kAttnMaxGridX) return cudaErrorInvalidConfiguration;
   const size_t smem = sizeof(float) * (kTile * (p.E + 1) + kTile * p.Ev + kWarps * p.E);
   cudaError_t err = prepare(fwd_kernel<T, NT>, smem);
   if (err != cudaSuccess) return err;
@@ -274,6 +275,7 @@ cudaError_t backward_t(const AttnParams& p, const void* dout_, const void* out_,
   const T* dout = static_cast<const T*>(dout_);
   const int64_t rows = p.B * p.Hq * p.L;
   if (rows > 0) {
+    if ((rows + kWarps - 1) / kWarps > kAttnMaxGridX) return cudaErrorInvalidConfiguration;
     SK_LAUNCH(static_cast<unsigned>((rows + kWarps - 1) / kWarps), kWarps * 32, 0, stream, delta_kernel<T>)(
         dout, static_cast<const T*>(out_), delta, rows, p.Ev);
     cudaError_t err = cudaGetLastError();
@@ -282,6 +284,7 @@ cudaError_t backward_t(const AttnParams& p, const void* dout_, const void* out_,
   if (attention_mma_fits(p)) return attention_backward_mma(p, dout, lse, delta, dq, dk, dv, stream);
   const int64_t kv_blocks = p.B * p.Hk * ((p.S + kWarps - 1) / kWarps);
   if (kv_blocks > 0) {
+    if (kv_blocks > kAttnMaxGridX) return cudaErrorInvalidConfiguration;
     const size_t smem = sizeof(float) * (kTile * (p.E + 1) + kTile * (p.Ev + 1) + kWarps * (p.E + p.Ev) + 2 * kTile);
     cudaError_t err = prepare(dkdv_kernel<T, NT>, smem);
     if (err != cudaSuccess) return err;
@@ -292,6 +295,7 @@ cudaError_t backward_t(const AttnParams& p, const void* dout_, const void* out_,
   }
   const int64_t q_blocks = p.B * p.Hq * ((p.L + kWarps - 1) / kWarps);
   if (q_blocks > 0) {
+    if (q_blocks > kAttnMaxGridX) return cudaErrorInvalidConfiguration;
     const size_t smem = sizeof(float) * (kTile * (p.E + 1) + kTile * (p.Ev + 1) + kWarps * (p.E + p.Ev));
     cudaError_t err = prepare(dq_kernel<T, NT>, smem);
     if (err != cudaSuccess) return err;

@@ -4,6 +4,11 @@
 
 namespace seqkern::cuda {
 constexpr int64_t kAttnMaxHeadDim = 256;
+// The attention grids are 1-D, a block per few rows of each (batch, head): no cap and no loop, so a launch
+// past gridDim.x's limit (B*Hq >= 2^31 for decode shapes, L <= 8) is refused with
+// cudaErrorInvalidConfiguration before the count is cast to unsigned (from 2^32 on it would wrap to a few
+// blocks and leave the rest of the output unwritten, with no error).
+constexpr int64_t kAttnMaxGridX = 2147483647;
 
 // Canonical contiguous q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), Hq % Hk == 0. The additive mask
 // (same dtype, or null) is read at mask + b*mask_sb + h*mask_sh + i*mask_sl + j*mask_ss (strides 0 along

@@ -641,6 +641,7 @@ cudaError_t forward_mma_t(const AttnParams& p, void* out, float* lse, cudaStream
   constexpr int MT = 2, BN = D > 64 ? 32 : 64;
   const int64_t blocks = p.B * p.Hq * ((p.L + kRows * MT - 1) / (kRows * MT));
   if (blocks == 0) return cudaSuccess;
+  if (blocks > kAttnMaxGridX) return cudaErrorInvalidConfiguration;
   const size_t smem = sizeof(uint16_t) * (kRows * MT + 2 * BN) * (D + kPad);
   cudaError_t err = launch_prep(fwd_mma_kernel<BF16, D, MT, BN>, smem);
   if (err != cudaSuccess) return err;
@@ -659,6 +660,7 @@ cudaError_t backward_mma_t(const AttnParams& p, const void* dout_, const float* 
   const bool vec = vec_ok(p, dout_);
   const int64_t kv_blocks = p.B * p.Hk * ((p.S + kRows - 1) / kRows);
   if (kv_blocks > 0) {
+    if (kv_blocks > kAttnMaxGridX) return cudaErrorInvalidConfiguration;
     const size_t smem = sizeof(uint16_t) * 2 * kRows * (D + kPad) + 2 * QStage<D, BT>::kBytes;
     cudaError_t err = launch_prep(dkdv_mma_kernel<BF16, D, BT>, smem);
     if (err != cudaSuccess) return err;
@@ -669,6 +671,7 @@ cudaError_t backward_mma_t(const AttnParams& p, const void* dout_, const float* 
   }
   const int64_t q_blocks = p.B * p.Hq * ((p.L + kRows - 1) / kRows);
   if (q_blocks > 0) {
+    if (q_blocks > kAttnMaxGridX) return cudaErrorInvalidConfiguration;
     const size_t smem = sizeof(uint16_t) * 4 * BT * (D + kPad);  // two K/V stages (Q, dO staged there first)
     cudaError_t err = launch_prep(dq_mma_kernel<BF16, D, BT>, smem);
     if (err != cudaSuccess) return err;

@@ -53,11 +53,17 @@ cudaError_t dispatch(DType dtype, F&& f) {
 // SK_LAUNCH(grid, block, smem, stream, kernel)(args...): `kernel` last, so that template arguments
 // with commas need no parentheses.
 // SK_DYNAMIC_SMEM(T, name): `name` points at the launch's dynamic shared memory, 16-byte aligned.
+// SK_GRID_CAP(n): n, the most blocks a launcher puts along a grid dimension whose kernel strides past it
+// (gridDim.y stops at 65535; the 1-D grid-stride launchers at a multiple of it). Such loops would only run
+// at shapes far too large for the emulator, so there the tests may lower every cap at run time
+// (sk_emu_set_grid_cap); the CUDA build sees the constant.
 #ifdef SEQKERN_CUDA_EMULATE
 #define SK_LAUNCH(grid, block, smem, stream, ...) ::sk_emu::launch(grid, block, smem, stream, __VA_ARGS__)
 #define SK_DYNAMIC_SMEM(T, name) T* const name = static_cast<T*>(::sk_emu::dynamic_smem())
+#define SK_GRID_CAP(n) ::sk_emu::grid_cap(n)
 #else
 #define SK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #define SK_DYNAMIC_SMEM(T, name) extern __shared__ __align__(16) T name[]
+#define SK_GRID_CAP(n) (n)
 #endif
 #endif

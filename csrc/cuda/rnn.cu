@@ -24,8 +24,8 @@ __device__ __forceinline__ int64_t time_of(int64_t s, int64_t L, bool reverse) {
 constexpr int kThreads = 256;
 
 int grid_for(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<int>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
+  const int64_t blocks = (n + kThreads - 1) / kThreads, cap = SK_GRID_CAP(int64_t{65535} * 8);
+  return static_cast<int>(blocks < cap ? (blocks > 0 ? blocks : 1) : cap);
 }
 
 // ---------------------------------------------------------------------------

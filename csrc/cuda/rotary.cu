@@ -44,7 +44,8 @@ cudaError_t launch(const void* x, void* out, const void* cos, const void* sin, i
   if (total <= 0) return cudaSuccess;
   const int threads = 256;
   const int64_t blocks = (total + threads - 1) / threads;
-  const int grid = static_cast<int>(blocks < 65535 * 16 ? blocks : 65535 * 16);
+  const int64_t cap = SK_GRID_CAP(int64_t{65535} * 16);
+  const int grid = static_cast<int>(blocks < cap ? blocks : cap);
   SK_LAUNCH(grid, threads, 0, stream, rotary_kernel<T>)(static_cast<const T*>(x), static_cast<T*>(out),
                                                  static_cast<const T*>(cos), static_cast<const T*>(sin), rows, T_, D,
                                                  half, interleaved, inverse);

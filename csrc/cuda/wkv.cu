@@ -106,8 +106,8 @@ constexpr int kThreads = 64;  // small blocks: B*C threads must spread over ever
 
 // x: channel blocks, y: batch (a grid-stride loop past 65535); no 64-bit division in the kernels
 inline dim3 grid_for(int64_t B, int64_t C) {
-  return dim3(static_cast<unsigned int>((C + kThreads - 1) / kThreads),
-              static_cast<unsigned int>(B < 65535 ? B : 65535));
+  const int64_t cap = SK_GRID_CAP(int64_t{65535});
+  return dim3(static_cast<unsigned int>((C + kThreads - 1) / kThreads), static_cast<unsigned int>(B < cap ? B : cap));
 }
 
 template <typename T>

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import backends as B
 from ..ops.attention import scaled_dot_product_attention
+from .rnn import _scriptable_twin
 
 __all__ = ["MultiheadAttention"]
 
@@ -104,7 +105,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     on the fused kernels.
 
     Rows that every mask entry excludes give a zero output (and zero weights), never
-    NaN, unlike torch.nn. Nested tensors are not supported.
+    NaN, unlike torch.nn. Nested tensors (what ``nn.TransformerEncoder`` passes in
+    inference with a padding mask) go to torch's own forward, as they would unconverted.
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
@@ -117,6 +119,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     backend: Optional[str] = None  # class default: modules pickled by torch.nn or converted in place
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script cannot compile this forward: scripting gets torch's module over the same
+        # parameters (see seqkern.nn.rnn._scriptable_twin, shared with the recurrent modules)
+        return _scriptable_twin(self, __name__, __all__)
+
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}" if self.backend is not None else ""
 
@@ -126,8 +133,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-            if t.is_nested:
-                raise TypeError(f"{name}: nested tensors are not supported by seqkern.nn.MultiheadAttention")
             if not t.is_floating_point():
                 raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
         _check_mask_dtype(key_padding_mask, "key_padding_mask")
@@ -177,6 +182,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        if any(isinstance(t, Tensor) and t.is_nested for t in (query, key, value)):
+            # nn.TransformerEncoder (eval, no grad, a padding mask) packs its input into a nested
+            # tensor and expects each layer's fused fast path to take it; when that path is off (a
+            # forward hook, an odd head count, ...) the layer calls self_attn with the nested tensor.
+            # torch's forward serves it (its own fast path, or its own error): so does this one.
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
         batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         if batched and self.batch_first:
             query, key, value = self._time_first(query, key, value)

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..backends import check_backend_name
 from ..ops.rotary import apply_rotary, rotary_cos_sin
 
 
@@ -21,11 +22,13 @@ class SinusoidalPositionalEncoding(torch.nn.Module):
     """
 
     def __init__(self, d_model: int, max_len: int = 5000, dropout: float = 0.0, batch_first: bool = False,
-                 base: float = 10000.0, device=None, dtype=None):
+                 base: float = 10000.0, device=None, dtype=None, backend: str | None = None):
         super().__init__()
         if d_model <= 0:
             raise ValueError(f"d_model must be positive, got {d_model}")
+        # backend: accepted like every layer's (DESIGN "Backends"); adding the table is plain torch
         self.d_model, self.batch_first, self.base = d_model, batch_first, base
+        self.backend = check_backend_name(backend)
         self.dropout = torch.nn.Dropout(dropout)
         self.register_buffer("pe", self._table(max_len, device, dtype or torch.get_default_dtype()), persistent=False)
 
@@ -64,7 +67,7 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         if dim <= 0 or dim % 2:
             raise ValueError(f"dim must be a positive even number, got {dim}")
-        self.dim, self.base, self.interleaved, self.backend = dim, base, interleaved, backend
+        self.dim, self.base, self.interleaved, self.backend = dim, base, interleaved, check_backend_name(backend)
         cos, sin = rotary_cos_sin(max_seq_len, dim, base, device=device, dtype=torch.float64)
         self.register_buffer("cos_cached", cos, persistent=False)
         self.register_buffer("sin_cached", sin, persistent=False)

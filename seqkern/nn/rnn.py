@@ -13,7 +13,7 @@ Each layer and direction is one call of ``seqkern.functional.{rnn,lstm,gru}``; a
 ``PackedSequence`` is unpacked to a padded (T, B, I) tensor and its lengths go to the op
 (``lengths=``), which keeps finished rows' states and reverses each row within its own
 length, so no per-step slicing happens here. Inter-layer dropout is ``F.dropout`` on the
-whole layer output, like torch.
+whole layer output (of a PackedSequence: on its packed rows), like torch.
 
 Autocast: with autocast enabled on the input's device, the layer computes in the autocast
 dtype (input, state and weights are cast; fp64 stays fp64), as torch does for cuDNN RNNs
@@ -44,6 +44,12 @@ from .. import backends as B
 from ..ops.rnn import _RNN_MODES, cell_eager, gru, gru_cell, lstm, lstm_cell, rnn, rnn_cell
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
+
+
+class StateTypeError(TypeError, RuntimeError):
+    """A state or input of the wrong kind or dtype: a TypeError by seqkern's rule, and a
+    RuntimeError, which is what torch.nn's recurrent modules raise for the same call (from
+    deep inside their kernels), so ``except``/``pytest.raises`` written for either catches it."""
 
 
 def _check_backend(backend):
@@ -97,9 +103,38 @@ def _pack(y: Tensor, flat: Tensor) -> Tensor:
     return y.reshape(-1, y.shape[-1]).index_select(0, flat)
 
 
+def _dropout_packed(y: Tensor, p: float, flat: Tensor) -> Tensor:
+    """Inter-layer dropout of a packed batch as torch applies it: on the packed rows, in their
+    order (so one seed drops the same units as torch.nn), the padding left at zero."""
+    rows = F.dropout(_pack(y, flat), p, True)
+    return y.new_zeros(y.shape[0] * y.shape[1], y.shape[2]).index_copy(0, flat, rows).view(y.shape)
+
+
 # ---------------------------------------------------------------------------
 # layers
 # ---------------------------------------------------------------------------
+
+def _scriptable_twin(module, home: str = __name__, names=tuple(__all__)):
+    """``torch.jit.script`` support: TorchScript cannot compile seqkern's forward (Python-side
+    backend dispatch, PackedSequence handling, custom ops with optional arguments), so scripting
+    gets the torch.nn module of the same name holding the very same parameter tensors, hooks and
+    settings. Only for the exact seqkern classes (``names`` of module ``home``; nn/attention.py
+    passes its own): a subclass's own forward must not be dropped.
+    Note: torch.jit.script puts what this returns into the parent's ``_modules`` in place, so
+    after scripting a model, its eager copy runs torch's module there too (same weights)."""
+    cls = type(module)
+    if cls.__module__ != home or cls.__name__ not in names:
+        return module
+    twin = object.__new__(getattr(torch.nn, cls.__name__))
+    state = dict(module.__dict__)
+    for k in ("backend", "_seqkern_replaced_from"):
+        state.pop(k, None)
+    for k, v in state.items():
+        if k.startswith("_") and isinstance(v, dict):
+            state[k] = type(v)(v)  # own containers: registering on the twin leaves the module alone
+    twin.__dict__.update(state)
+    return twin
+
 
 class _SeqMixin:
     """forward() shared by RNN, LSTM and GRU; placed before the torch class in the MRO."""
@@ -109,6 +144,9 @@ class _SeqMixin:
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s if self.backend is None else f"{s}, backend={self.backend!r}"
+
+    def __prepare_scriptable__(self):
+        return _scriptable_twin(self)
 
     # --- checks, with torch's messages and exception types -------------------
 
@@ -159,7 +197,11 @@ class _SeqMixin:
         P = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
         ac = _autocast_dtype(input.data if packed else input)
-        w_dtype = self.weight_ih_l0.dtype
+        # every weight read once a call (torch reads each once or twice): a parametrized weight
+        # (weight_norm, spectral_norm) is recomputed, and spectral_norm's power iteration steps,
+        # at each read
+        all_w = [[self._weights(layer, d) for d in range(D)] for layer in range(self.num_layers)]
+        w_dtype = all_w[0][0][0].dtype
 
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -185,7 +227,8 @@ class _SeqMixin:
         if hx is not None:
             if is_lstm:
                 if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                    raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0) of tensors, got {type(hx).__name__}")
+                    what = f"{len(hx)}-{type(hx).__name__}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+                    raise StateTypeError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {what}")
                 h0, c0 = hx
                 want = 3 if batched else 2
                 if not packed and (h0.dim() != want or c0.dim() != want):
@@ -198,6 +241,11 @@ class _SeqMixin:
                 if not packed and h0.dim() != want:
                     kind = "batched 3-D" if batched else "unbatched 2-D"
                     raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {h0.dim()}-D tensor")
+            if ac is None:
+                for st, what in ((h0, "h_0"), (c0, "c_0")):
+                    if st is not None and st.dtype != x.dtype:
+                        raise StateTypeError(f"{name}: {what} dtype ({st.dtype}) does not match input dtype "
+                                             f"({x.dtype})")
             if not batched:
                 h0 = h0.unsqueeze(1)
                 c0 = None if c0 is None else c0.unsqueeze(1)
@@ -220,7 +268,7 @@ class _SeqMixin:
                 outs = []
                 for d in range(D):
                     k = layer * D + d
-                    weights = tuple(_cast(w, ac) for w in self._weights(layer, d))
+                    weights = tuple(_cast(w, ac) for w in all_w[layer][d])
                     y, h, c = self._run_layer(layer_in, None if h0 is None else h0[k], None if c0 is None else c0[k],
                                               weights, lengths, d == 1)
                     outs.append(y)
@@ -229,7 +277,8 @@ class _SeqMixin:
                         c_n.append(c)
                 layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
                 if dropout > 0 and layer + 1 < self.num_layers:
-                    layer_in = F.dropout(layer_in, dropout, True)
+                    layer_in = (_dropout_packed(layer_in, dropout, flat) if packed
+                                else F.dropout(layer_in, dropout, True))
         out = layer_in
         h_T = torch.stack(h_n, 0)
         c_T = torch.stack(c_n, 0) if is_lstm else None
@@ -303,8 +352,22 @@ class _CellMixin:
         s = super().extra_repr()
         return s if self.backend is None else f"{s}, backend={self.backend!r}"
 
+    def __prepare_scriptable__(self):
+        return _scriptable_twin(self)
+
+    def _weights(self):
+        """(w_ih, w_hh, b_ih, b_hh) read from ``_parameters`` (module ``__getattr__`` costs ~1 us an
+        attribute), or None when any of them lives elsewhere (a parametrization, weight_norm): those
+        are read once a call by the general path."""
+        p = self._parameters
+        try:
+            return p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
+        except KeyError:
+            return None
+
     def _prepare(self, input, states, name):
-        """Checks as torch's cells do (same messages); returns (x, states, batched, autocast dtype)."""
+        """Checks as torch's cells do (same messages); returns (x, states, batched, autocast dtype,
+        parameters), each parameter read once (a parametrized one is recomputed at each read)."""
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         for i, s in enumerate(states):
@@ -331,24 +394,14 @@ class _CellMixin:
                                    f"expected {self.hidden_size}")
             out.append(s)
         ac = _autocast_dtype(x)
+        params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         if ac is None:
+            w_dtype = params[0].dtype
             for t, what in ((x, "input"), *((s, f"hidden{i}") for i, s in enumerate(out))):
-                if t is not None and t.dtype != self.weight_ih.dtype:
-                    raise TypeError(f"{name}: {what} dtype ({t.dtype}) does not match weight dtype "
-                                    f"({self.weight_ih.dtype})")
-        return _cast(x, ac), [_cast(s, ac) for s in out], batched, ac
-
-    def _weights(self):
-        """(w_ih, w_hh, b_ih, b_hh) read from ``_parameters`` (module ``__getattr__`` costs ~1 us an
-        attribute), or None when any of them lives elsewhere (a parametrization, weight_norm)."""
-        p = self._parameters
-        try:
-            return p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
-        except KeyError:
-            return None
-
-    def _params(self, ac):
-        return tuple(_cast(w, ac) for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh))
+                if t is not None and t.dtype != w_dtype:
+                    raise StateTypeError(f"{name}: {what} dtype ({t.dtype}) does not match weight dtype "
+                                         f"({w_dtype})")
+        return _cast(x, ac), [_cast(s, ac) for s in out], batched, ac, tuple(_cast(w, ac) for w in params)
 
 
 class RNNCell(_CellMixin, torch.nn.RNNCell):
@@ -364,9 +417,9 @@ class RNNCell(_CellMixin, torch.nn.RNNCell):
             out = cell_eager(mode, input, hx, None, *w, self.backend)
             if out is not None:
                 return out[0]
-        x, (h,), batched, ac = self._prepare(input, (hx,), "RNNCell")
+        x, (h,), batched, ac, params = self._prepare(input, (hx,), "RNNCell")
         with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
-            out = rnn_cell(x, h, *self._params(ac), nonlinearity=self.nonlinearity, backend=self.backend)
+            out = rnn_cell(x, h, *params, nonlinearity=self.nonlinearity, backend=self.backend)
         return out if batched else out.squeeze(0)
 
 
@@ -384,10 +437,11 @@ class LSTMCell(_CellMixin, torch.nn.LSTMCell):
             if out is not None:
                 return out
         if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
-            raise TypeError(f"LSTMCell: hx must be a tuple (h, c) of tensors, got {type(hx).__name__}")
-        x, (h, c), batched, ac = self._prepare(input, (None, None) if hx is None else tuple(hx), "LSTMCell")
+            what = f"{len(hx)}-{type(hx).__name__}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+            raise StateTypeError(f"LSTMCell: hx must be a tuple (h, c) of two tensors, got {what}")
+        x, (h, c), batched, ac, params = self._prepare(input, (None, None) if hx is None else tuple(hx), "LSTMCell")
         with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
-            h1, c1 = lstm_cell(x, None if h is None else (h, c), *self._params(ac), backend=self.backend)
+            h1, c1 = lstm_cell(x, None if h is None else (h, c), *params, backend=self.backend)
         return (h1, c1) if batched else (h1.squeeze(0), c1.squeeze(0))
 
 
@@ -404,7 +458,7 @@ class GRUCell(_CellMixin, torch.nn.GRUCell):
             out = cell_eager("gru", input, hx, None, *w, self.backend)
             if out is not None:
                 return out[0]
-        x, (h,), batched, ac = self._prepare(input, (hx,), "GRUCell")
+        x, (h,), batched, ac, params = self._prepare(input, (hx,), "GRUCell")
         with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
-            out = gru_cell(x, h, *self._params(ac), backend=self.backend)
+            out = gru_cell(x, h, *params, backend=self.backend)
         return out if batched else out.squeeze(0)

@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..backends import check_backend_name
 from ..ops.wkv import acc_dtype, wkv4, wkv4_initial_state
 
 
@@ -61,7 +62,7 @@ class RWKV4TimeMix(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         fk = dict(device=device, dtype=dtype)
-        self.n_embd, self.layer_id, self.backend = n_embd, layer_id, backend
+        self.n_embd, self.layer_id, self.backend = n_embd, layer_id, check_backend_name(backend)
         self._ratios = _ratios(layer_id, n_layer)
         self.time_decay = nn.Parameter(torch.empty(n_embd, **fk))
         self.time_first = nn.Parameter(torch.empty(n_embd, **fk))
@@ -97,10 +98,18 @@ class RWKV4TimeMix(nn.Module):
         xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
         wkv_state = None if state is None else state[:, 1:4]
-        y, wkv_state = wkv4(self.time_decay, self.time_first, k, v, wkv_state, backend=self.backend)
-        out = self.output(torch.sigmoid(r) * y)
+        # Under autocast the projections come out in bf16/fp16 while time_decay/time_first stay
+        # fp32: the WKV then runs in the wider dtype, as RWKV-4's own kernel wrapper runs it in fp32
+        # (the decay exp(-exp(time_decay)) and k's exponent do not survive a bf16 rounding).
+        wd = torch.promote_types(k.dtype, self.time_decay.dtype)
+        y, wkv_state = wkv4(self.time_decay.to(wd), self.time_first.to(wd), k.to(wd), v.to(wd), wkv_state,
+                            backend=self.backend)
+        out = self.output(torch.sigmoid(r) * y.to(k.dtype))
         acc = acc_dtype(x.dtype)
-        last = x[:, -1] if x.shape[1] else (torch.zeros_like(x[:, 0]) if state is None else state[:, 0])
+        if x.shape[1]:
+            last = x[:, -1]
+        else:  # no token: the state passes through (or stays the empty one)
+            last = x.new_zeros(x.shape[0], x.shape[2]) if state is None else state[:, 0]
         return out, torch.cat((last.to(acc)[:, None], wkv_state.to(acc)), 1)
 
     def initial_state(self, batch: int, device=None, dtype=torch.float32) -> Tensor:
@@ -112,10 +121,12 @@ class RWKV4ChannelMix(nn.Module):
     """Channel mixing: token shift, squared-ReLU key, value, sigmoid receptance gate."""
 
     def __init__(self, n_embd: int, dim_ffn: int, layer_id: int = 0, n_layer: Optional[int] = None, *,
-                 device=None, dtype=None):
+                 backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         fk = dict(device=device, dtype=dtype)
-        self.n_embd, self.dim_ffn, self.layer_id = n_embd, dim_ffn, layer_id
+        # backend: accepted like every layer's (DESIGN "Backends"); channel mixing is plain torch
+        # (matmuls and elementwise), so no seqkern op reads it
+        self.n_embd, self.dim_ffn, self.layer_id, self.backend = n_embd, dim_ffn, layer_id, check_backend_name(backend)
         self._ratios = _ratios(layer_id, n_layer)
         self.time_mix_k = nn.Parameter(torch.empty(1, 1, n_embd, **fk))
         self.time_mix_r = nn.Parameter(torch.empty(1, 1, n_embd, **fk))
@@ -139,7 +150,10 @@ class RWKV4ChannelMix(nn.Module):
         xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
         kv = self.value(torch.square(torch.relu(self.key(xk))))
         out = torch.sigmoid(self.receptance(xr)) * kv
-        last = x[:, -1:] if x.shape[1] else (torch.zeros_like(x[:, :1]) if state is None else state)
+        if x.shape[1]:
+            last = x[:, -1:]
+        else:
+            last = x.new_zeros(x.shape[0], 1, x.shape[2]) if state is None else state
         return out, last.to(acc_dtype(x.dtype))
 
 
@@ -157,7 +171,16 @@ class RWKV4Block(nn.Module):
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(n_embd, **fk)
         self.att = RWKV4TimeMix(n_embd, layer_id, n_layer, backend=backend, **fk)
-        self.ffn = RWKV4ChannelMix(n_embd, dim_ffn, layer_id, n_layer, **fk)
+        self.ffn = RWKV4ChannelMix(n_embd, dim_ffn, layer_id, n_layer, backend=backend, **fk)
+
+    @property
+    def backend(self) -> Optional[str]:
+        """The WKV backend of this block (``None``: automatic); settable, like the RNN layers' ``backend``."""
+        return self.att.backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        self.att.backend = self.ffn.backend = check_backend_name(value)
 
     def forward(self, x: Tensor, state: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         _check_x(x, self.n_embd, type(self).__name__)

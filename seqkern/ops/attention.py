@@ -4,9 +4,10 @@
                                      scale=None, enable_gqa=False, *, backend=None)
 
 q: (..., Hq, L, E), k: (..., Hk, S, E), v: (..., Hk, S, Ev); leading dims broadcast as in
-torch. ``attn_mask``: bool (True = takes part) or additive float of q's dtype, broadcastable
-to (..., Hq, L, S). ``is_causal``: query i sees keys j <= i (top-left alignment when L != S,
-as torch). ``enable_gqa``: Hq a multiple of Hk, query head h reads key/value head h // (Hq/Hk).
+torch. ``attn_mask``: bool (True = takes part) or additive float of q's dtype or float32
+(torch's rule), broadcastable to (..., Hq, L, S). ``is_causal``: query i sees keys j <= i
+(top-left alignment when L != S, as torch); given with ``attn_mask``, both apply, as in torch's
+default CPU (flash) and CUDA (memory-efficient) kernels (only its math fallback refuses the pair). ``enable_gqa``: Hq a multiple of Hk, query head h reads key/value head h // (Hq/Hk).
 
 Differences from torch, on purpose (DESIGN.md "Numerics"): a row that every mask entry
 excludes gives output 0 and gradient 0 (torch gives NaN).
@@ -91,6 +92,9 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.is_nested:  # jagged (torch.nested) inputs: no backend takes ragged sequences
+            raise TypeError(f"{name} is a nested tensor, which seqkern's attention does not take: pad the "
+                            "sequences and pass an attn_mask that excludes the padding")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
         if t.dim() < 2:
@@ -107,12 +111,12 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-            raise TypeError(f"attn_mask must be bool or have query's dtype {q.dtype}, got {attn_mask.dtype}")
+        # torch's rule: a float32 mask goes with any query dtype (masks are often built in the
+        # default dtype, e.g. nn.Transformer.generate_square_subsequent_mask, for fp64/fp16 models)
+        if attn_mask.dtype not in (torch.bool, q.dtype, torch.float32):
+            raise TypeError(f"attn_mask must be bool, float32 or have query's dtype {q.dtype}, got {attn_mask.dtype}")
         if attn_mask.device != q.device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {q.device}")
-        if is_causal:
-            raise ValueError("attn_mask and is_causal cannot both be set (as in torch): pass one of them")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p <= 1.0:
@@ -146,6 +150,16 @@ def _additive(m, q):
         return torch.where(m, torch.zeros((), dtype=q.dtype, device=q.device),
                            torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
     return m
+
+
+def _mask_to(mask, dtype):
+    """A float32 mask for another query dtype: exact for fp64; for fp16/bf16 values past the dtype's
+    range saturate (torch adds them in fp32, so a row masked everywhere with finfo(float32).min
+    still averages there) while -inf stays -inf."""
+    if dtype != torch.float64:
+        fi = torch.finfo(dtype)
+        mask = torch.where(torch.isinf(mask), mask, mask.clamp(fi.min, fi.max))
+    return mask.to(dtype)
 
 
 def _canonical(q, k, v, attn_mask, enable_gqa):
@@ -251,7 +265,8 @@ def _dropout_scale(shape, dropout_p, seed, device, dtype):
 def _softmax_lse(s):
     """P and lse of scores s; rows with no finite score give P = 0 and lse = -inf."""
     if s.shape[-1] == 0:  # no keys (S = 0): every row is fully masked
-        return torch.zeros_like(s), s.new_full(s.shape[:-1], float("-inf")).detach()
+        # s * 0 (empty) keeps q and k in the graph: their gradient is zeros, as torch's, not None
+        return s * 0, s.new_full(s.shape[:-1], float("-inf")).detach()
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
@@ -275,11 +290,16 @@ def sdpa_reference_canonical(q, k, v, mask, dropout_p, is_causal, scale, seed):
 
 
 def sdpa_reference_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, need_dmask=False):
-    """The backward from the equations, P recomputed from lse (what the fused kernels do)."""
+    """The backward from the equations, P recomputed from lse (what the fused kernels do), or from the
+    scores alone with ``lse=None``: a summed lse m + log l loses log l once |m| dwarfs it (a row masked
+    everywhere with finfo(float32).min: m ~ -3.4e38), which would make that row's P all ones."""
     acc = _acc_dtype(q.dtype)
     s = _scores(q, k, mask, is_causal, scale)
-    lse_ = lse.to(acc).unsqueeze(-1)
-    P = torch.where(torch.isfinite(lse_), torch.exp(s - torch.where(torch.isfinite(lse_), lse_, 0)), 0)
+    if lse is None:
+        P = _softmax_lse(s)[0]
+    else:
+        lse_ = lse.to(acc).unsqueeze(-1)
+        P = torch.where(torch.isfinite(lse_), torch.exp(s - torch.where(torch.isfinite(lse_), lse_, 0)), 0)
     Bf, Hk = k.shape[0], k.shape[1]
     Hq = q.shape[1]
     G = Hq // max(Hk, 1)
@@ -307,6 +327,14 @@ def sdpa_reference_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal,
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
 
 
+def _scale(scale, E) -> float:
+    """torch's default 1/sqrt(E); with E = 0 every logit is an empty sum, 0 at any finite scale
+    (1/sqrt(0) would make it 0 * inf = NaN)."""
+    if scale is not None:
+        return float(scale)
+    return 1.0 / math.sqrt(E) if E > 0 else 1.0
+
+
 def _draw_seed(dropout_p) -> int:
     if dropout_p <= 0.0:
         return 0
@@ -318,7 +346,7 @@ def scaled_dot_product_attention_reference(query, key, value, attn_mask=None, dr
     """Plain PyTorch from the equations (differentiable in every argument, twice)."""
     _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     q, k, v, mask, out_shape = _canonical(query, key, value, attn_mask, enable_gqa)
-    sc = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    sc = _scale(scale, query.shape[-1])
     seed = _draw_seed(dropout_p) if seed is None else seed
     out, _ = sdpa_reference_canonical(q, k, v, mask, float(dropout_p), is_causal, sc, seed)
     return out.reshape(out_shape)
@@ -366,14 +394,8 @@ def _ref_fwd(q, k, v, mask, dropout_p, is_causal, scale, seed, cos=None, sin=Non
     return out.contiguous(), torch.stack((lse, torch.zeros_like(lse)), -1)
 
 
-def _lse_natural(lse, backend):
-    """The plain log-sum-exp (B, H, L) of a backend's (hi, lo) pair."""
-    full = lse[..., 0] + lse[..., 1]
-    return full * math.log(2.0) if backend == "triton" else full
-
-
 def _ref_bwd(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scale, seed, cos=None, sin=None):
-    lse = _lse_natural(lse, "reference")
+    lse = None  # P from the scores (see sdpa_reference_backward): the reference saves only the summed lse
     if cos is not None:
         from .rotary import _rotate_reference
 
@@ -458,8 +480,8 @@ def _backward(ctx, dout, dlse):
     if mask is not None and ctx.needs_input_grad[3]:
         # the fused kernels never form dS; the rare gradient w.r.t. an additive mask comes from the equations
         qr, kr = (q, k) if cos is None else _rotate(q, k, cos, sin)
-        dmask = sdpa_reference_backward(dout, qr, kr, v, mask, out, _lse_natural(lse, backend), dropout_p,
-                                        is_causal, scale, seed, need_dmask=True)[3]
+        dmask = sdpa_reference_backward(dout, qr, kr, v, mask, out, None, dropout_p, is_causal, scale, seed,
+                                        need_dmask=True)[3]
     # cos/sin are constants of the fused rotary (scaled_dot_product_attention takes the separate,
     # differentiable rotary pass when they require grad)
     return dq, dk, dv, dmask, None, None, None, None, None, None, None
@@ -503,6 +525,9 @@ _EXT_OP, _EXT_OP_REASON = _ext_has_op()
 def _supports_cpu(q, k, v, mask, dropout_p=0.0, is_causal=False):
     if not _EXT_OP:
         return False, _EXT_OP_REASON
+    why = B.reference_only((q, k, v, mask))
+    if why:
+        return False, why
     if q.device.type != "cpu":
         return False, f"inputs are on {q.device.type}, this backend runs on cpu"
     if q.dtype not in _CPU_DTYPES:
@@ -516,6 +541,9 @@ def _supports_gpu(device_types, dtypes):
             return False, f"inputs are on {q.device.type}, this backend runs on {'/'.join(device_types)}"
         if "cpu" not in device_types and not _EXT_OP:
             return False, _EXT_OP_REASON
+        why = B.reference_only((q, k, v, mask))
+        if why:
+            return False, why
         if q.dtype not in dtypes:
             why = "" if torch.float64 in dtypes else "; its kernel accumulates in fp32"
             return False, f"dtype {q.dtype} not supported (supports {', '.join(str(d)[6:] for d in dtypes)}{why})"
@@ -568,9 +596,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         R._validate(query, key, cos, sin, False)
     _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     q, k, v, mask, out_shape = _canonical(query, key, value, attn_mask, enable_gqa)
-    sc = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    sc = _scale(scale, query.shape[-1])
     dropout_p = float(dropout_p)
     name = B.select(OP, backend, q, k, v, mask, dropout_p, is_causal)
+    if mask is not None and mask.dtype != q.dtype and name not in ("reference", "triton"):
+        mask = _mask_to(mask, q.dtype)  # the C++ bindings take the mask in q's dtype
     if cos is not None:
         if name in ("cpu", "triton") and not (cos.requires_grad or sin.requires_grad):
             tab = q.dtype if name == "cpu" else _acc_dtype(q.dtype)  # as the reference rotates
@@ -591,4 +621,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             out, _ = _EagerSdpa.apply(q, k, v, mask, dropout_p, is_causal, sc, seed, name, cos, sin)
         else:
             out, _ = _FWD[name](q, k, v, mask, dropout_p, is_causal, sc, seed, cos, sin)
-    return out.reshape(out_shape)
+    out = out.reshape(out_shape)
+    if query.dim() == 4 and not query.is_contiguous():
+        # torch lays its output out in the query's order of (B, H, L): a (B, H, L, E) view of (B, L, H, E)
+        # projections gives (B, L, H, Ev) memory, and code may follow with o.transpose(1, 2).view(...).
+        # The copy here is the one that the caller's .contiguous() or reshape then skips.
+        order = sorted(range(3), key=lambda d: -query.stride(d))
+        if order != [0, 1, 2]:
+            out = out.permute(*order, 3).contiguous().permute(*(order.index(d) for d in range(3)), 3)
+    return out

@@ -25,6 +25,7 @@ ones) are exactly the time indices ``t < L_b``: every backend uses it.
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -233,18 +234,26 @@ def _reference_fwd(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, rever
     return y, h.clone() if h is h0 else h, c.clone() if c is c0 else c, x.new_empty(0)
 
 
-def _reference_grads(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, need):
+def _reference_grads(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, need,
+                     create_graph=False):
     """Backward of the reference = autograd of the reference loop, recomputed. Runs in the op's
-    autograd formula (not inside an op: below the autograd key nothing would be recorded)."""
+    autograd formula (not inside an op: below the autograd key nothing would be recorded).
+    With ``create_graph`` the recomputation hangs off the inputs themselves (not detached
+    copies), so the gradients it returns can be differentiated again."""
     ins = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
     with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip(ins, need)]
+        if create_graph:
+            leaves = ins
+        else:
+            leaves = [None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip(ins, need)]
         yo, ho, co = reference(mode, *leaves, lengths, reverse)
-        pairs = [(o, g) for o, g in ((yo, dy), (ho, dh), (co, dc)) if o is not None and g is not None]
+        pairs = [(o, g) for o, g in ((yo, dy), (ho, dh), (co, dc))
+                 if o is not None and g is not None and o.requires_grad]
         wrt = [t for t, n in zip(leaves, need) if n and t is not None]
         got = [None] * len(wrt)
         if wrt and pairs:
-            got = list(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
+            got = list(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True,
+                                           create_graph=create_graph))
     res = []
     for t, n in zip(leaves, need):
         if n and t is not None:
@@ -283,13 +292,15 @@ _BWD = {"cpu": _cpu_bwd, "cuda": _cpu_bwd, "triton": _triton_bwd}  # the referen
 @torch.library.custom_op("seqkern::rnn_forward", mutates_args=())
 def _fwd_op(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
             b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
-            reverse: bool, save: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            reverse: bool, save: bool, backend: str, auto: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    # auto: the backend was chosen automatically (not named by the caller), which lets a
+    # create_graph backward fall back to the reference's differentiable recomputation
     y, h, c, ws = _FWD[backend](mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save)
     return y, h, c, ws
 
 
 @_fwd_op.register_fake
-def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, backend):
+def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, backend, auto=False):
     T, Bsz = x.shape[0], x.shape[1]
     H = w_hh.shape[0] // _GATES[mode]
     P = h0.shape[1]
@@ -316,39 +327,58 @@ def _(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, revers
 
 
 def _setup_context(ctx, inputs, output):
-    mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, backend = inputs
+    mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, backend, auto = inputs
     y, _, _, ws = output
-    ctx.mode, ctx.reverse, ctx.backend, ctx.save = mode, reverse, backend, save
+    ctx.mode, ctx.reverse, ctx.backend, ctx.save, ctx.auto = mode, reverse, backend, save, auto
     # the workspace is no output to differentiate: without this autograd materialises a zero
     # gradient the size of every saved activation (tens of MiB filled per backward)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y, ws)
+    # y itself is not saved: no backward reads it (the workspace holds every step's state), and
+    # saving it would make an in-place op on the layer's output (F.relu(y, inplace=True), an
+    # in-place dropout) fail the backward's version check, where torch.nn's RNNs allow it
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ws)
 
 
 def _backward(ctx, dy, dh, dc, dws):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y, ws = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ws = ctx.saved_tensors
     need = [bool(n) for n in ctx.needs_input_grad[1:9]]
     if ctx.backend == "reference":
         grads = _reference_grads(ctx.mode, dy, dh, dc if ctx.mode == "lstm" else None, x, h0, c0, w_ih, w_hh, b_ih,
                                  b_hh, w_hr, lengths, ctx.reverse, need)
-        return (None, *grads, None, None, None, None, None)
+        return (None, *grads, None, None, None, None, None, None)
+    if ctx.auto and _wants_graph():
+        # create_graph (gradient penalties, MAML): torch.nn's RNNs differentiate twice, and an
+        # automatically chosen backend must not turn that into an error: the gradients come
+        # from the reference's recomputation, kept in the graph
+        grads = _reference_grads(ctx.mode, dy, dh, dc if ctx.mode == "lstm" else None, x, h0, c0, w_ih, w_hh,
+                                 b_ih, b_hh, w_hr, lengths, ctx.reverse, need, create_graph=True)
+        return (None, *grads, None, None, None, None, None, None)
     if not ctx.save:
         raise RuntimeError("seqkern rnn: the forward ran without saving activations (no input required grad "
                            "or grad mode was off), so it cannot be differentiated")
     B.check_no_double_backward(f"seqkern {ctx.mode}", ctx.backend)
-    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
+    dy = x.new_zeros(x.shape[0], x.shape[1], h0.shape[1]) if dy is None else dy.contiguous()
     dh = torch.zeros_like(h0) if dh is None else dh.contiguous()
     if ctx.mode == "lstm":
         dc = torch.zeros_like(c0) if dc is None else dc.contiguous()
     else:
         dc = None
-    grads = _bwd_op(ctx.mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse, y, ws,
+    # the op's y argument is unread by every backend (see _setup_context): dy stands in, same shape
+    grads = _bwd_op(ctx.mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse, dy, ws,
                     need, ctx.backend)
     res = [g if n else None for g, n in zip(grads, need)]
-    return (None, *res, None, None, None, None, None)
+    return (None, *res, None, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _wants_graph() -> bool:
+    """Inside a backward: whether it runs with create_graph (grad mode on), eagerly."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+_reference_only = B.reference_only  # torch.func / forward-mode AD: see there
 
 
 # ---------------------------------------------------------------------------
@@ -357,6 +387,9 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _supports(dtypes, device_type):
     def supports(*tensors):
+        why = _reference_only(tensors)
+        if why:
+            return False, why
         x = tensors[0]
         if x.device.type != device_type:
             return False, f"inputs are on {x.device.type}, this backend runs on {device_type}"
@@ -365,6 +398,9 @@ def _supports(dtypes, device_type):
 
 
 def _triton_supports(*tensors):
+    why = _reference_only(tensors)
+    if why:
+        return False, why
     ok, reason = B.same_device_and_dtype(tensors, _GPU_DTYPES)
     if ok and tensors[0].device.type == "cpu" and tensors[0].dtype == torch.bfloat16:
         return False, "bf16 is computed wrongly by the Triton interpreter"
@@ -405,28 +441,43 @@ def _run(op, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ba
     if name == "reference":
         return reference(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if name == "cpu" and op in CELL_OPS and not torch.compiler.is_compiling():
+    save = _save_activations(tensors)
+    auto = _is_auto(backend)
+    if name == "cpu" and op in CELL_OPS and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
         # a cell (one step) in eager mode: the registered op's Python layers (custom_op
         # dispatch, its autograd wrapper) cost more than the step's kernel at small batch
         if save:
-            h, c = _StepFn.apply(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+            h, c = _StepFn.apply(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, auto)
         else:
             _, h, c, _ = torch.ops.seqkern_C.rnn_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, False,
                                                          False)
         return None, h, (c if mode == "lstm" else None)
-    y, h, c, _ = _fwd_op(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, name)
+    y, h, c, _ = _fwd_op(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, name, auto)
     return y, h, (c if mode == "lstm" else None)
+
+
+def _is_auto(backend) -> bool:
+    """Whether B.select chose the backend itself (no argument, no SEQKERN_BACKEND)."""
+    return backend is None and not os.environ.get("SEQKERN_BACKEND", "").strip()
+
+
+def _save_activations(tensors) -> bool:
+    needs = any(t is not None and t.requires_grad for t in tensors)
+    if torch.jit.is_tracing():
+        # the flag becomes a constant of the traced graph, and torch.jit.trace checks its
+        # trace by rerunning it under no_grad: it must not depend on the grad mode there
+        return needs
+    return needs and torch.is_grad_enabled()
 
 
 class _StepFn(torch.autograd.Function):
     """One step on the cpu kernels, eager only (torch.compile traces the registered op)."""
 
     @staticmethod
-    def forward(ctx, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    def forward(ctx, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, auto=False):
         y, h, c, ws = torch.ops.seqkern_C.rnn_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, False,
                                                       True)
-        ctx.mode = mode
+        ctx.mode, ctx.auto = mode, auto
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, ws)
         if mode != "lstm":
@@ -436,8 +487,12 @@ class _StepFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh, dc):
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, ws = ctx.saved_tensors
-        B.check_no_double_backward(f"seqkern {ctx.mode}", "cpu")
         need = [bool(n) for n in ctx.needs_input_grad[1:8]] + [False]
+        if ctx.auto and _wants_graph():  # create_graph: as in the sequence op's backward
+            grads = _reference_grads(ctx.mode, None, dh, dc if ctx.mode == "lstm" else None, x, h0, c0, w_ih, w_hh,
+                                     b_ih, b_hh, None, None, False, need, create_graph=True)
+            return (None, *grads[:7], None)
+        B.check_no_double_backward(f"seqkern {ctx.mode}", "cpu")
         # the step's output y is h itself: its gradient comes in through dh alone
         dh = torch.zeros_like(h0) if dh is None else dh.contiguous()
         if ctx.mode == "lstm":
@@ -446,7 +501,7 @@ class _StepFn(torch.autograd.Function):
             dc = None
         grads = torch.ops.seqkern_C.rnn_backward(ctx.mode, torch.zeros_like(y), dh, dc, x, h0, c0, w_ih, w_hh, b_ih,
                                                  b_hh, None, None, False, y, ws, need)
-        return (None, *[g if n else None for g, n in zip(grads[:7], need)])
+        return (None, *[g if n else None for g, n in zip(grads[:7], need)], None)
 
 
 def _split_hx(hx, name="hx"):
@@ -517,11 +572,11 @@ _rnn_forward_C = torch.ops.seqkern_C.rnn_forward if _FAST_OK else None
 def cell_eager(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
     """One step on the cpu kernels for the common eager call, or None when this call is not that
     one: the cpu backend chosen (explicitly or automatically), plain cpu tensors of one fp32/fp64
-    dtype with consistent shapes (x (B, I) or (I,), h and c like x or None), not traced, no mode,
-    functorch transform or autocast. Then the general checks and backend selection, which cost
-    more than the step at small batch, are skipped. Anything else, every bad input included,
-    returns None and goes the general way, which names the argument at fault. Returns (h', c')
-    (c' None unless lstm), unbatched when x is."""
+    dtype with consistent shapes (x (B, I) or (I,), h and c like x or None), and B.eager_cpu (not
+    traced, no mode, transform, forward AD or autocast). Then the general checks and backend
+    selection, which cost more than the step at small batch, are skipped. Anything else, every bad
+    input included, returns None and goes the general way, which names the argument at fault.
+    Returns (h', c') (c' None unless lstm), unbatched when x is."""
     P = B.PLAIN_TENSORS
     if not _FAST_OK or type(x) not in P or type(w_ih) not in P or type(w_hh) not in P:
         return None
@@ -554,7 +609,7 @@ def cell_eager(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
         c = x.new_zeros(Bsz, H) if c is None else (c if nd == 2 else c[None])
     B._LAST[_CELL_OP[mode]] = "cpu"
     if torch.is_grad_enabled() and _any_requires_grad(x, h, c, w_ih, w_hh, b_ih, b_hh):
-        h1, c1 = _StepFn.apply(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh)
+        h1, c1 = _StepFn.apply(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh, _is_auto(backend))
     else:
         _, h1, c1, _ = _rnn_forward_C(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, False)
     if nd == 1:

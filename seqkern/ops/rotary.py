@@ -192,6 +192,9 @@ def _supports(dtypes, device_type):
     def supports(q, k, cos, sin, interleaved=False):
         if q.device.type != device_type:
             return False, f"inputs are on {q.device.type}, this backend runs on {device_type}"
+        why = B.reference_only((q, k, cos, sin))
+        if why:
+            return False, why
         if q.dtype not in dtypes:
             return False, f"dtype {q.dtype} not supported (supports {', '.join(map(str, dtypes))})"
         return True, ""
@@ -199,6 +202,9 @@ def _supports(dtypes, device_type):
 
 
 def _triton_supports(q, k, cos, sin, interleaved=False):
+    why = B.reference_only((q, k, cos, sin))
+    if why:
+        return False, why
     if q.dtype not in _GPU_DTYPES:
         return False, f"dtype {q.dtype} not supported"
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:

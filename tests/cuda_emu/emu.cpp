@@ -73,6 +73,7 @@ uint64_t g_together = 1;  // blocks resident at once
 int g_order = 0;
 std::mt19937 g_rng(0);
 long g_spins = 0;
+int64_t g_grid_cap = 0;  // sk_emu_set_grid_cap; 0: the launchers' own caps
 cudaError_t g_last = cudaSuccess;
 void (*g_body)(void*) = nullptr;
 void* g_ctx = nullptr;
@@ -451,6 +452,8 @@ cudaError_t run(dim3 grid, dim3 block, size_t smem, const void* fn, bool coopera
   return cudaSuccess;
 }
 
+int64_t grid_cap(int64_t cap) { return g_grid_cap > 0 && g_grid_cap < cap ? g_grid_cap : cap; }
+
 cudaError_t func_set_attribute(const void* fn, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   if (value < 0 || value > kSmemOptin) return cudaErrorInvalidValue;
@@ -509,4 +512,9 @@ extern "C" const char* sk_emu_last_failure() { return sk_emu::g_fail.c_str(); }
 extern "C" void sk_emu_set_schedule(int order, unsigned seed) {
   sk_emu::g_order = order;
   sk_emu::g_rng.seed(seed);
+}
+extern "C" void sk_emu_set_grid_cap(int64_t n) { sk_emu::g_grid_cap = n; }
+// the grid of the last launch that ran: the tests check that a lowered cap took effect
+extern "C" void sk_emu_last_grid(int64_t* xyz) {
+  xyz[0] = sk_emu::g_grid.x, xyz[1] = sk_emu::g_grid.y, xyz[2] = sk_emu::g_grid.z;
 }

@@ -83,6 +83,10 @@ unsigned warp_full_mask();
 long long clock();
 [[noreturn]] void fail(const char* what);
 
+// SK_GRID_CAP(cap) of csrc/cuda/common.h: cap, or less after sk_emu_set_grid_cap(n) (n > 0), so that the
+// tests reach the kernels' loops past a capped grid dimension at small shapes
+int64_t grid_cap(int64_t cap);
+
 // one launch: body(ctx) is run by every thread of every block
 cudaError_t run(dim3 grid, dim3 block, size_t smem, const void* fn, bool cooperative, void (*body)(void*), void* ctx);
 void set_error(cudaError_t e);
