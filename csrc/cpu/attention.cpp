@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
@@ -222,14 +223,93 @@ struct MaskView {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
+// Query blocks of at most this many rows take their logits and P V as direct dot products.
+constexpr int64_t kDotRows = 4;
+
+// sum_i a[i] b[i] in a fixed order (16 partial sums, then a fixed tree): the same bits wherever
+// it runs
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  constexpr int W = 16;
+  T acc[W] = {};
+  int64_t i = 0;
+  for (; i + W <= n; i += W)
+#pragma omp simd
+    for (int l = 0; l < W; ++l) acc[l] = std::fma(a[i + l], b[i + l], acc[l]);
+  for (int l = 0; i + l < n; ++l) acc[l] = std::fma(a[i + l], b[i + l], acc[l]);
+  for (int w = W / 2; w > 0; w /= 2)
+#pragma omp simd
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+#if defined(__AVX512F__)
+// one accumulator and a horizontal add: the generic version's reduction went through memory
+// (~9 ns a key at E=32); consecutive keys' dot products overlap in the pipeline instead
+template <>
+inline float dot<float>(const float* __restrict a, const float* __restrict b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+#endif
+
+// ar[e] += sum_c p[c] V[c][e] for the nk rows of V (row stride Ev), each sum in c order
+template <typename T>
+inline void pv_row(T* __restrict ar, const T* __restrict p, const T* __restrict V, int64_t nk, int64_t Ev) {
+  for (int64_t c = 0; c < nk; ++c) {
+    const T pc = p[c];
+    const T* vr = V + c * Ev;
+#pragma omp simd
+    for (int64_t e = 0; e < Ev; ++e) ar[e] = std::fma(pc, vr[e], ar[e]);
+  }
+}
+
+#if defined(__AVX512F__)
+// 64 columns at a time held in registers across the keys (the generic loop stores and reloads
+// the accumulator row for every key)
+template <>
+inline void pv_row<float>(float* __restrict ar, const float* __restrict p, const float* __restrict V, int64_t nk,
+                          int64_t Ev) {
+  for (int64_t e0 = 0; e0 < Ev; e0 += 64) {
+    __mmask16 k[4];
+    __m512 a[4];
+    for (int j = 0; j < 4; ++j) {
+      const int64_t rem = std::clamp<int64_t>(Ev - e0 - 16 * j, 0, 16);
+      k[j] = static_cast<__mmask16>(rem == 16 ? 0xFFFFu : (1u << rem) - 1u);
+      a[j] = _mm512_maskz_loadu_ps(k[j], ar + e0 + 16 * j);
+    }
+    for (int64_t c = 0; c < nk; ++c) {
+      const __m512 pc = _mm512_set1_ps(p[c]);
+      const float* vr = V + c * Ev + e0;
+      for (int j = 0; j < 4; ++j) a[j] = _mm512_fmadd_ps(pc, _mm512_maskz_loadu_ps(k[j], vr + 16 * j), a[j]);
+    }
+    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(ar + e0 + 16 * j, k[j], a[j]);
+  }
+}
+#endif
+
 // Logits of one (query block, key block): scale * Q K^T, plus the mask, -inf above the causal
 // diagonal (top-left aligned: key j is visible to query i iff j <= i).
 template <typename T>
 void block_logits(T* s, int64_t ld, const T* Q, const T* K, int64_t nq, int64_t nk, int64_t E, T scale,
                   const MaskView& mv, int64_t b, int64_t h, int64_t i0, int64_t j0, bool causal) {
-  gemm_rm<T>(false, true, nq, nk, E, scale, Q, E, K, E, T(0), s, ld);
-  if (E == 0)  // BLAS may leave C alone for an empty sum
-    for (int64_t r = 0; r < nq; ++r) std::fill(s + r * ld, s + r * ld + nk, T(0));
+  if (nq <= kDotRows) {
+    // a few query rows (decoding): direct dot products, without BLAS's per-call setup and
+    // packing; the choice depends on nq alone, so the backward's recomputation takes the same
+    // branch for the same block and sees the same bits
+    for (int64_t r = 0; r < nq; ++r)
+      for (int64_t c = 0; c < nk; ++c) s[r * ld + c] = scale * dot(Q + r * E, K + c * E, E);
+  } else {
+    gemm_rm<T>(false, true, nq, nk, E, scale, Q, E, K, E, T(0), s, ld);
+    if (E == 0)  // BLAS may leave C alone for an empty sum
+      for (int64_t r = 0; r < nq; ++r) std::fill(s + r * ld, s + r * ld + nk, T(0));
+  }
   if (mv.data != nullptr) {
     const T* m = static_cast<const T*>(mv.data) + b * mv.sb + h * mv.sh;
     for (int64_t r = 0; r < nq; ++r) {
@@ -284,10 +364,18 @@ void rotate_rows(T* dst, const T* x, int64_t n, int64_t E, const Rotary<T>& rot,
 // one at a time (next_task) instead of a contiguous share each, so a core slowed by other load on
 // the machine takes fewer tasks instead of the whole call waiting for it. A task's result does not
 // depend on the thread that runs it (deterministic).
+// Calls of at most kInlineFlops run on the calling thread: waking the pool costs more than
+// such a call's whole work (a decoding step, B=1 H=8 L=1 S=64 D=32, is 66 kflop).
+constexpr int64_t kInlineFlops = int64_t(1) << 18;
+
 template <typename F>
-void dynamic_tasks(int64_t n, const F& worker) {
+void dynamic_tasks(int64_t n, int64_t flops, const F& worker) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
+  if (flops <= kInlineFlops) {
+    worker(next);
+    return;
+  }
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next); });
 }
@@ -309,8 +397,12 @@ void forward_impl(const T* q, const T* k, const T* v, const MaskView& mv, T* out
   const int64_t G = Hq / Hk, nqb = (L + kFwdBQ - 1) / kFwdBQ;
   const T ninf = static_cast<T>(kNegInf), inv_keep = static_cast<T>(dp.inv_keep);
   const int64_t ntasks = Bn * Hq * nqb;
-  dynamic_tasks(ntasks, [&](std::atomic<int64_t>& next) {
-    std::vector<T> sbuf(kFwdBQ * kFwdBK), acc(kFwdBQ * std::max<int64_t>(Ev, 1)), m(kFwdBQ), l(kFwdBQ), sh(kFwdBQ);
+  // scratch for the rows a block can have (L < kFwdBQ: L), left uninitialised: every entry read
+  // is written first (a zero-filled 64 KiB logit block cost more than a decoding step's work)
+  const int64_t rows = std::min(kFwdBQ, L);
+  dynamic_tasks(ntasks, Bn * Hq * L * S * (E + Ev) * 2, [&](std::atomic<int64_t>& next) {
+    std::unique_ptr<T[]> sbuf(new T[rows * kFwdBK]), acc(new T[rows * std::max<int64_t>(Ev, 1)]);
+    std::vector<T> m(rows), l(rows), sh(rows);
     std::vector<T> qrot(rot.cos ? kFwdBQ * E : 0), krot(rot.cos ? kFwdBK * E : 0);  // rotated q/k blocks
     for (int64_t t; (t = next_task(next)) < ntasks;) {
       const int64_t bh = t / nqb, i0 = (t % nqb) * kFwdBQ, b = bh / Hq, h = bh % Hq;
@@ -325,11 +417,11 @@ void forward_impl(const T* q, const T* k, const T* v, const MaskView& mv, T* out
       std::fill(m.begin(), m.end(), ninf);
       std::fill(sh.begin(), sh.end(), ninf);
       std::fill(l.begin(), l.end(), T(0));
-      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(acc.get(), acc.get() + nq * Ev, T(0));
       const int64_t kend = causal ? std::min(S, i0 + nq) : S;  // key blocks past the diagonal are skipped
       for (int64_t j0 = 0; j0 < kend; j0 += kFwdBK) {
         const int64_t nk = std::min(kFwdBK, kend - j0);
-        T* s = sbuf.data();
+        T* s = sbuf.get();
         const T* Kb = K + j0 * E;
         if (rot.cos) {  // each key block as it is loaded
           rotate_rows(krot.data(), Kb, nk, E, rot, j0, false);
@@ -350,7 +442,7 @@ void forward_impl(const T* q, const T* k, const T* v, const MaskView& mv, T* out
           m[r] = m_new;
           sh[r] = shift;
           if (alpha != T(1)) {
-            T* ar = acc.data() + r * Ev;
+            T* ar = acc.get() + r * Ev;
             for (int64_t c = 0; c < Ev; ++c) ar[c] *= alpha;
           }
           if (dp.on) {  // the normaliser l uses the undropped probabilities, the accumulator the dropped ones
@@ -358,11 +450,15 @@ void forward_impl(const T* q, const T* k, const T* v, const MaskView& mv, T* out
             for (int64_t c = 0; c < nk; ++c) sr[c] = dp.keep(rk, j0 + c) ? sr[c] * inv_keep : T(0);
           }
         }
-        gemm_rm<T>(false, false, nq, Ev, nk, T(1), s, kFwdBK, V + j0 * Ev, Ev, T(1), acc.data(), Ev);
+        if (nq <= kDotRows) {  // acc += P V row by row, the rows of V streamed once per query row
+          for (int64_t r = 0; r < nq; ++r) pv_row(acc.get() + r * Ev, s + r * kFwdBK, V + j0 * Ev, nk, Ev);
+        } else {
+          gemm_rm<T>(false, false, nq, Ev, nk, T(1), s, kFwdBK, V + j0 * Ev, Ev, T(1), acc.get(), Ev);
+        }
       }
       for (int64_t r = 0; r < nq; ++r) {
         T* o = out + (bh * L + i0 + r) * Ev;
-        const T* ar = acc.data() + r * Ev;
+        const T* ar = acc.get() + r * Ev;
         T* st = lse + 2 * (bh * L + i0 + r);
         if (l[r] == T(0)) {  // every key excluded: output 0 (torch would give NaN)
           std::fill(o, o + Ev, T(0));
@@ -386,7 +482,7 @@ void backward_impl(const T* dout, const T* q, const T* k, const T* v, const Mask
   const int64_t G = Hq / Hk;
   const T ninf = static_cast<T>(kNegInf), inv_keep = static_cast<T>(dp.inv_keep);
   const int64_t ntasks = Bn * Hk;
-  dynamic_tasks(ntasks, [&](std::atomic<int64_t>& next) {
+  dynamic_tasks(ntasks, Bn * Hq * L * S * (2 * E + 2 * Ev) * 2, [&](std::atomic<int64_t>& next) {
     std::vector<T> pbuf(kBwdBQ * kBwdBK), dpbuf(kBwdBQ * kBwdBK), delta(G * L), rowdelta(kBwdBQ);
     std::vector<T> opad(kBwdBK * Ev, T(0)), vpad(kBwdBK * Ev, T(0));  // zero rows past the block
     std::vector<T> qrot(rot.cos ? kBwdBQ * E : 0), krot(rot.cos ? kBwdBK * E : 0);  // rotated q/k blocks

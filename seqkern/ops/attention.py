@@ -561,6 +561,41 @@ B.register(OP, "triton", _supports_gpu(("cuda", "cpu"), _TRITON_DTYPES))
 B.register(OP, "cuda", _supports_gpu(("cuda",), _CUDA_DTYPES))
 
 
+_any_requires_grad = torch._C._any_requires_grad
+
+
+def _sdpa_eager(q, k, v, dropout_p, is_causal, scale, enable_gqa, backend):
+    """The output for the common eager call on the cpu kernel, or None when this call is not that one:
+    the cpu backend chosen (explicitly or automatically), plain 4-D cpu tensors (B, H, L, E) of one
+    fp32/fp64 dtype with equal batch and heads, no mask, no dropout, and B.eager_cpu (not traced, no
+    mode, transform, forward AD or autocast). Validation, canonical form and backend selection together cost more than
+    a decoding step's attention (~10 us against torch's whole ~9 us call); any other call, every bad
+    input included, returns None and takes the general path, which names the argument at fault."""
+    P = B.PLAIN_TENSORS
+    if (not _EXT_OP or type(q) not in P or type(k) not in P or type(v) not in P
+            or enable_gqa is not False or (is_causal is not False and is_causal is not True)
+            or type(dropout_p) not in (float, int) or dropout_p != 0
+            or (scale is not None and type(scale) not in (float, int))):
+        return None
+    dt = q.dtype
+    if (dt not in _CPU_DTYPES or k.dtype is not dt or v.dtype is not dt or not q.is_cpu or not k.is_cpu
+            or not v.is_cpu or q.is_nested or k.is_nested or v.is_nested or not B.eager_cpu(backend)):
+        return None
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        return None
+    Bq, Hq, _, E = qs
+    if ks[0] != Bq or vs[0] != Bq or ks[1] != Hq or vs[1] != Hq or ks[3] != E or vs[2] != ks[2]:
+        return None
+    sc = _scale(scale, E)
+    B._LAST[OP] = "cpu"
+    if torch.is_grad_enabled() and _any_requires_grad(q, k, v):
+        out = _EagerSdpa.apply(q, k, v, None, 0.0, is_causal, sc, 0, "cpu", None, None)[0]
+    else:
+        out = _cpu_fwd(q, k, v, None, 0.0, is_causal, sc, 0)[0]
+    return out if q.is_contiguous() else _in_query_order(out, q)
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False, *, rotary: Optional[Tuple[Tensor, Tensor]] = None,
@@ -577,6 +612,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     Under ``torch.autocast`` it follows torch's rule for SDPA: floating inputs are cast to the autocast
     dtype (CPU bf16, CUDA fp16/bf16); fp64 stays fp64.
     """
+    if rotary is None and attn_mask is None:
+        out = _sdpa_eager(query, key, value, dropout_p, is_causal, scale, enable_gqa, backend)
+        if out is not None:
+            return out
     dev = query.device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         low = torch.get_autocast_dtype(dev)
@@ -623,10 +662,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             out, _ = _FWD[name](q, k, v, mask, dropout_p, is_causal, sc, seed, cos, sin)
     out = out.reshape(out_shape)
     if query.dim() == 4 and not query.is_contiguous():
-        # torch lays its output out in the query's order of (B, H, L): a (B, H, L, E) view of (B, L, H, E)
-        # projections gives (B, L, H, Ev) memory, and code may follow with o.transpose(1, 2).view(...).
-        # The copy here is the one that the caller's .contiguous() or reshape then skips.
-        order = sorted(range(3), key=lambda d: -query.stride(d))
-        if order != [0, 1, 2]:
-            out = out.permute(*order, 3).contiguous().permute(*(order.index(d) for d in range(3)), 3)
+        out = _in_query_order(out, query)
+    return out
+
+
+def _in_query_order(out, query):
+    """out (B, H, L, Ev) laid out in the 4-D query's memory order of (B, H, L), as torch does: a
+    (B, H, L, E) view of (B, L, H, E) projections gives (B, L, H, Ev) memory, and code may follow with
+    o.transpose(1, 2).view(...). The copy here is the one that the caller's .contiguous() or reshape
+    then skips."""
+    order = sorted(range(3), key=lambda d: -query.stride(d))
+    if order != [0, 1, 2]:
+        out = out.permute(*order, 3).contiguous().permute(*(order.index(d) for d in range(3)), 3)
     return out
