@@ -364,3 +364,30 @@ def test_cpu_fp32_large_output_streamed_equals_chunks_and_reference():
     assert torch.equal(torch.cat(ys, 1), y) and torch.equal(sc, s)
     y_r, s_r = wkv4_reference(td, tf, k[:, :64], v[:, :64], st)
     torch.testing.assert_close(y[:, :64], y_r, **TOL[torch.float32])
+
+
+def test_torch_func_and_forward_ad_take_the_reference():
+    """torch.func and forward-mode AD cannot see through the fused backends' autograd: automatic
+    selection serves them with the reference (same values as plain autograd); an explicit fused
+    backend says why it cannot."""
+    import torch.autograd.forward_ad as fwad
+    td, u, k, v, _ = make(2, 5, 3)
+
+    def loss(k_):
+        return SF.wkv4(td, u, k_, v)[0].pow(2).sum()
+
+    kk = k.clone().requires_grad_()
+    (want,) = torch.autograd.grad(loss(kk), [kk])
+    torch.testing.assert_close(torch.func.grad(loss)(k), want)
+    one = lambda kb, vb: SF.wkv4(td, u, kb[None], vb[None])[0].pow(2).sum()
+    per_sample = torch.func.vmap(torch.func.grad(one))(k, v)
+    torch.testing.assert_close(per_sample, want)  # batch rows are independent
+    with pytest.raises(seqkern.BackendUnavailable, match="torch.func"):
+        torch.func.grad(lambda k_: SF.wkv4(td, u, k_, v, backend="cpu")[0].sum())(k)
+
+    tangent = torch.randn_like(k)
+    with fwad.dual_level():
+        y, _ = SF.wkv4(td, u, fwad.make_dual(k, tangent), v)
+        jvp = fwad.unpack_dual(y).tangent
+    want_jvp = torch.autograd.functional.jvp(lambda k_: wkv4_reference(td, u, k_, v)[0], k, tangent)[1]
+    torch.testing.assert_close(jvp, want_jvp)

@@ -259,6 +259,9 @@ def _supports(dtypes, device_type):
     def supports(time_decay, time_first, k, v, state=None):
         if k.device.type != device_type:
             return False, f"inputs are on {k.device.type}, this backend runs on {device_type}"
+        why = B.reference_only((time_decay, time_first, k, v, state))
+        if why:
+            return False, why
         return B.same_device_and_dtype((time_decay, time_first, k, v), dtypes)
     return supports
 
@@ -267,6 +270,9 @@ def _triton_supports(time_decay, time_first, k, v, state=None):
     ok, reason = B.same_device_and_dtype((time_decay, time_first, k, v), _GPU_DTYPES)
     if not ok:
         return ok, reason
+    why = B.reference_only((time_decay, time_first, k, v, state))
+    if why:
+        return False, why
     if k.device.type == "cpu" and k.dtype == torch.bfloat16:
         return False, "bf16 is computed wrongly by the Triton interpreter"
     return True, ""
