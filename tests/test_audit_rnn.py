@@ -103,6 +103,23 @@ def test_cell_double_backward_like_torch(mode):
     assert_grads_close(penalty_grads(m, *inputs()), penalty_grads(t, *inputs()))
 
 
+@pytest.mark.parametrize("kind", ["layer", "cell"])
+def test_double_backward_with_inputs_computed_from_each_other(kind):
+    """h0 and c0 computed from x (and c0 from h0): the create_graph backward must give each
+    input's own partial derivative, the paths between them being the caller's graph."""
+    m, t = layer_pair("lstm") if kind == "layer" else cell_pair("lstm")
+
+    def grads(mod):
+        x = leaf(*((5, 2, I) if kind == "layer" else (2, I)), seed=1)
+        h = (x[0] if kind == "layer" else x)[:, :1].tanh() * leaf(*((1, 2, H) if kind == "layer" else (2, H)), seed=2)
+        out = mod(x, (h, h * 0.5))
+        loss = first(out).pow(2).sum() + out[1][1].sum()
+        gx, = torch.autograd.grad(loss, x, create_graph=True)
+        return (gx,) + torch.autograd.grad(gx.pow(2).sum(), [x] + list(mod.parameters()))
+
+    assert_grads_close(grads(m), grads(t))
+
+
 def test_explicit_fused_backend_still_refuses_double_backward():
     m = snn.GRU(I, H, dtype=F64, backend="cpu")
     x = leaf(5, 2, I, seed=1)

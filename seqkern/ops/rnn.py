@@ -243,7 +243,9 @@ def _reference_grads(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
     ins = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
     with torch.enable_grad():
         if create_graph:
-            leaves = ins
+            # aliases of the inputs: the grad taken with respect to each is its own partial
+            # derivative, not also the paths through other inputs computed from it (c0 = f(h0))
+            leaves = [None if t is None else t.view_as(t) for t in ins]
         else:
             leaves = [None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip(ins, need)]
         yo, ho, co = reference(mode, *leaves, lengths, reverse)
@@ -447,7 +449,8 @@ def _run(op, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ba
         # a cell (one step) in eager mode: the registered op's Python layers (custom_op
         # dispatch, its autograd wrapper) cost more than the step's kernel at small batch
         if save:
-            h, c = _StepFn.apply(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, auto)
+            out = _StepFn.apply(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, auto)
+            h, c = out if mode == "lstm" else (out, None)
         else:
             _, h, c, _ = torch.ops.seqkern_C.rnn_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, False,
                                                          False)
@@ -470,38 +473,50 @@ def _save_activations(tensors) -> bool:
     return needs and torch.is_grad_enabled()
 
 
+_rnn_forward_C = torch.ops.seqkern_C.rnn_forward if _CPU_REGISTERED else None
+_rnn_backward_C = torch.ops.seqkern_C.rnn_backward if _CPU_REGISTERED else None
+
+
 class _StepFn(torch.autograd.Function):
     """One step on the cpu kernels, eager only (torch.compile traces the registered op)."""
 
-    @staticmethod
-    def forward(ctx, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, auto=False):
-        y, h, c, ws = torch.ops.seqkern_C.rnn_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, False,
-                                                      True)
-        ctx.mode, ctx.auto = mode, auto
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, ws)
-        if mode != "lstm":
-            ctx.mark_non_differentiable(c)
-        return h, c
+    # x may come as (B, I): the step's (1, B, I) view is then taken here, out of the graph, and
+    # its gradient returned as (B, I) (a view taken by the caller would add a graph node).
+    # Only lstm returns (h, c); the other modes return h alone (no non-differentiable output).
 
     @staticmethod
-    def backward(ctx, dh, dc):
+    def forward(ctx, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, auto=False):
+        x3 = x if x.dim() == 3 else x[None]
+        y, h, c, ws = _rnn_forward_C(mode, x3, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, False, True)
+        ctx.mode, ctx.auto = mode, auto
+        ctx.set_materialize_grads(False)
+        # x itself, not the view: a create_graph backward must reach x through it
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, ws)
+        return (h, c) if mode == "lstm" else h
+
+    @staticmethod
+    def backward(ctx, dh, dc=None):
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, ws = ctx.saved_tensors
+        mode = ctx.mode
         need = [bool(n) for n in ctx.needs_input_grad[1:8]] + [False]
-        if ctx.auto and _wants_graph():  # create_graph: as in the sequence op's backward
-            grads = _reference_grads(ctx.mode, None, dh, dc if ctx.mode == "lstm" else None, x, h0, c0, w_ih, w_hh,
-                                     b_ih, b_hh, None, None, False, need, create_graph=True)
-            return (None, *grads[:7], None)
-        B.check_no_double_backward(f"seqkern {ctx.mode}", "cpu")
+        flat = x.dim() == 2
+        x3 = x[None] if flat else x
+        if torch.is_grad_enabled():  # create_graph (both checks below see grad mode off at once)
+            if ctx.auto and _wants_graph():  # as in the sequence op's backward
+                grads = _reference_grads(mode, None, dh, dc if mode == "lstm" else None, x3, h0, c0, w_ih, w_hh,
+                                         b_ih, b_hh, None, None, False, need, create_graph=True)
+                if flat and grads[0] is not None:
+                    grads[0] = grads[0][0]
+                return (None, *grads[:7], None)
+            B.check_no_double_backward(f"seqkern {mode}", "cpu")
         # the step's output y is h itself: its gradient comes in through dh alone
         dh = torch.zeros_like(h0) if dh is None else dh.contiguous()
-        if ctx.mode == "lstm":
+        if mode == "lstm":
             dc = torch.zeros_like(c0) if dc is None else dc.contiguous()
-        else:
-            dc = None
-        grads = torch.ops.seqkern_C.rnn_backward(ctx.mode, torch.zeros_like(y), dh, dc, x, h0, c0, w_ih, w_hh, b_ih,
-                                                 b_hh, None, None, False, y, ws, need)
-        return (None, *[g if n else None for g, n in zip(grads[:7], need)], None)
+        grads = _rnn_backward_C(mode, torch.zeros_like(y), dh, dc, x3, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None,
+                                False, y, ws, need)
+        dx = (grads[0][0] if flat else grads[0]) if need[0] else None
+        return (None, dx, *[g if n else None for g, n in zip(grads[1:7], need[1:7])], None)
 
 
 def _split_hx(hx, name="hx"):
@@ -566,7 +581,6 @@ _RNN_MODES = {"tanh": "rnn_tanh", "relu": "rnn_relu"}
 _CELL_OP = {"lstm": "lstm_cell", "gru": "gru_cell", "rnn_tanh": "rnn_cell", "rnn_relu": "rnn_cell"}
 _FAST_OK = B._EXT is not None and _CPU_REGISTERED
 _any_requires_grad = torch._C._any_requires_grad
-_rnn_forward_C = torch.ops.seqkern_C.rnn_forward if _FAST_OK else None
 
 
 def cell_eager(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
@@ -603,14 +617,15 @@ def cell_eager(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
     for t, shape in ((b_ih, (GH,)), (b_hh, (GH,)), (h, sshape), (c, sshape)):
         if t is not None and not (type(t) in P and t.dtype is dt and t.is_cpu and t.shape == shape):
             return None
-    x3 = x[None] if nd == 2 else x[None, None]
     h = x.new_zeros(Bsz, H) if h is None else (h if nd == 2 else h[None])
     if lstm:
         c = x.new_zeros(Bsz, H) if c is None else (c if nd == 2 else c[None])
     B._LAST[_CELL_OP[mode]] = "cpu"
     if torch.is_grad_enabled() and _any_requires_grad(x, h, c, w_ih, w_hh, b_ih, b_hh):
-        h1, c1 = _StepFn.apply(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh, _is_auto(backend))
+        out = _StepFn.apply(mode, x if nd == 2 else x[None], h, c, w_ih, w_hh, b_ih, b_hh, _is_auto(backend))
+        h1, c1 = out if lstm else (out, None)
     else:
+        x3 = x[None] if nd == 2 else x[None, None]
         _, h1, c1, _ = _rnn_forward_C(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, False)
     if nd == 1:
         return h1[0], (c1[0] if lstm else None)
