@@ -241,8 +241,8 @@ def eager_cpu(backend) -> bool:
     level (see reference_only), no CPU autocast, no debug log (it reports each selection). The
     caller still checks its tensors (plain cpu ones of a cpu dtype)."""
     if backend is None:
-        env = os.environ.get("SEQKERN_BACKEND")
-        if env and env.strip() and env != "cpu":
+        env = os.environ.get("SEQKERN_BACKEND", "").strip().lower()  # as select() reads it
+        if env and env != "cpu":
             return False
     elif backend != "cpu":
         return False
