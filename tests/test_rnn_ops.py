@@ -149,6 +149,8 @@ CASES = [  # kind, T, B, I, H, proj, bias, lengths, reverse
     ("rnn_tanh", 5, 3, 4, 6, 0, True, [5, 3, 1], True),
     ("rnn_relu", 6, 2, 3, 5, 0, True, None, False),
     ("rnn_relu", 4, 3, 3, 4, 0, False, [2, 4, 3], True),
+    ("lstm", 5, 1, 4, 6, 0, False, [3], True),  # batch 1: its own fp32 forward
+    ("rnn_tanh", 4, 1, 3, 5, 0, True, None, False),
 ]
 
 
@@ -228,6 +230,49 @@ def _check_sliced(kind, Bsz, H, plain, T=6):
 def test_cpu_sliced_steps_match_reference_and_thread_count(kind, Bsz, H, plain):
     require("cpu")
     _check_sliced(kind, Bsz, H, plain)
+
+
+# batch 1 in fp32 has its own forward (matrix-vector steps, each slice projecting the input
+# for its own gate columns): H = 300 is split over two threads (W_hh over 1 MiB) with a
+# partial last block; lengths (0, part, all) and reverse; outputs and gradients against the
+# fp64 reference, and bitwise the same on one thread and on two
+B1 = [("lstm", None, False), ("lstm", 4, True), ("lstm", 0, False), ("lstm", 7, True), ("rnn_tanh", None, True),
+      ("rnn_relu", 3, False)]
+
+
+@pytest.mark.parametrize("kind,length,reverse", B1, ids=[f"{c[0]}-L{c[1]}-r{int(c[2])}" for c in B1])
+def test_cpu_batch1_fp32_matches_reference_and_thread_count(kind, length, reverse):
+    require("cpu")
+    T, lengths = 7, None if length is None else [length]
+
+    def run(threads):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(3)
+            inputs = make_inputs(kind, T, 1, 24, 300, dtype=torch.float32, scale=0.05)
+            outs = [o for o in run_all(kind, inputs, lengths, reverse, "cpu") if o is not None]
+            grads = torch.autograd.grad(outs, leaves(inputs), [torch.ones_like(o) * (i + 1) for i, o in enumerate(outs)])
+            return inputs, [o.detach() for o in outs] + list(grads)
+        finally:
+            torch.set_num_threads(old)
+
+    inputs, one = run(1)
+    _, two = run(2)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    # outputs against the fp64 reference, gradients against the fp32 one (as above: the
+    # backward is not what this path changes, and its fp32 sums over 300 units drift further)
+    x, h0, c0, w = inputs
+    i64 = tuple(t.detach().double() if t is not None else None for t in (x, h0, c0))
+    w64 = [t.detach().double() if t is not None else None for t in w]
+    want = [o for o in run_all(kind, (*i64, w64), lengths, reverse, "reference") if o is not None]
+    for a, b in zip(two, want):
+        torch.testing.assert_close(a, b.float(), **TOL[torch.float32])
+    want = [o for o in run_all(kind, inputs, lengths, reverse, "reference") if o is not None]
+    wgrads = torch.autograd.grad(want, leaves(inputs), [torch.ones_like(o) * (i + 1) for i, o in enumerate(want)])
+    for a, b in zip(two[len(want):], wgrads):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
 # the sliced backward adds the weight and bias gradients up in chunks of ceil(256 / B) steps (8 at

@@ -2,7 +2,8 @@
 //
 // Forward: the input half of every gate for all steps is one GEMM (biases folded in);
 // then per step one recurrent GEMM (BLAS straight into a preallocated buffer, no ATen
-// dispatch in the loop) and one fused gate kernel, parallel over batch rows.
+// dispatch in the loop) and one fused gate kernel, parallel over batch rows. Batch 1 in fp32
+// (lstm, rnn) has its own loop, the steps being matrix-vector products (forward_gemv).
 // Backward walks the steps in reverse: per step one fused gate-gradient kernel and one
 // GEMM back through W_hh (and one for dx); without a projection the weight and bias
 // gradients are added up inside the loop every few steps from the cache-hot gate
@@ -689,6 +690,215 @@ void forward_persistent(const Shape& d, const T* xw, const T* x, const T* w_ih, 
   }, [](int64_t, int64_t) {});
 }
 
+#if defined(__AVX512F__)
+// ---------------------------------------------------------------------------
+// batch 1 (fp32, lstm and rnn, no projection): a step is a matrix-vector product, so its
+// time is the time to stream each thread's slice of W_hh (512 KiB per core at H=256) out of
+// L2, not FMAs. The slice is packed in the order the step reads it, the blocks of each group
+// of 8 side by side per k (one sequential stream for the prefetchers; 8 chains hide the FMA
+// latency), and the threads meet through one flag per slice instead of a shared counter.
+// The input projection of all steps runs first on the same slicing, the tiles above against
+// the slice's packed W_ih, into a buffer of the slice's own gate columns: no GEMM over all
+// of G*H, and no step needs another slice's projection. Per column the chains are fixed
+// (bias + W_hh h in k order; W_ih x in k order), so results do not depend on the thread count.
+// ---------------------------------------------------------------------------
+
+constexpr int kGroup = 8;  // blocks per matrix-vector group
+
+template <int NB>
+__attribute__((always_inline)) inline void gemv_group(const float* __restrict h, int64_t K, const float* __restrict w,
+                                                      const int64_t* off, const float* __restrict bias,
+                                                      float* __restrict out) {
+  __m512 acc[NB];
+  for (int q = 0; q < NB; ++q) acc[q] = _mm512_loadu_ps(bias + off[q]);
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 a = _mm512_set1_ps(h[k]);
+    for (int q = 0; q < NB; ++q) acc[q] = _mm512_fmadd_ps(a, _mm512_loadu_ps(w + (k * NB + q) * kLanes), acc[q]);
+  }
+  for (int q = 0; q < NB; ++q) _mm512_storeu_ps(out + off[q], acc[q]);
+}
+
+inline void gemv_groups(const float* h, int64_t K, const float* w, int64_t nblk, const int64_t* off,
+                        const float* bias, float* out) {
+  for (int64_t q0 = 0; q0 < nblk; q0 += kGroup) {
+    const float* wg = w + q0 * K * kLanes;
+    switch (std::min<int64_t>(kGroup, nblk - q0)) {
+      case 8: gemv_group<8>(h, K, wg, off + q0, bias, out); break;
+      case 7: gemv_group<7>(h, K, wg, off + q0, bias, out); break;
+      case 6: gemv_group<6>(h, K, wg, off + q0, bias, out); break;
+      case 5: gemv_group<5>(h, K, wg, off + q0, bias, out); break;
+      case 4: gemv_group<4>(h, K, wg, off + q0, bias, out); break;
+      case 3: gemv_group<3>(h, K, wg, off + q0, bias, out); break;
+      case 2: gemv_group<2>(h, K, wg, off + q0, bias, out); break;
+      default: gemv_group<1>(h, K, wg, off + q0, bias, out); break;
+    }
+  }
+}
+
+// The input projection: tiles of 12 rows x NB blocks against the packed W_ih, the rows of x
+// packed per tile k-major ([tile][k][12], zero rows past the end), so the 12 broadcasts of
+// a k lie at fixed offsets from one pointer (with a row stride apart they take 12 address
+// registers, and the tile ran ~25% under the FMA peak).
+constexpr int kProjRows = 12;
+
+template <int NB>
+void proj_tile(const float* __restrict xp, int64_t K, const float* const* w, float* const* out, int64_t ldo, int64_t n) {
+  __m512 acc[kProjRows][NB];
+  for (int r = 0; r < kProjRows; ++r)
+    for (int q = 0; q < NB; ++q) acc[r][q] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[NB];
+    for (int q = 0; q < NB; ++q) wv[q] = _mm512_loadu_ps(w[q] + k * kLanes);
+    for (int r = 0; r < kProjRows; ++r) {
+      const __m512 a = _mm512_set1_ps(xp[k * kProjRows + r]);
+      for (int q = 0; q < NB; ++q) acc[r][q] = _mm512_fmadd_ps(a, wv[q], acc[r][q]);
+    }
+  }
+  for (int64_t r = 0; r < n; ++r)
+    for (int q = 0; q < NB; ++q) _mm512_storeu_ps(out[q] + r * ldo, acc[r][q]);
+}
+
+// One cache line per slice: the number of steps it has finished.
+struct alignas(64) StepFlag {
+  std::atomic<int64_t> done{0};
+};
+
+void forward_gemv(const Shape& d, const float* x, const float* w_ih, const float* b_ih, const float* b_hh,
+                  const float* w_hh, const int64_t* len, bool reverse, StepBuffers<float>& buf, float* y,
+                  const at::TensorOptions& opt) {
+  const int64_t H = d.H, I = d.I, G = d.G, GH = d.GH(), Tn = d.T;
+  const Slices sl(H, 2 * GH * H, GH * H * int64_t(sizeof(float)));
+  const int64_t su = sl.max_units(), ldl = G * su, nbmax = (su / kLanes) * G;
+  // per slice: gate pre-activations of the step, summed biases, block offsets (gate-major
+  // like the tiles' output: gate g of the slice's unit j at g * su + j), packed weights
+  const at::Tensor local_t = at::empty({sl.ns * 2 * ldl}, opt);
+  float* local = local_t.data_ptr<float>();
+  std::vector<int64_t> offs(sl.ns * nbmax);
+  at::Tensor wih_t = at::empty({sl.ns * nbmax * I * kLanes}, opt);
+  at::Tensor whh_t = at::empty({sl.ns * nbmax * H * kLanes}, opt);
+  at::Tensor xl_t = at::empty({sl.ns * Tn * ldl}, opt);  // each slice's input projection, time order
+  advise_huge(xl_t.data_ptr(), xl_t.numel() * sizeof(float));
+  float* wih = wih_t.data_ptr<float>();
+  float* whh = whh_t.data_ptr<float>();
+  float* xl = xl_t.data_ptr<float>();
+  const int64_t L = len ? std::min<int64_t>(len[0], Tn) : Tn;
+  // W_ih of every slice, block by block (K x 16 each), and x, 12 rows at a time
+  const int64_t ntile = (L + kProjRows - 1) / kProjRows, nwb = sl.ns * nbmax;
+  at::Tensor xp_t = at::empty({ntile * kProjRows * I}, opt);
+  float* xpk = xp_t.data_ptr<float>();
+  at::parallel_for(0, nwb + ntile, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t it = q0; it < q1; ++it) {
+      if (it >= nwb) {
+        const int64_t r0 = (it - nwb) * kProjRows;
+        float* o = xpk + r0 * I;
+        for (int64_t r = 0; r < kProjRows; ++r)
+          for (int64_t k = 0; k < I; ++k) o[k * kProjRows + r] = r0 + r < L ? x[(r0 + r) * I + k] : 0.f;
+        continue;
+      }
+      const int64_t i = it / nbmax, q = it % nbmax, u = sl.u0(i) + q / G, g = q % G;
+      if (u >= sl.u1(i)) continue;
+      float* ob = wih + it * I * kLanes;
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const int64_t j = u * kLanes + l;
+        for (int64_t k = 0; k < I; ++k) ob[k * kLanes + l] = j < H ? w_ih[(g * H + j) * I + k] : 0.f;
+      }
+    }
+  });
+  // the projection of the rows that steps read ([0, L), reverse or not); items slice-major,
+  // so with as many slices as threads each thread projects its own slice (its columns
+  // only), with fewer slices the tiles are split too
+  const int64_t nrc = std::max<int64_t>(1, at::get_num_threads() / sl.ns);
+  at::parallel_for(0, sl.ns * nrc, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t i = it / nrc, rc = it % nrc, u0 = sl.u0(i), nb = (sl.u1(i) - u0) * G;
+      const int64_t c0 = rc * ntile / nrc, c1 = (rc + 1) * ntile / nrc;
+      for (int64_t q = 0; q < nb; q += 2) {
+        const int nq = q + 1 < nb ? 2 : 1;
+        const float* w[2];
+        float* o[2];
+        for (int qq = 0; qq < nq; ++qq) {
+          const int64_t u = u0 + (q + qq) / G, g = (q + qq) % G;
+          w[qq] = wih + (i * nbmax + q + qq) * I * kLanes;
+          o[qq] = xl + i * Tn * ldl + g * su + (u - u0) * kLanes;
+        }
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t r0 = c * kProjRows, n = std::min<int64_t>(kProjRows, L - r0);
+          float* oc[2] = {o[0] + r0 * ldl, nq > 1 ? o[1] + r0 * ldl : nullptr};
+          if (nq == 2) proj_tile<2>(xpk + r0 * I, I, w, oc, ldl, n);
+          else proj_tile<1>(xpk + r0 * I, I, w, oc, ldl, n);
+        }
+      }
+    }
+  });
+  std::vector<StepFlag> flags(sl.ns);
+  at::parallel_for(0, sl.ns, 1, [&](int64_t i0, int64_t i1) {
+    // pack W_hh of the slices of this thread (into its L2) and their biases and offsets
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t u0 = sl.u0(i), nb = (sl.u1(i) - u0) * G;
+      float* wh = whh + i * nbmax * H * kLanes;
+      float* bl = local + i * 2 * ldl + ldl;
+      int64_t* off = offs.data() + i * nbmax;
+      std::fill(bl, bl + ldl, 0.f);
+      for (int64_t q0 = 0; q0 < nb; q0 += kGroup) {
+        const int64_t n = std::min<int64_t>(kGroup, nb - q0);
+        for (int64_t qq = 0; qq < n; ++qq) {
+          const int64_t q = q0 + qq, u = u0 + q / G, g = q % G;
+          off[q] = g * su + (u - u0) * kLanes;
+          for (int64_t l = 0; l < kLanes; ++l) {
+            const int64_t j = u * kLanes + l;
+            float* ow = wh + (q0 * H) * kLanes + qq * kLanes + l;
+            for (int64_t k = 0; k < H; ++k) ow[k * n * kLanes] = j < H ? w_hh[(g * H + j) * H + k] : 0.f;
+            if (j < H) bl[off[q] + l] = (b_ih ? b_ih[g * H + j] : 0.f) + (b_hh ? b_hh[g * H + j] : 0.f);
+          }
+        }
+      }
+    }
+    for (int64_t s = 0; s < Tn; ++s) {
+      const int64_t t = time_of(s, L, reverse);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t u0 = sl.u0(i), nb = (sl.u1(i) - u0) * G, j0 = u0 * kLanes;
+        const int64_t nj = std::min(H, sl.u1(i) * kLanes) - j0;
+        float* gl = local + i * 2 * ldl;
+        const float* hp = buf.h(s);
+        float* hx = buf.h(s + 1) + j0;
+        float* gs = d.cell == Cell::kLSTM ? buf.gates(s) + j0 : nullptr;
+        const float* cp = d.cell == Cell::kLSTM ? buf.c(s) + j0 : nullptr;
+        float* cn = d.cell == Cell::kLSTM ? buf.c(s + 1) + j0 : nullptr;
+        float* yr = y + t * H + j0;
+        if (s >= L) {  // past the sequence's end: state unchanged, output 0, workspace defined
+          if (cn) copy_row(cn, cp, nj);
+          if (gs) for (int64_t g = 0; g < G; ++g) zero_row(gs + g * H, nj);
+          copy_row(hx, hp + j0, nj);
+          zero_row(yr, nj);
+        } else {
+          // all of h at once (half of it was just written by the other core: one round of
+          // transfers, not one per line as the k loop reaches it), and the next step's
+          // projection row into L2 while the weights stream
+          for (int64_t k = 0; k < H; k += kLanes) _mm_prefetch(reinterpret_cast<const char*>(hp + k), _MM_HINT_T0);
+          if (s + 1 < L) {
+            const float* xn = xl + (i * Tn + time_of(s + 1, L, reverse)) * ldl;
+            for (int64_t k = 0; k < ldl; k += kLanes) _mm_prefetch(reinterpret_cast<const char*>(xn + k), _MM_HINT_T1);
+          }
+          gemv_groups(hp, H, whh + i * nbmax * H * kLanes, nb, offs.data() + i * nbmax, gl + ldl, gl);
+          const float* xr = xl + (i * Tn + t) * ldl;
+          if (d.cell == Cell::kLSTM) lstm_fuse(gl, su, xr, su, gs, H, cp, cn, hx, yr, nj);
+          else rnn_fuse(gl, xr, hx, yr, nj, d.cell == Cell::kRNNRelu);
+        }
+        flags[i].done.store(s + 1, std::memory_order_release);
+      }
+      // wait for the other slices' halves of h; spin briefly, then yield (the cores may be shared)
+      for (int64_t j = 0; j < sl.ns; ++j) {
+        if (j >= i0 && j < i1) continue;
+        for (int spins = 0; flags[j].done.load(std::memory_order_acquire) <= s; ++spins) {
+          if (spins < 4000) _mm_pause();
+          else std::this_thread::yield();
+        }
+      }
+    }
+  });
+}
+#endif
+
 // Backward steps (no projection). Per step: the gate gradients of the slice's units (they
 // need only dh of those units, which the slice computed itself), a barrier, then dh of the
 // slice's units = the step's gate gradients (all units) @ W_hh[:, slice] (+ dh * z for gru)
@@ -1095,8 +1305,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
   // gate needs its input half apart (r * (W_hn h + b_hn)), small batches are better served
   // by one big GEMM (a step would stream W_ih for a few rows)
   const bool fused = !d.proj() && d.cell != Cell::kGRU && B >= 8;
+#if defined(__AVX512F__)
+  const bool gemv = std::is_same_v<T, float> && B == 1 && !d.proj() && d.cell != Cell::kGRU;
+#else
+  const bool gemv = false;
+#endif
   at::Tensor xw;
-  if (!fused) {
+  if (gemv) {  // forward_gemv projects the input itself
+  } else if (!fused) {
     const at::Tensor x2 = x.reshape({d.T * B, d.I});
     xw = bias.defined() ? at::addmm(bias, x2, w_ih.t()) : at::mm(x2, w_ih.t());
     xw = xw.contiguous();
@@ -1115,7 +1331,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
   const at::Tensor b_hn_t = (d.cell == Cell::kGRU && b_hh.defined()) ? b_hh.narrow(0, 2 * H, H) : at::zeros({H}, opt);
   const T* b_hn = b_hn_t.data_ptr<T>();
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
-  if (!d.proj() && B > 0)
+  if (gemv) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>)
+      forward_gemv(d, x.data_ptr<float>(), w_ih.data_ptr<float>(), b_ih.defined() ? b_ih.data_ptr<float>() : nullptr,
+                   b_hh.defined() ? b_hh.data_ptr<float>() : nullptr, w_hh.data_ptr<float>(), len, reverse, buf,
+                   y.data_ptr<float>(), opt);
+#endif
+  } else if (!d.proj() && B > 0)
     forward_persistent<T>(d, fused ? nullptr : xw.data_ptr<T>(), x.data_ptr<T>(), w_ih.data_ptr<T>(),
                           fused ? bias.data_ptr<T>() : nullptr, w_hh.data_ptr<T>(), b_hn, len, reverse,
                           buf, y.data_ptr<T>(), opt);
