@@ -1,0 +1,172 @@
+"""Drop-in audit from a user's chair: what a PyTorch user gets from torch.nn (autocast dtypes,
+module API surface, replace_modules, functional signatures), compared with real torch in the
+same process."""
+import copy
+import inspect
+import io
+import pickle
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import seqkern
+from seqkern import functional as SF, nn as snn
+
+F64 = torch.float64
+I, H = 3, 4
+
+LAYERS = {
+    "rnn": (snn.RNN, torch.nn.RNN, {}),
+    "lstm": (snn.LSTM, torch.nn.LSTM, {}),
+    "lstm_proj": (snn.LSTM, torch.nn.LSTM, {"proj_size": 2}),
+    "gru": (snn.GRU, torch.nn.GRU, {}),
+}
+CELLS = {
+    "rnn": (snn.RNNCell, torch.nn.RNNCell),
+    "lstm": (snn.LSTMCell, torch.nn.LSTMCell),
+    "gru": (snn.GRUCell, torch.nn.GRUCell),
+}
+
+
+@pytest.fixture(autouse=True)
+def _automatic_backend(monkeypatch):
+    monkeypatch.delenv("SEQKERN_BACKEND", raising=False)
+
+
+def flat(out):
+    res = []
+    for o in out if isinstance(out, (tuple, list)) else (out,):
+        if isinstance(o, torch.nn.utils.rnn.PackedSequence):
+            res.append(o.data)
+        elif isinstance(o, (tuple, list)):
+            res.extend(flat(o))
+        elif o is not None:
+            res.append(o)
+    return res
+
+
+def layer_pair(mode, dtype=torch.float32, **kw):
+    ours, theirs, extra = LAYERS[mode]
+    t = theirs(I, H, **extra, **kw, dtype=dtype)
+    m = ours(I, H, **extra, **kw, dtype=dtype)
+    m.load_state_dict(t.state_dict())
+    return m, t
+
+
+def cell_pair(mode, dtype=torch.float32):
+    ours, theirs = CELLS[mode]
+    t = theirs(I, H, dtype=dtype)
+    m = ours(I, H, dtype=dtype)
+    m.load_state_dict(t.state_dict())
+    return m, t
+
+
+def assert_like_torch(got, want, rtol=0.05, atol=0.03):
+    got, want = flat(got), flat(want)
+    assert [a.dtype for a in got] == [b.dtype for b in want]
+    assert [a.shape for a in got] == [b.shape for b in want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------
+# 1. autocast
+# ---------------------------------------------------------------------------
+
+def _layer_input(mode, form, low):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 2, I, generator=g)
+    P = 2 if mode == "lstm_proj" else H
+    h, c = torch.randn(2, 2, P, generator=g), torch.randn(2, 2, H, generator=g)
+    hx = (h, c) if mode.startswith("lstm") else h
+    if form == "batched":
+        return (x,)
+    if form == "unbatched":
+        return (x[:, 0],)
+    if form == "packed":
+        return (pack_padded_sequence(x, torch.tensor([5, 3])),)
+    if form == "hx":
+        return (x, hx)
+    if form == "hx_low":
+        return (x, tuple(t.to(low) for t in hx) if isinstance(hx, tuple) else hx.to(low))
+    if form == "low_input":
+        return (x.to(low),)
+    raise AssertionError(form)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", ["batched", "unbatched", "packed", "hx", "hx_low", "low_input"])
+@pytest.mark.parametrize("mode", list(LAYERS))
+def test_layer_under_cpu_autocast_like_torch(mode, form, low):
+    """torch's CPU autocast casts only the matmuls: GRU, a packed LSTM and an LSTM projection's
+    cell state come out fp32 (from fp32 inputs/states), RNN and oneDNN's LSTM in the low dtype."""
+    m, t = layer_pair(mode, num_layers=2)
+    args = _layer_input(mode, form, low)
+    with torch.autocast("cpu", dtype=low):
+        got = m(*args)
+        try:
+            want = t(*args)
+        except RuntimeError as e:  # oneDNN's fp16 LSTM is missing on CPUs without AVX512-FP16
+            assert mode == "lstm" and low == torch.float16, e
+            assert all(a.dtype == low for a in flat(got))
+            return
+    assert_like_torch(got, want)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", ["batched", "unbatched", "hx", "low_input"])
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_cell_under_cpu_autocast_like_torch(mode, form, low):
+    m, t = cell_pair(mode)
+    g = torch.Generator().manual_seed(0)
+    x, h, c = (torch.randn(2, n, generator=g) for n in (I, H, H))
+    args = {"batched": (x,), "unbatched": (x[0],), "low_input": (x.to(low),),
+            "hx": (x, (h, c) if mode == "lstm" else h)}[form]
+    with torch.autocast("cpu", dtype=low):
+        got, want = m(*args), t(*args)
+    assert_like_torch(got, want)
+    if form == "batched":
+        sum(a.float().sum() for a in flat(got)).backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn"])
+def test_autocast_nested_disabled_and_onednn_off_like_torch(mode):
+    m, t = layer_pair(mode)
+    x = torch.randn(5, 2, I)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", enabled=False):
+            got, want = m(x), t(x)
+        assert all(a.dtype == torch.float32 for a in flat(got))
+        assert_like_torch(got, want, rtol=1.3e-6, atol=1e-5)
+        with torch.backends.mkldnn.flags(enabled=False):  # torch's native LSTM: state kept fp32
+            assert_like_torch(m(x), t(x))
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_under_cpu_autocast_like_torch(low, need_weights):
+    t = torch.nn.MultiheadAttention(8, 2)
+    m = snn.MultiheadAttention(8, 2)
+    m.load_state_dict(t.state_dict())
+    x = torch.randn(5, 2, 8)
+    with torch.autocast("cpu", dtype=low):
+        got = m(x, x, x, need_weights=need_weights, average_attn_weights=False)
+        want = t(x, x, x, need_weights=need_weights, average_attn_weights=False)
+    assert (got[1] is None) == (want[1] is None)
+    assert_like_torch(got, want, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", list(LAYERS) + [f"cell_{c}" for c in CELLS])
+def test_low_precision_module_weights_on_cpu(kind, low):
+    """module.to(bf16/fp16) runs on CPU in torch: so it does here (the reference serves it)."""
+    cell = kind.startswith("cell_")
+    m, t = cell_pair(kind[5:]) if cell else layer_pair(kind)
+    m.to(low), t.to(low)
+    x = torch.randn(*((2,) if cell else (5, 2)), I).to(low)
+    assert_like_torch(m(x), t(x), rtol=0.02, atol=0.02)
+    if not cell:
+        packed = pack_padded_sequence(x, torch.tensor([5, 3]))
+        assert_like_torch(m(packed), t(packed), rtol=0.02, atol=0.02)
