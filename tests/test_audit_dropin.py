@@ -170,3 +170,40 @@ def test_low_precision_module_weights_on_cpu(kind, low):
     if not cell:
         packed = pack_padded_sequence(x, torch.tensor([5, 3]))
         assert_like_torch(m(packed), t(packed), rtol=0.02, atol=0.02)
+
+
+# ---------------------------------------------------------------------------
+# 2. module API surface
+# ---------------------------------------------------------------------------
+
+def _mha_error_cases():
+    E, L, S, Bsz = 8, 5, 6, 3
+    q, k, v = torch.randn(L, Bsz, E), torch.randn(S, Bsz, E), torch.randn(S, Bsz, E)
+    return {
+        "integer query": (q.long(), k, v),
+        "4-D query": (q[None], k[None], v[None]),
+        "2-D key for a 3-D query": (q, k[:, 0], v[:, 0]),
+        "query features": (q[..., :7], k, v),
+        "key features": (q, k[..., :7], v[..., :7]),
+        "key/value lengths": (q, k, v[:4]),
+        "key batch": (q, k[:, :2], v[:, :2]),
+        "1-D key_padding_mask": (q, k, v, torch.zeros(S, dtype=torch.bool)),
+        "key_padding_mask shape": (q, k, v, torch.zeros(Bsz, S + 1, dtype=torch.bool)),
+        "integer key_padding_mask": (q, k, v, torch.zeros(Bsz, S, dtype=torch.long)),
+        "4-D attn_mask": (q, k, v, None, True, torch.zeros(1, 1, L, S)),
+        "2-D attn_mask shape": (q, k, v, None, True, torch.zeros(L, S + 1)),
+        "3-D attn_mask shape": (q, k, v, None, True, torch.zeros(Bsz, L, S)),
+        "integer attn_mask": (q, k, v, None, True, torch.zeros(L, S, dtype=torch.long)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_mha_error_cases()))
+def test_multihead_attention_errors_are_torchs_exception_types(case):
+    """torch.nn.MultiheadAttention asserts most of its checks (AssertionError) and raises
+    RuntimeError for others: code catching those catches seqkern's ValueError/TypeError too."""
+    args = _mha_error_cases()[case]
+    with pytest.raises(Exception) as want:
+        torch.nn.MultiheadAttention(8, 2)(*args)
+    with pytest.raises(type(want.value)) as got:
+        snn.MultiheadAttention(8, 2)(*args)
+    assert isinstance(got.value, (ValueError, TypeError))
