@@ -207,3 +207,22 @@ def test_multihead_attention_errors_are_torchs_exception_types(case):
     with pytest.raises(type(want.value)) as got:
         snn.MultiheadAttention(8, 2)(*args)
     assert isinstance(got.value, (ValueError, TypeError))
+
+
+def test_rnn_layer_follows_its_mode_like_torch():
+    """torch.nn.RNN.forward runs by ``mode`` (set at construction), not by the ``nonlinearity``
+    attribute; a cell reads ``nonlinearity`` at each call and refuses an unknown one (RuntimeError)."""
+    x = torch.randn(5, 2, I, dtype=F64)
+    for cls in (snn.RNN, torch.nn.RNN):
+        m = cls(I, H, dtype=F64)
+        before = m(x)[0]
+        m.nonlinearity = "relu"
+        torch.testing.assert_close(m(x)[0], before, rtol=0, atol=0)
+    m, t = cell_pair("rnn", F64)
+    m.nonlinearity = t.nonlinearity = "relu"
+    torch.testing.assert_close(m(x[0]), t(x[0]))
+    m.nonlinearity = t.nonlinearity = "gelu"
+    with pytest.raises(RuntimeError, match="Unknown nonlinearity"):
+        t(x[0])
+    with pytest.raises(RuntimeError, match="Unknown nonlinearity"):
+        m(x[0])

@@ -56,6 +56,11 @@ class StateTypeError(TypeError, RuntimeError):
     deep inside their kernels), so ``except``/``pytest.raises`` written for either catches it."""
 
 
+class NonlinearityError(ValueError, RuntimeError):
+    """An RNNCell whose ``nonlinearity`` is neither tanh nor relu: a ValueError by seqkern's rule, and
+    the RuntimeError torch.nn.RNNCell raises for it."""
+
+
 def _check_backend(backend):
     if backend is not None and backend not in B.BACKENDS:
         raise ValueError(f"backend must be one of {B.BACKENDS} or None, got {backend!r}")
@@ -211,8 +216,9 @@ class _SeqMixin:
         if self.mode == "GRU":
             y, h = gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse, backend=self.backend)
         else:
-            y, h = rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity=self.nonlinearity, lengths=lengths,
-                       reverse=reverse, backend=self.backend)
+            # the mode decides, as in torch.nn.RNN.forward (not the nonlinearity attribute)
+            y, h = rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="relu" if self.mode == "RNN_RELU" else "tanh",
+                       lengths=lengths, reverse=reverse, backend=self.backend)
         return y, h, None
 
     # --- forward -------------------------------------------------------------
@@ -455,6 +461,8 @@ class RNNCell(_CellMixin, torch.nn.RNNCell):
             out = cell_eager(mode, input, hx, None, *w, self.backend)
             if out is not None:
                 return out[0]
+        if self.nonlinearity not in ("tanh", "relu"):  # torch's cell checks it at each call, a RuntimeError
+            raise NonlinearityError(f"Unknown nonlinearity: {self.nonlinearity}")
         x, (h,), batched, ac, params = self._prepare(input, (hx,), "RNNCell")
         with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
             out = rnn_cell(x, h, *params, nonlinearity=self.nonlinearity, backend=self.backend)
