@@ -226,3 +226,21 @@ def test_rnn_layer_follows_its_mode_like_torch():
         t(x[0])
     with pytest.raises(RuntimeError, match="Unknown nonlinearity"):
         m(x[0])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn", "layer"])
+def test_shapes_under_fake_tensor_mode_like_torch(kind):
+    """FakeTensorMode (shape inference, memory estimates, export tooling): torch's modules run
+    under it, forward and backward; so do seqkern's, the cells included (their direct C++ call
+    has no fake kernel: under a dispatch mode they take the registered op)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shapes = []
+    for cls in ((snn.LSTM, torch.nn.LSTM) if kind == "layer" else CELLS[kind]):
+        with FakeTensorMode():
+            m = cls(I, H)
+            x = torch.randn(*((5, 2) if kind == "layer" else (2,)), I, requires_grad=True)
+            out = flat(m(x))
+            sum(o.sum() for o in out).backward()
+            shapes.append([tuple(o.shape) for o in out] + [tuple(x.grad.shape)])
+    assert shapes[0] == shapes[1]

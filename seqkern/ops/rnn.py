@@ -445,9 +445,11 @@ def _run(op, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ba
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     save = _save_activations(tensors)
     auto = _is_auto(backend)
-    if name == "cpu" and op in CELL_OPS and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+    if (name == "cpu" and op in CELL_OPS and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not B._dispatch_depth()):
         # a cell (one step) in eager mode: the registered op's Python layers (custom_op
-        # dispatch, its autograd wrapper) cost more than the step's kernel at small batch
+        # dispatch, its autograd wrapper) cost more than the step's kernel at small batch. Not
+        # under a dispatch mode (FakeTensorMode): the C++ op has no fake kernel, the registered one has
         if save:
             out = _StepFn.apply(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, auto)
             h, c = out if mode == "lstm" else (out, None)
