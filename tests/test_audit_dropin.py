@@ -244,3 +244,30 @@ def test_shapes_under_fake_tensor_mode_like_torch(kind):
             sum(o.sum() for o in out).backward()
             shapes.append([tuple(o.shape) for o in out] + [tuple(x.grad.shape)])
     assert shapes[0] == shapes[1]
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "gqa", "gru", "rnn", "lstm_proj", "cell_lstm", "cell_gru", "cell_rnn"])
+def test_flop_counter_counts_like_torch(kind):
+    """torch.utils.flop_counter.FlopCounterMode (MFU estimates in training scripts) counts
+    torch's SDPA and the matmuls of its RNN step loops: seqkern's ops count the same forward
+    flops, and their backward is counted too."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn):
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops()
+
+    torch.manual_seed(0)
+    if kind in ("sdpa", "gqa"):
+        q = torch.randn(2, 4, 9, 16, requires_grad=True)
+        k, v = (torch.randn(2, 2 if kind == "gqa" else 4, 11, d, requires_grad=True) for d in (16, 8))
+        theirs, ours = (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                        lambda: SF.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    else:
+        cell = kind.startswith("cell_")
+        m, t = cell_pair(kind[5:]) if cell else layer_pair(kind)
+        x = torch.randn(*((2,) if cell else (5, 2)), I, requires_grad=True)
+        theirs, ours = (lambda: flat(t(x))[0]), (lambda: flat(m(x))[0])
+    assert count(ours) == count(theirs) > 0
+    assert count(lambda: ours().sum().backward()) > 2 * count(ours)
