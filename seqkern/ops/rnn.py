@@ -375,6 +375,23 @@ def _backward(ctx, dy, dh, dc, dws):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _rnn_flops(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *args, out_shape=None, **kwargs) -> int:
+    # the gate GEMMs of every step (input and recurrent) and the projection, as torch counts the
+    # linear layers of its own step loop
+    T, Bsz, I = x
+    GH, P = w_hh
+    return 2 * T * Bsz * GH * (I + P) + (2 * T * Bsz * w_hr[0] * w_hr[1] if w_hr is not None else 0)
+
+
+def _rnn_backward_flops(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *args, out_shape=None,
+                        **kwargs) -> int:
+    return 2 * _rnn_flops(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)  # input and weight gradients
+
+
+B.register_flops(torch.ops.seqkern.rnn_forward, _rnn_flops)
+B.register_flops(torch.ops.seqkern.rnn_backward, _rnn_backward_flops)
+
+
 def _wants_graph() -> bool:
     """Inside a backward: whether it runs with create_graph (grad mode on), eagerly."""
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -446,9 +463,10 @@ def _run(op, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ba
     save = _save_activations(tensors)
     auto = _is_auto(backend)
     if (name == "cpu" and op in CELL_OPS and _rnn_cell_backward_C is not None and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()):
+            and not torch.jit.is_tracing() and not B._dispatch_depth()):
         # a cell (one step) in eager mode: the registered op's Python layers (custom_op
-        # dispatch, its autograd wrapper) cost more than the step's kernel at small batch
+        # dispatch, its autograd wrapper) cost more than the step's kernel at small batch. Not
+        # under a dispatch mode (FakeTensorMode): the C++ op has no fake kernel, the registered one has
         if save:
             out = _StepFn.apply(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, auto)
             h, c = out if mode == "lstm" else (out, None)
