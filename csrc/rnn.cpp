@@ -146,6 +146,49 @@ std::vector<at::Tensor> rnn_backward_cpu(const std::string& mode, const at::Tens
 }
 
 
+// One step's backward (the cells' eager path): x (B, I), gradients of h_1 / c_1 or none (zeros).
+std::vector<at::Tensor> rnn_cell_backward_cpu(const std::string& mode, const OptT& dh_, const OptT& dc_,
+                                              const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                              bool has_b_ih, bool has_b_hh, const at::Tensor& ws,
+                                              c10::List<bool> need_l) {
+  const Cell cell = parse_mode(mode);
+  const int64_t G = gates_of(cell);
+  SEQKERN_CHECK_DIM(x, 2);
+  SEQKERN_CHECK_DIM(w_ih, 2);
+  SEQKERN_CHECK_DIM(w_hh, 2);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "x: the cpu backend supports float32 and float64, got ", x.scalar_type());
+  const int64_t B = x.size(0), I = x.size(1);
+  TORCH_CHECK(w_hh.size(0) > 0 && w_hh.size(0) % G == 0 && w_hh.size(1) == w_hh.size(0) / G,
+              "w_hh must have shape (", G, " * H, H), got ", w_hh.sizes());
+  const int64_t H = w_hh.size(1);
+  TORCH_CHECK(w_ih.size(0) == G * H && w_ih.size(1) == I, "w_ih must have shape (", G * H, ", I=", I, "), got ",
+              w_ih.sizes());
+  SEQKERN_CHECK_SAME(w_ih, x);
+  SEQKERN_CHECK_SAME(w_hh, x);
+  const at::Tensor dh = opt(dh_), dc = opt(dc_);
+  if (dh.defined()) {
+    TORCH_CHECK(dh.dim() == 2 && dh.size(0) == B && dh.size(1) == H, "dh must have shape (", B, ", ", H, "), got ",
+                dh.sizes());
+    SEQKERN_CHECK_SAME(dh, x);
+  }
+  if (dc.defined()) {
+    TORCH_CHECK(cell == Cell::kLSTM, "dc is only defined for lstm");
+    TORCH_CHECK(dc.dim() == 2 && dc.size(0) == B && dc.size(1) == H, "dc must have shape (", B, ", ", H, "), got ",
+                dc.sizes());
+    SEQKERN_CHECK_SAME(dc, x);
+  }
+  const int64_t n = seqkern::cpu::workspace_numel(cell, 1, B, H, H, true);
+  TORCH_CHECK(ws.dim() == 1 && ws.numel() == n, "ws must be the workspace of the forward (", n,
+              " elements; run the forward with save=True), got shape ", ws.sizes());
+  SEQKERN_CHECK_SAME(ws, x);
+  TORCH_CHECK(need_l.size() == 8, "need must have 8 entries (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), got ",
+              need_l.size());
+  std::vector<bool> need(need_l.begin(), need_l.end());
+  return seqkern::cpu::rnn_cell_backward(cell, dh, dc, x, w_ih, w_hh, has_b_ih, has_b_hh, ws, need);
+}
+
+
 #ifdef SEQKERN_WITH_CUDA
 // CUDA: the GEMMs through ATen (cuBLAS) into preallocated buffers, the elementwise work
 // of each step in the fused kernels of csrc/cuda/rnn.cu; small batches run the whole
@@ -333,11 +376,15 @@ TORCH_LIBRARY_FRAGMENT(seqkern_C, m) {
       "rnn_backward(str mode, Tensor dy, Tensor dh, Tensor? dc, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, "
       "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor y, Tensor ws, "
       "bool[] need) -> Tensor[]");
+  m.def(
+      "rnn_cell_backward(str mode, Tensor? dh, Tensor? dc, Tensor x, Tensor w_ih, Tensor w_hh, bool has_b_ih, "
+      "bool has_b_hh, Tensor ws, bool[] need) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {
   m.impl("rnn_forward", &rnn_forward_cpu);
   m.impl("rnn_backward", &rnn_backward_cpu);
+  m.impl("rnn_cell_backward", &rnn_cell_backward_cpu);
 }
 
 #ifdef SEQKERN_WITH_CUDA

@@ -310,6 +310,48 @@ def test_cells_match_one_step_of_the_sequence_op(backend, kind):
     assert seqkern.last_backend(kind.split("_")[0] + "_cell") == backend
 
 
+
+def _cell_call(kind, x, h, c, w, backend):
+    if kind == "lstm":
+        return SF.lstm_cell(x, (h, c), *w, backend=backend)
+    if kind == "gru":
+        return (SF.gru_cell(x, h, *w, backend=backend),)
+    return (SF.rnn_cell(x, h, *w, nonlinearity=kind[4:], backend=backend),)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("Bsz", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("bias,dc_only", [(True, False), (False, False), (True, True)])
+def test_cpu_cell_gradients_every_batch_path(kind, Bsz, bias, dc_only):
+    # the cell backward sweeps the weights by hand up to 4 rows (I = 150: wide column blocks,
+    # a 16-column one and single columns) and goes to BLAS past that; dc_only: no gradient into h'
+    require("cpu")
+    G = {"lstm": 4, "gru": 3}.get(kind, 1)
+    I, H = 150, 21
+    g = torch.Generator().manual_seed(Bsz)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    x, h, c = rnd(Bsz, I), rnd(Bsz, H), rnd(Bsz, H)
+    w = [rnd(G * H, I) * 0.2, rnd(G * H, H) * 0.2] + ([rnd(G * H), rnd(G * H)] if bias else [None, None])
+    ins = [x, h] + ([c] if kind == "lstm" else []) + [t for t in w if t is not None]
+    grads = []
+    for backend in ("reference", "cpu"):
+        leaves = [t.clone().requires_grad_() for t in ins]
+        it = iter(leaves)
+        xx, hh = next(it), next(it)
+        cc = next(it) if kind == "lstm" else None
+        ww = [None if t is None else next(it) for t in w]
+        out = _cell_call(kind, xx, hh, cc, ww, backend)
+        if dc_only and kind == "lstm":
+            out = out[1:]
+        gy = [torch.randn(o.shape, generator=torch.Generator().manual_seed(7), dtype=F64) for o in out]
+        grads.append(torch.autograd.grad(out, leaves, gy, allow_unused=True))
+        assert seqkern.last_backend(kind.split("_")[0] + "_cell") == backend
+    for a, b in zip(*grads):
+        if a is None:
+            assert b is None or not b.any()
+        else:
+            torch.testing.assert_close(b, a)
+
 def test_initial_state_none_means_zeros():
     x, h0, c0, w = make_inputs("lstm", 4, 2, 3, 5, proj=2, requires_grad=False)
     a = SF.lstm(x, None, *w[:4], w[4], backend="reference")

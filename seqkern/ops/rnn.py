@@ -375,6 +375,23 @@ def _backward(ctx, dy, dh, dc, dws):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _rnn_flops(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *args, out_shape=None, **kwargs) -> int:
+    # the gate GEMMs of every step (input and recurrent) and the projection, as torch counts the
+    # linear layers of its own step loop
+    T, Bsz, I = x
+    GH, P = w_hh
+    return 2 * T * Bsz * GH * (I + P) + (2 * T * Bsz * w_hr[0] * w_hr[1] if w_hr is not None else 0)
+
+
+def _rnn_backward_flops(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *args, out_shape=None,
+                        **kwargs) -> int:
+    return 2 * _rnn_flops(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)  # input and weight gradients
+
+
+B.register_flops(torch.ops.seqkern.rnn_forward, _rnn_flops)
+B.register_flops(torch.ops.seqkern.rnn_backward, _rnn_backward_flops)
+
+
 def _wants_graph() -> bool:
     """Inside a backward: whether it runs with create_graph (grad mode on), eagerly."""
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -445,9 +462,11 @@ def _run(op, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ba
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     save = _save_activations(tensors)
     auto = _is_auto(backend)
-    if name == "cpu" and op in CELL_OPS and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+    if (name == "cpu" and op in CELL_OPS and _rnn_cell_backward_C is not None and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and not B._dispatch_depth()):
         # a cell (one step) in eager mode: the registered op's Python layers (custom_op
-        # dispatch, its autograd wrapper) cost more than the step's kernel at small batch
+        # dispatch, its autograd wrapper) cost more than the step's kernel at small batch. Not
+        # under a dispatch mode (FakeTensorMode): the C++ op has no fake kernel, the registered one has
         if save:
             out = _StepFn.apply(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, auto)
             h, c = out if mode == "lstm" else (out, None)
@@ -475,6 +494,8 @@ def _save_activations(tensors) -> bool:
 
 _rnn_forward_C = torch.ops.seqkern_C.rnn_forward if _CPU_REGISTERED else None
 _rnn_backward_C = torch.ops.seqkern_C.rnn_backward if _CPU_REGISTERED else None
+# an extension built before the cell backward existed: _StepFn is then not used (see _FAST_OK)
+_rnn_cell_backward_C = getattr(torch.ops.seqkern_C, "rnn_cell_backward", None) if _CPU_REGISTERED else None
 
 
 class _StepFn(torch.autograd.Function):
@@ -491,31 +512,27 @@ class _StepFn(torch.autograd.Function):
         ctx.mode, ctx.auto = mode, auto
         ctx.set_materialize_grads(False)
         # x itself, not the view: a create_graph backward must reach x through it
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, ws)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ws)
         return (h, c) if mode == "lstm" else h
 
     @staticmethod
     def backward(ctx, dh, dc=None):
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, ws = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, ws = ctx.saved_tensors
         mode = ctx.mode
         need = [bool(n) for n in ctx.needs_input_grad[1:8]] + [False]
         flat = x.dim() == 2
-        x3 = x[None] if flat else x
         if torch.is_grad_enabled():  # create_graph (both checks below see grad mode off at once)
             if ctx.auto and _wants_graph():  # as in the sequence op's backward
-                grads = _reference_grads(mode, None, dh, dc if mode == "lstm" else None, x3, h0, c0, w_ih, w_hh,
-                                         b_ih, b_hh, None, None, False, need, create_graph=True)
+                grads = _reference_grads(mode, None, dh, dc if mode == "lstm" else None, x if not flat else x[None],
+                                         h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, False, need, create_graph=True)
                 if flat and grads[0] is not None:
                     grads[0] = grads[0][0]
                 return (None, *grads[:7], None)
             B.check_no_double_backward(f"seqkern {mode}", "cpu")
-        # the step's output y is h itself: its gradient comes in through dh alone
-        dh = torch.zeros_like(h0) if dh is None else dh.contiguous()
-        if mode == "lstm":
-            dc = torch.zeros_like(c0) if dc is None else dc.contiguous()
-        grads = _rnn_backward_C(mode, torch.zeros_like(y), dh, dc, x3, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None,
-                                False, y, ws, need)
-        dx = (grads[0][0] if flat else grads[0]) if need[0] else None
+        # the step's own backward: the gradients straight from dh (and dc), None meaning zeros
+        grads = _rnn_cell_backward_C(mode, dh, dc if mode == "lstm" else None, x if flat else x[0], w_ih, w_hh,
+                                     b_ih is not None, b_hh is not None, ws, need)
+        dx = (grads[0] if flat else grads[0][None]) if need[0] else None
         return (None, dx, *[g if n else None for g, n in zip(grads[1:7], need[1:7])], None)
 
 
@@ -579,7 +596,7 @@ def _cell_state(t, name, unbatched):
 
 _RNN_MODES = {"tanh": "rnn_tanh", "relu": "rnn_relu"}
 _CELL_OP = {"lstm": "lstm_cell", "gru": "gru_cell", "rnn_tanh": "rnn_cell", "rnn_relu": "rnn_cell"}
-_FAST_OK = B._EXT is not None and _CPU_REGISTERED
+_FAST_OK = B._EXT is not None and _CPU_REGISTERED and _rnn_cell_backward_C is not None
 _any_requires_grad = torch._C._any_requires_grad
 
 
