@@ -271,3 +271,14 @@ def test_flop_counter_counts_like_torch(kind):
         theirs, ours = (lambda: flat(t(x))[0]), (lambda: flat(m(x))[0])
     assert count(ours) == count(theirs) > 0
     assert count(lambda: ours().sum().backward()) > 2 * count(ours)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "cell_lstm"])
+def test_compiled_module_under_cpu_autocast_gives_torchs_dtypes(kind):
+    """The autocast rule is traced by Dynamo (fullgraph) without reading oneDNN's flag, which it refuses."""
+    cell = kind.startswith("cell_")
+    m, t = cell_pair(kind[5:]) if cell else layer_pair(kind)
+    x = torch.randn(*((2,) if cell else (5, 2)), I)
+    f = torch.compile(m, fullgraph=True, backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_like_torch(f(x), t(x))
