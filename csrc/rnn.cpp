@@ -136,8 +136,7 @@ std::vector<at::Tensor> rnn_backward_cpu(const std::string& mode, const at::Tens
                                          const OptT& dc, const at::Tensor& x, const at::Tensor& h0, const OptT& c0,
                                          const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& b_ih,
                                          const OptT& b_hh, const OptT& w_hr, const OptT& lengths, bool reverse,
-                                         const at::Tensor& y, const at::Tensor& ws, c10::List<bool> need_l) {
-  (void)y;
+                                         const at::Tensor& ws, c10::List<bool> need_l) {
   const Cell cell = parse_mode(mode);
   const Dims d = check_inputs(cell, x, h0, opt(c0), w_ih, w_hh, opt(b_ih), opt(b_hh), opt(w_hr), opt(lengths));
   std::vector<bool> need(need_l.begin(), need_l.end());
@@ -409,8 +408,7 @@ std::vector<at::Tensor> rnn_backward_cuda(const std::string& mode, const at::Ten
                                           const OptT& dc, const at::Tensor& x_, const at::Tensor& h0, const OptT& c0,
                                           const at::Tensor& w_ih_, const at::Tensor& w_hh_, const OptT& b_ih,
                                           const OptT& b_hh, const OptT& w_hr_, const OptT& lengths_, bool reverse,
-                                          const at::Tensor& y, const at::Tensor& ws_, c10::List<bool> need_l) {
-  (void)y;
+                                          const at::Tensor& ws_, c10::List<bool> need_l) {
   const Cell cell = parse_mode(mode);
   const Dims d = check_inputs(cell, x_, h0, opt(c0), w_ih_, w_hh_, opt(b_ih), opt(b_hh), opt(w_hr_), opt(lengths_));
   std::vector<bool> need(need_l.begin(), need_l.end());
@@ -474,7 +472,7 @@ TORCH_LIBRARY_FRAGMENT(seqkern_C, m) {
       "Tensor? w_hr, Tensor? lengths, bool reverse, bool save) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "rnn_backward(str mode, Tensor dy, Tensor dh, Tensor? dc, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, "
-      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor y, Tensor ws, "
+      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor ws, "
       "bool[] need) -> Tensor[]");
   m.def(
       "rnn_cell(str mode, Tensor x, Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "

@@ -419,7 +419,7 @@ def test_opcheck(backend, kind, proj, lengths, reverse):
     need = [True, True, kind == "lstm", True, True, True, True, proj > 0]
     bargs = (kind, torch.randn_like(y), torch.randn_like(h), dc, x.detach(), h0.detach(),
              None if c0 is None else c0.detach(), w_ih.detach(), w_hh.detach(), b_ih.detach(), b_hh.detach(),
-             None if w_hr is None else w_hr.detach(), L, rev, y.detach(), ws.detach(), need, backend)
+             None if w_hr is None else w_hr.detach(), L, rev, ws.detach(), need, backend)
     torch.library.opcheck(torch.ops.seqkern.rnn_backward.default, bargs)
 
 

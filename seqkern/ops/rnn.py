@@ -270,9 +270,9 @@ def _cpu_fwd(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, sa
     return torch.ops.seqkern_C.rnn_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save)
 
 
-def _cpu_bwd(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, need):
+def _cpu_bwd(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ws, need):
     return torch.ops.seqkern_C.rnn_backward(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                            reverse, y, ws, need)
+                                            reverse, ws, need)
 
 
 def _triton_fwd(*args):
@@ -314,14 +314,14 @@ def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, bac
 @torch.library.custom_op("seqkern::rnn_backward", mutates_args=())
 def _bwd_op(mode: str, dy: Tensor, dh: Tensor, dc: Optional[Tensor], x: Tensor, h0: Tensor, c0: Optional[Tensor],
             w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor],
-            lengths: Optional[Tensor], reverse: bool, y: Tensor, ws: Tensor, need: List[bool],
+            lengths: Optional[Tensor], reverse: bool, ws: Tensor, need: List[bool],
             backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out = _BWD[backend](mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, need)
+    out = _BWD[backend](mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ws, need)
     return tuple(out)
 
 
 @_bwd_op.register_fake
-def _(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, need, backend):
+def _(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ws, need, backend):
     ins = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     # the kernels return contiguous gradients whatever the inputs' strides (e.g. batch_first x)
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if (n and t is not None)
@@ -365,9 +365,8 @@ def _backward(ctx, dy, dh, dc, dws):
         dc = torch.zeros_like(c0) if dc is None else dc.contiguous()
     else:
         dc = None
-    # the op's y argument is unread by every backend (see _setup_context): dy stands in, same shape
-    grads = _bwd_op(ctx.mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse, dy, ws,
-                    need, ctx.backend)
+    grads = _bwd_op(ctx.mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse, ws, need,
+                    ctx.backend)
     res = [g if n else None for g, n in zip(grads, need)]
     return (None, *res, None, None, None, None, None, None)
 
