@@ -242,6 +242,35 @@ def test_cpu_weight_gradients_over_several_chunks(kind, T, plain):
     _check_sliced(kind, 32, 200, plain, T)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cpu_kept_workspace_is_lent_to_one_graph_at_a_time(kind):
+    # the saving forward reuses one workspace buffer (over 4 MiB) once nothing holds it: two
+    # graphs alive at once, a graph kept by retain_graph, and a workspace freed and reused
+    # must all give the gradients of calls made one at a time, bit for bit
+    require("cpu")
+    T, Bsz, I, H = 64, 16, 32, 128
+    assert R.workspace_numel(kind, T, Bsz, H, H, True) * 8 >= 1 << 22
+    runs = [make_inputs(kind, T, Bsz, I, H, scale=0.3) for _ in range(3)]
+    gys = [[torch.randn(T, Bsz, H, dtype=F64), torch.randn(Bsz, H, dtype=F64)] for _ in runs]
+
+    def fwd(i):
+        y, h, _ = run_all(kind, runs[i], None, False, "cpu")
+        return [y, h]
+
+    def grads(i, outs, **kw):
+        return [o.detach().clone() for o in outs] + list(torch.autograd.grad(outs, leaves(runs[i]), gys[i], **kw))
+
+    alone = [grads(i, fwd(i)) for i in range(3)]
+    o0, o1 = fwd(0), fwd(1)  # both graphs alive: the second gets its own memory
+    o2 = fwd(2)
+    got = [grads(1, o1), grads(0, o0, retain_graph=True), grads(2, o2)]
+    o1 = fwd(1)  # the first graph still holds its workspace
+    got += [grads(0, o0), grads(1, o1)]
+    for g, i in zip(got, [1, 0, 2, 0, 1]):
+        for a, b in zip(g, alone[i]):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", REF_CPU)
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5], CASES[7], CASES[9]],
                          ids=lambda c: f"{c[0]}-p{c[5]}")

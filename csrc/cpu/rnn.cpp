@@ -16,6 +16,8 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
 
 #include <algorithm>
 #include <atomic>
@@ -23,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -196,6 +199,52 @@ inline void advise_huge(void* p, size_t bytes) {
 #else
   (void)p; (void)bytes;
 #endif
+}
+
+// The saving forward's workspace (tens of MiB for a training-size layer) is kept after the
+// call and handed to the next call of the same size once nothing holds it any more (autograd
+// drops it when its backward has run): a fresh mapping costs the kernel's zeroing of every
+// page at its first touch, and those faults, taken inside the step loop, stall both threads
+// at the next barrier. One buffer per process: a training loop's layer reuses the previous
+// iteration's; a call that finds it busy gets fresh memory. The buffer is lent as a tensor
+// whose deleter marks it free, so whatever keeps the tensor or a view of it (saved for
+// backward, retain_graph, a Python reference) keeps it busy. Each loan is reported to the
+// profiler's memory events as an allocation and its return as a free, so peak-memory
+// measurements see it as they see any other allocation.
+struct KeptBuffer {
+  std::mutex mu;
+  void* mem = nullptr;
+  size_t bytes = 0;
+  bool busy = false;
+};
+
+at::Tensor workspace_alloc(int64_t n, const at::TensorOptions& opt, size_t elem) {
+  const size_t bytes = size_t(n) * elem;
+  if (bytes < (size_t(1) << 22)) return at::empty({n}, opt);  // small: malloc's heap serves it
+  static KeptBuffer& kb = *new KeptBuffer();  // never destroyed: a lent buffer may come back at exit
+  {
+    std::lock_guard<std::mutex> lock(kb.mu);
+    if (!kb.busy) {
+      if (kb.bytes != bytes) {
+        c10::free_cpu(kb.mem);
+        kb.mem = nullptr;
+        kb.bytes = 0;
+        kb.mem = c10::alloc_cpu(bytes);
+        kb.bytes = bytes;
+        advise_huge(kb.mem, bytes);
+      }
+      kb.busy = true;
+      c10::profiledCPUMemoryReporter().New(kb.mem, bytes);
+      return at::from_blob(kb.mem, {n}, [](void* p) {
+        c10::profiledCPUMemoryReporter().Delete(p);
+        std::lock_guard<std::mutex> lock(kb.mu);
+        kb.busy = false;
+      }, opt);
+    }
+  }
+  at::Tensor t = at::empty({n}, opt);
+  advise_huge(t.data_ptr(), bytes);
+  return t;
 }
 
 template <typename T>
@@ -1104,8 +1153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
     bias = bias.defined() ? bias.contiguous() : at::zeros({d.GH()}, opt);
   }
 
-  at::Tensor ws = at::empty({numel_of(d, save)}, opt);
-  advise_huge(ws.data_ptr(), ws.numel() * sizeof(T));
+  at::Tensor ws = workspace_alloc(numel_of(d, save), opt, sizeof(T));
   StepBuffers<T> buf(d, save, ws.data_ptr<T>(), opt);
   copy_row(buf.h(0), h0.data_ptr<T>(), B * P);
   if (d.cell == Cell::kLSTM) copy_row(buf.c(0), c0.data_ptr<T>(), B * H);
