@@ -282,3 +282,34 @@ def test_compiled_module_under_cpu_autocast_gives_torchs_dtypes(kind):
     f = torch.compile(m, fullgraph=True, backend="eager")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert_like_torch(f(x), t(x))
+
+
+@pytest.mark.parametrize("kind", ["lstm_proj", "gru", "cell_lstm", "cell_gru"])
+def test_frozen_weights_pruning_and_meta_init_like_torch(kind):
+    """Everyday module plumbing: some weights frozen (requires_grad_(False)), torch.nn.utils.prune
+    (the weight becomes a plain attribute recomputed by a pre-hook), and meta-device construction
+    then load_state_dict(assign=True): outputs and the remaining gradients equal torch's."""
+    from torch.nn.utils import prune
+
+    cell = kind.startswith("cell_")
+    m, t = cell_pair(kind[5:], F64) if cell else layer_pair(kind, F64)
+    w = "weight_hh" if cell else "weight_hh_l0"
+    for mod in (m, t):
+        getattr(mod, "bias_ih" if cell else "bias_ih_l0").requires_grad_(False)
+        prune.l1_unstructured(mod, w, 0.5)
+    x = torch.randn(*((2,) if cell else (5, 2)), I, dtype=F64)
+    got, want = flat(m(x)), flat(t(x))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    params = [p for p in t.parameters() if p.requires_grad]
+    ours = [p for p in m.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(sum(o.sum() for o in got), ours),
+                    torch.autograd.grad(sum(o.sum() for o in want), params)):
+        torch.testing.assert_close(a, b)
+    ours_cls = type(m)
+    with torch.device("meta"):
+        fresh = ours_cls(I, H, **({} if cell else LAYERS[kind][2]), dtype=F64)
+    t2 = cell_pair(kind[5:], F64)[1] if cell else layer_pair(kind, F64)[1]
+    fresh.load_state_dict(t2.state_dict(), assign=True)
+    for a, b in zip(flat(fresh(x)), flat(t2(x))):
+        torch.testing.assert_close(a, b)
