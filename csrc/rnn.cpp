@@ -1,5 +1,7 @@
 // Op schemas and bindings of the recurrent family (rnn / lstm / gru): argument checks,
 // then the CPU kernels (csrc/cpu/rnn.cpp) or, for CUDA tensors, the CUDA kernels.
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -134,8 +136,7 @@ std::vector<at::Tensor> rnn_backward_cpu(const std::string& mode, const at::Tens
                                          const OptT& dc, const at::Tensor& x, const at::Tensor& h0, const OptT& c0,
                                          const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& b_ih,
                                          const OptT& b_hh, const OptT& w_hr, const OptT& lengths, bool reverse,
-                                         const at::Tensor& y, const at::Tensor& ws, c10::List<bool> need_l) {
-  (void)y;
+                                         const at::Tensor& ws, c10::List<bool> need_l) {
   const Cell cell = parse_mode(mode);
   const Dims d = check_inputs(cell, x, h0, opt(c0), w_ih, w_hh, opt(b_ih), opt(b_hh), opt(w_hr), opt(lengths));
   std::vector<bool> need(need_l.begin(), need_l.end());
@@ -143,6 +144,147 @@ std::vector<at::Tensor> rnn_backward_cpu(const std::string& mode, const at::Tens
   check_lengths_values(opt(lengths), d.T);
   return seqkern::cpu::rnn_backward(cell, dy, dh, opt(dc), x, h0, opt(c0), w_ih, w_hh, opt(b_ih), opt(b_hh),
                                     opt(w_hr), opt(lengths), reverse, ws, need);
+}
+
+
+// ---------------------------------------------------------------------------
+// One step with its autograd node in C++ (the cells' eager path, seqkern/ops/rnn.py cell_eager):
+// a Python autograd.Function costs tens of microseconds a call, more than the step at small
+// batch. torch.compile and torch.func keep the registered custom op (seqkern::rnn_forward).
+// x (B, I) or (1, B, I); returns [h'] or, for lstm, [h', c'].
+// ---------------------------------------------------------------------------
+
+at::Tensor as_step(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 || (x.dim() == 3 && x.size(0) == 1), "x must have shape (B, I) or (1, B, I), got ",
+              x.sizes());
+  return x.dim() == 2 ? x.unsqueeze(0) : x;
+}
+
+std::vector<at::Tensor> step_forward(Cell cell, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                                     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
+                                     const at::Tensor& b_hh, bool save, at::Tensor* ws) {
+  const at::Tensor x3 = as_step(x);
+  check_inputs(cell, x3, h, c, w_ih, w_hh, b_ih, b_hh, at::Tensor(), at::Tensor());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "x: the cpu backend supports float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK(w_hh.size(1) == w_hh.size(0) / gates_of(cell), "w_hh must have shape (G * H, H), got ", w_hh.sizes());
+  auto [y, h1, c1, w] = seqkern::cpu::rnn_forward(cell, x3, h, c, w_ih, w_hh, b_ih, b_hh, at::Tensor(), at::Tensor(),
+                                                  false, save);
+  if (ws) *ws = w;
+  if (cell == Cell::kLSTM) return {h1, c1};
+  return {h1};
+}
+
+// The step by the equations in ATen ops, differentiable: a create_graph backward (gradient
+// penalties, MAML) differentiates it, as the op's backward does with the Python reference.
+at::Tensor linear_of(const at::Tensor& a, const at::Tensor& w, const at::Tensor& b) {
+  at::Tensor y = at::matmul(a, w.t());
+  return b.defined() ? y + b : y;
+}
+
+torch::autograd::variable_list step_reference_grads(Cell cell, const at::Tensor& dh, const at::Tensor& dc,
+                                                    const torch::autograd::variable_list& ins,
+                                                    const std::vector<bool>& need) {
+  // aliases of the inputs: the gradient taken with respect to each is its own partial
+  // derivative, not also the paths through other inputs computed from it (c = f(h))
+  torch::autograd::variable_list v;
+  for (const auto& t : ins) v.push_back(t.defined() ? t.view_as(t) : t);
+  const at::Tensor &x = v[0], &h = v[1], &c = v[2];
+  const at::Tensor gi = linear_of(x, v[3], v[5]), gh = linear_of(h, v[4], v[6]);
+  at::Tensor h1, c1;
+  if (cell == Cell::kLSTM) {
+    const auto g = (gi + gh).chunk(4, 1);
+    c1 = at::sigmoid(g[1]) * c + at::sigmoid(g[0]) * at::tanh(g[2]);
+    h1 = at::sigmoid(g[3]) * at::tanh(c1);
+  } else if (cell == Cell::kGRU) {
+    const auto a = gi.chunk(3, 1), b = gh.chunk(3, 1);
+    const at::Tensor r = at::sigmoid(a[0] + b[0]), z = at::sigmoid(a[1] + b[1]);
+    const at::Tensor n = at::tanh(a[2] + r * b[2]);
+    h1 = (1 - z) * n + z * h;
+  } else {
+    h1 = cell == Cell::kRNNTanh ? at::tanh(gi + gh) : at::relu(gi + gh);
+  }
+  torch::autograd::variable_list outs, gos, wrt;
+  if (dh.defined() && h1.requires_grad()) outs.push_back(h1), gos.push_back(dh);
+  if (dc.defined() && c1.defined() && c1.requires_grad()) outs.push_back(c1), gos.push_back(dc);
+  for (size_t i = 0; i < v.size(); ++i)
+    if (need[i] && v[i].defined()) wrt.push_back(v[i]);
+  torch::autograd::variable_list got;
+  if (!outs.empty() && !wrt.empty())
+    got = torch::autograd::grad(outs, wrt, gos, /*retain_graph=*/true, /*create_graph=*/true, /*allow_unused=*/true);
+  torch::autograd::variable_list res(v.size());
+  size_t k = 0;
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (!(need[i] && v[i].defined())) continue;
+    const at::Tensor g = k < got.size() ? got[k] : at::Tensor();
+    ++k;
+    res[i] = g.defined() ? g : at::zeros_like(ins[i]);
+  }
+  return res;
+}
+
+struct CellStep : public torch::autograd::Function<CellStep> {
+  // forward's arguments: mode, x, h, c?, w_ih, w_hh, b_ih?, b_hh?, auto (the backend chosen
+  // automatically: a create_graph backward may then fall back to the differentiable equations)
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const std::string& mode,
+                                                const at::Tensor& x, const at::Tensor& h, const OptT& c,
+                                                const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& b_ih,
+                                                const OptT& b_hh, bool autosel) {
+    const Cell cell = parse_mode(mode);
+    at::Tensor ws;
+    auto out = step_forward(cell, x, h, opt(c), w_ih, w_hh, opt(b_ih), opt(b_hh), true, &ws);
+    ctx->saved_data["cell"] = static_cast<int64_t>(cell);
+    ctx->saved_data["auto"] = autosel;
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({x, h, opt(c), w_ih, w_hh, opt(b_ih), opt(b_hh), ws});
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const Cell cell = static_cast<Cell>(ctx->saved_data["cell"].toInt());
+    const bool lstm = cell == Cell::kLSTM;
+    const at::Tensor dh = grads[0], dc = lstm ? grads[1] : at::Tensor();
+    // needs_input_grad counts the tensor arguments that were given (x, h, c?, w_ih, w_hh, b_ih?, b_hh?)
+    std::vector<bool> need(8, false);
+    size_t edge = 0;
+    for (int i = 0; i < 7; ++i)
+      if (s[i].defined()) need[i] = ctx->needs_input_grad(edge++);
+    torch::autograd::variable_list ins(s.begin(), s.begin() + 7), g;
+    if (at::GradMode::is_enabled()) {  // create_graph
+      TORCH_CHECK(ctx->saved_data["auto"].toBool(), "seqkern ",
+                  lstm ? "lstm" : cell == Cell::kGRU ? "gru" : cell == Cell::kRNNTanh ? "rnn_tanh" : "rnn_relu",
+                  ": backend 'cpu' does not support double backward (its backward is a fused kernel); call it with "
+                  "backend='reference' for higher-order gradients");
+      g = step_reference_grads(cell, dh, dc, ins, need);
+    } else {
+      const at::Tensor& x = s[0];
+      g = seqkern::cpu::rnn_cell_backward(cell, dh, dc, x, s[3], s[4], s[5].defined(), s[6].defined(), s[7], need);
+      for (int i = 0; i < 7; ++i)
+        if (!need[i]) g[i] = at::Tensor();
+      g.resize(7);
+    }
+    // one entry per forward argument: mode, x, h, c, w_ih, w_hh, b_ih, b_hh, auto
+    torch::autograd::variable_list res{at::Tensor()};
+    res.insert(res.end(), g.begin(), g.end());
+    res.push_back(at::Tensor());
+    return res;
+  }
+};
+
+std::vector<at::Tensor> rnn_cell_autograd(const std::string& mode, const at::Tensor& x, const at::Tensor& h,
+                                          const OptT& c, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                          const OptT& b_ih, const OptT& b_hh, bool autosel) {
+  return CellStep::apply(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, autosel);
+}
+
+// Below autograd (no input needs a gradient, or inference mode): the step without its workspace.
+std::vector<at::Tensor> rnn_cell_cpu(const std::string& mode, const at::Tensor& x, const at::Tensor& h, const OptT& c,
+                                     const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& b_ih,
+                                     const OptT& b_hh, bool autosel) {
+  (void)autosel;
+  return step_forward(parse_mode(mode), x, h, opt(c), w_ih, w_hh, opt(b_ih), opt(b_hh), false, nullptr);
 }
 
 
@@ -266,8 +408,7 @@ std::vector<at::Tensor> rnn_backward_cuda(const std::string& mode, const at::Ten
                                           const OptT& dc, const at::Tensor& x_, const at::Tensor& h0, const OptT& c0,
                                           const at::Tensor& w_ih_, const at::Tensor& w_hh_, const OptT& b_ih,
                                           const OptT& b_hh, const OptT& w_hr_, const OptT& lengths_, bool reverse,
-                                          const at::Tensor& y, const at::Tensor& ws_, c10::List<bool> need_l) {
-  (void)y;
+                                          const at::Tensor& ws_, c10::List<bool> need_l) {
   const Cell cell = parse_mode(mode);
   const Dims d = check_inputs(cell, x_, h0, opt(c0), w_ih_, w_hh_, opt(b_ih), opt(b_hh), opt(w_hr_), opt(lengths_));
   std::vector<bool> need(need_l.begin(), need_l.end());
@@ -331,14 +472,20 @@ TORCH_LIBRARY_FRAGMENT(seqkern_C, m) {
       "Tensor? w_hr, Tensor? lengths, bool reverse, bool save) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "rnn_backward(str mode, Tensor dy, Tensor dh, Tensor? dc, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, "
-      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor y, Tensor ws, "
+      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor ws, "
       "bool[] need) -> Tensor[]");
+  m.def(
+      "rnn_cell(str mode, Tensor x, Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "bool auto) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {
   m.impl("rnn_forward", &rnn_forward_cpu);
   m.impl("rnn_backward", &rnn_backward_cpu);
+  m.impl("rnn_cell", &rnn_cell_cpu);
 }
+
+TORCH_LIBRARY_IMPL(seqkern_C, AutogradCPU, m) { m.impl("rnn_cell", &rnn_cell_autograd); }
 
 #ifdef SEQKERN_WITH_CUDA
 TORCH_LIBRARY_IMPL(seqkern_C, CUDA, m) {

@@ -468,7 +468,7 @@ def rnn_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
     return y, hT, cT, ws
 
 
-def rnn_backward(mode, dy, dhT, dcT, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, need):
+def rnn_backward(mode, dy, dhT, dcT, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ws, need):
     """Gradients (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), empty where not needed."""
     G = _GATES[mode]
     T, B, I = x.shape

@@ -251,6 +251,19 @@ def eager_cpu(backend) -> bool:
                 or log.isEnabledFor(logging.DEBUG))
 
 
+def register_flops(op, formula: Callable[..., int]) -> None:
+    """Tells ``torch.utils.flop_counter.FlopCounterMode`` how many flops a call of the custom op
+    ``op`` (``torch.ops.seqkern.<name>``) does, as torch's own SDPA and matmuls are counted.
+    ``formula`` gets the op's arguments with tensors replaced by their shapes. Never fails: an
+    older torch without the registry only loses the count."""
+    try:
+        from torch.utils.flop_counter import flop_registry, register_flop_formula
+    except ImportError:
+        return
+    if op not in flop_registry:
+        register_flop_formula(op)(formula)
+
+
 def explain(op: str, *args, **kwargs) -> Dict[str, Tuple[bool, str]]:
     """For each backend, whether it could serve ``op`` on these inputs and why not."""
     return {name: _can_serve(op, name, args, kwargs) for name in BACKENDS}

@@ -17,8 +17,9 @@ A swapped RNN/LSTM/GRU is no longer an instance of ``torch.nn.LSTM`` (etc.), onl
 ``torch.nn.RNNBase`` (see ``seqkern.nn.rnn``): that is what lets Dynamo trace it, where
 ``torch.compile(fullgraph=True)`` refuses torch's own RNN modules.
 
-Subclasses of the torch modules are left alone (their own ``forward`` may differ), as
-are modules that already are seqkern's; a module with ``torch.nn.utils.parametrize``
+Subclasses of the torch modules are left alone (their own ``forward`` may differ, and
+their code may rely on torch's; the INFO log names them), as are modules that already
+are seqkern's; a module with ``torch.nn.utils.parametrize``
 parametrizations (whose class torch replaces by a generated ``Parametrized<Class>``) is
 converted, its parametrizations kept.
 """
@@ -109,9 +110,13 @@ def replace_modules(model: torch.nn.Module, *, include: Optional[Iterable[Union[
     wanted = _resolve_include(include)
     table = _table()
     summary: Dict[str, str] = {}
+    skipped = []
+    ours = tuple(table.values())
     for name, m in model.named_modules():
         cls = _base_class(m)
         if cls not in wanted:
+            if isinstance(m, wanted) and not isinstance(m, ours):
+                skipped.append(f"{name or '<root>'} ({cls.__name__})")
             continue
         _set_base_class(m, table[cls])
         m.__dict__[_MARK] = cls
@@ -121,6 +126,9 @@ def replace_modules(model: torch.nn.Module, *, include: Optional[Iterable[Union[
     log.info("seqkern.replace_modules: replaced %d module(s)%s%s", len(summary),
              "" if not counts else " (" + ", ".join(f"{n} x{c}" for n, c in counts.items()) + ")",
              "" if not summary else ": " + ", ".join(n or "<root>" for n in summary))
+    if skipped:  # a user's subclass may override forward or rely on it: say why it kept its class
+        log.info("seqkern.replace_modules: left alone %d subclass(es) of torch.nn modules: %s", len(skipped),
+                 ", ".join(skipped))
     return (model, summary) if return_summary else model
 
 

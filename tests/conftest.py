@@ -4,9 +4,28 @@
   before triton compiles anything: set here, before any test module imports
   seqkern.kernels.
 - `cuda`-marked tests are skipped with a reason when no GPU is present.
+- torch.compile's on-disk caches go to a directory named after seqkern's Python sources and
+  op schemas: AOTAutograd's cache entry for a compiled forward holds the backward graph too,
+  keyed on the forward graph alone, so a changed autograd formula or backward op schema would
+  otherwise be served the stale backward of another checkout sharing /tmp.
 """
 import faulthandler
+import hashlib
 import os
+import pathlib
+import tempfile
+
+
+def _compile_cache_dir():
+    root = pathlib.Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    sources = [*(root / "seqkern").rglob("*.py"), *(root / "kernels").glob("*.py"), *(root / "csrc").glob("*.cpp")]
+    for p in sorted(sources):
+        h.update(p.read_bytes())
+    return os.path.join(tempfile.gettempdir(), f"seqkern-inductor-{h.hexdigest()[:16]}")
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _compile_cache_dir())
 
 if os.environ.get("SEQKERN_TEST_NO_INTERPRET") != "1":
     import torch as _torch

@@ -398,17 +398,19 @@ def _autocast_layers():
 
 @pytest.mark.parametrize("name", list(_autocast_layers()))
 def test_autocast_cpu_bf16_layers(name):
-    """Under CPU bf16 autocast every layer computes and returns bf16 (torch.nn's rule for
-    cuDNN RNNs and for RNN/LSTM/RNNCell/MultiheadAttention on CPU), close to fp32."""
+    """Under CPU bf16 autocast every layer returns the dtype torch.nn's module returns (bf16 for
+    RNN/LSTM/RNNCell/MultiheadAttention, fp32 for GRU/LSTMCell/GRUCell), close to fp32."""
     need_layers()
     call, cls = _autocast_layers()[name]
     args = (4, 2) if cls == "MultiheadAttention" else (4, 4)
     torch.manual_seed(1)
     m = getattr(snn, cls)(*args)
     expect = call(m)
+    t = getattr(torch.nn, cls)(*args)
+    t.load_state_dict(m.state_dict())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = call(m)
-    assert got.dtype == torch.bfloat16, f"{name} under CPU bf16 autocast gave {got.dtype}"
+        got, want = call(m), call(t)
+    assert got.dtype == want.dtype, f"{name} under CPU bf16 autocast gave {got.dtype}, torch {want.dtype}"
     torch.testing.assert_close(got.float(), expect, rtol=0.05, atol=0.05)
     # fp64 is left alone by autocast
     m64 = getattr(snn, cls)(*args).double()

@@ -174,14 +174,16 @@ def test_include_and_backend():
         seqkern.replace_modules(object())
 
 
-def test_subclasses_left_alone():
+def test_subclasses_left_alone(caplog):
     class MyLSTM(nn.LSTM):
         def forward(self, x, hx=None):
             return super().forward(x * 2, hx)
 
-    model = nn.Sequential(MyLSTM(3, 3))
-    _, summary = seqkern.replace_modules(model, return_summary=True)
+    model = nn.Sequential(MyLSTM(3, 3), snn.GRUCell(2, 2))
+    with caplog.at_level(logging.INFO, logger="seqkern"):
+        _, summary = seqkern.replace_modules(model, return_summary=True)
     assert summary == {} and type(model[0]) is MyLSTM
+    assert "left alone 1 subclass(es) of torch.nn modules: 0 (MyLSTM)" in caplog.text  # seqkern's own not listed
 
 
 def test_parametrized_modules_are_converted_and_restored():

@@ -139,6 +139,33 @@ def test_rnn_backward_allocates_nothing_the_size_of_the_workspace(mode):
     assert ws_bytes not in sizes, f"the backward allocated {ws_bytes} B, the workspace's size"
 
 
+def test_rnn_kept_workspace_shows_in_memory_events():
+    # the cpu forward lends one kept workspace buffer from call to call (no fresh pages to
+    # fault in); each loan must still show as an allocation and its return as a free, or
+    # peak-memory measurements (the benchmarks') would leave out the largest buffer
+    require_family("rnn")
+    require_backend("lstm", "cpu")
+    from seqkern import functional as SF
+    from seqkern.ops.rnn import workspace_numel
+
+    T, Bsz, I, H = 64, 32, 16, 128
+    ws_bytes = workspace_numel("lstm", T, Bsz, H, H, True) * 4
+    assert ws_bytes >= 1 << 22  # the size the kernel keeps
+    x = torch.randn(T, Bsz, I, requires_grad=True)
+    w = [torch.randn(4 * H, I) * 0.1, (torch.randn(4 * H, H) * 0.1).requires_grad_()]
+
+    def step():
+        y, _ = SF.lstm(x, None, *w, backend="cpu")
+        torch.autograd.grad(y, [x, w[1]], torch.ones_like(y))
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert ws_bytes in sizes and -ws_bytes in sizes, "the workspace's loan is missing from the memory events"
+    assert peak_bytes(step) >= ws_bytes
+
+
 # ---------------------------------------------------------------------------
 # threads
 # ---------------------------------------------------------------------------

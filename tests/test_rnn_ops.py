@@ -287,6 +287,35 @@ def test_cpu_weight_gradients_over_several_chunks(kind, T, plain):
     _check_sliced(kind, 32, 200, plain, T)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cpu_kept_workspace_is_lent_to_one_graph_at_a_time(kind):
+    # the saving forward reuses one workspace buffer (over 4 MiB) once nothing holds it: two
+    # graphs alive at once, a graph kept by retain_graph, and a workspace freed and reused
+    # must all give the gradients of calls made one at a time, bit for bit
+    require("cpu")
+    T, Bsz, I, H = 64, 16, 32, 128
+    assert R.workspace_numel(kind, T, Bsz, H, H, True) * 8 >= 1 << 22
+    runs = [make_inputs(kind, T, Bsz, I, H, scale=0.3) for _ in range(3)]
+    gys = [[torch.randn(T, Bsz, H, dtype=F64), torch.randn(Bsz, H, dtype=F64)] for _ in runs]
+
+    def fwd(i):
+        y, h, _ = run_all(kind, runs[i], None, False, "cpu")
+        return [y, h]
+
+    def grads(i, outs, **kw):
+        return [o.detach().clone() for o in outs] + list(torch.autograd.grad(outs, leaves(runs[i]), gys[i], **kw))
+
+    alone = [grads(i, fwd(i)) for i in range(3)]
+    o0, o1 = fwd(0), fwd(1)  # both graphs alive: the second gets its own memory
+    o2 = fwd(2)
+    got = [grads(1, o1), grads(0, o0, retain_graph=True), grads(2, o2)]
+    o1 = fwd(1)  # the first graph still holds its workspace
+    got += [grads(0, o0), grads(1, o1)]
+    for g, i in zip(got, [1, 0, 2, 0, 1]):
+        for a, b in zip(g, alone[i]):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", REF_CPU)
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5], CASES[7], CASES[9]],
                          ids=lambda c: f"{c[0]}-p{c[5]}")
@@ -325,6 +354,48 @@ def test_cells_match_one_step_of_the_sequence_op(backend, kind):
     torch.testing.assert_close(y[0], h)
     assert seqkern.last_backend(kind.split("_")[0] + "_cell") == backend
 
+
+
+def _cell_call(kind, x, h, c, w, backend):
+    if kind == "lstm":
+        return SF.lstm_cell(x, (h, c), *w, backend=backend)
+    if kind == "gru":
+        return (SF.gru_cell(x, h, *w, backend=backend),)
+    return (SF.rnn_cell(x, h, *w, nonlinearity=kind[4:], backend=backend),)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("Bsz", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("bias,dc_only", [(True, False), (False, False), (True, True)])
+def test_cpu_cell_gradients_every_batch_path(kind, Bsz, bias, dc_only):
+    # the cell backward sweeps the weights by hand up to 4 rows (I = 150: wide column blocks,
+    # a 16-column one and single columns) and goes to BLAS past that; dc_only: no gradient into h'
+    require("cpu")
+    G = {"lstm": 4, "gru": 3}.get(kind, 1)
+    I, H = 150, 21
+    g = torch.Generator().manual_seed(Bsz)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    x, h, c = rnd(Bsz, I), rnd(Bsz, H), rnd(Bsz, H)
+    w = [rnd(G * H, I) * 0.2, rnd(G * H, H) * 0.2] + ([rnd(G * H), rnd(G * H)] if bias else [None, None])
+    ins = [x, h] + ([c] if kind == "lstm" else []) + [t for t in w if t is not None]
+    grads = []
+    for backend in ("reference", "cpu"):
+        leaves = [t.clone().requires_grad_() for t in ins]
+        it = iter(leaves)
+        xx, hh = next(it), next(it)
+        cc = next(it) if kind == "lstm" else None
+        ww = [None if t is None else next(it) for t in w]
+        out = _cell_call(kind, xx, hh, cc, ww, backend)
+        if dc_only and kind == "lstm":
+            out = out[1:]
+        gy = [torch.randn(o.shape, generator=torch.Generator().manual_seed(7), dtype=F64) for o in out]
+        grads.append(torch.autograd.grad(out, leaves, gy, allow_unused=True))
+        assert seqkern.last_backend(kind.split("_")[0] + "_cell") == backend
+    for a, b in zip(*grads):
+        if a is None:
+            assert b is None or not b.any()
+        else:
+            torch.testing.assert_close(b, a)
 
 def test_initial_state_none_means_zeros():
     x, h0, c0, w = make_inputs("lstm", 4, 2, 3, 5, proj=2, requires_grad=False)
@@ -393,7 +464,7 @@ def test_opcheck(backend, kind, proj, lengths, reverse):
     need = [True, True, kind == "lstm", True, True, True, True, proj > 0]
     bargs = (kind, torch.randn_like(y), torch.randn_like(h), dc, x.detach(), h0.detach(),
              None if c0 is None else c0.detach(), w_ih.detach(), w_hh.detach(), b_ih.detach(), b_hh.detach(),
-             None if w_hr is None else w_hr.detach(), L, rev, y.detach(), ws.detach(), need, backend)
+             None if w_hr is None else w_hr.detach(), L, rev, ws.detach(), need, backend)
     torch.library.opcheck(torch.ops.seqkern.rnn_backward.default, bargs)
 
 

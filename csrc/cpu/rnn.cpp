@@ -17,6 +17,8 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
 
 #include <algorithm>
 #include <atomic>
@@ -24,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -197,6 +200,52 @@ inline void advise_huge(void* p, size_t bytes) {
 #else
   (void)p; (void)bytes;
 #endif
+}
+
+// The saving forward's workspace (tens of MiB for a training-size layer) is kept after the
+// call and handed to the next call of the same size once nothing holds it any more (autograd
+// drops it when its backward has run): a fresh mapping costs the kernel's zeroing of every
+// page at its first touch, and those faults, taken inside the step loop, stall both threads
+// at the next barrier. One buffer per process: a training loop's layer reuses the previous
+// iteration's; a call that finds it busy gets fresh memory. The buffer is lent as a tensor
+// whose deleter marks it free, so whatever keeps the tensor or a view of it (saved for
+// backward, retain_graph, a Python reference) keeps it busy. Each loan is reported to the
+// profiler's memory events as an allocation and its return as a free, so peak-memory
+// measurements see it as they see any other allocation.
+struct KeptBuffer {
+  std::mutex mu;
+  void* mem = nullptr;
+  size_t bytes = 0;
+  bool busy = false;
+};
+
+at::Tensor workspace_alloc(int64_t n, const at::TensorOptions& opt, size_t elem) {
+  const size_t bytes = size_t(n) * elem;
+  if (bytes < (size_t(1) << 22)) return at::empty({n}, opt);  // small: malloc's heap serves it
+  static KeptBuffer& kb = *new KeptBuffer();  // never destroyed: a lent buffer may come back at exit
+  {
+    std::lock_guard<std::mutex> lock(kb.mu);
+    if (!kb.busy) {
+      if (kb.bytes != bytes) {
+        c10::free_cpu(kb.mem);
+        kb.mem = nullptr;
+        kb.bytes = 0;
+        kb.mem = c10::alloc_cpu(bytes);
+        kb.bytes = bytes;
+        advise_huge(kb.mem, bytes);
+      }
+      kb.busy = true;
+      c10::profiledCPUMemoryReporter().New(kb.mem, bytes);
+      return at::from_blob(kb.mem, {n}, [](void* p) {
+        c10::profiledCPUMemoryReporter().Delete(p);
+        std::lock_guard<std::mutex> lock(kb.mu);
+        kb.busy = false;
+      }, opt);
+    }
+  }
+  at::Tensor t = at::empty({n}, opt);
+  advise_huge(t.data_ptr(), bytes);
+  return t;
 }
 
 template <typename T>
@@ -1320,8 +1369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
     bias = bias.defined() ? bias.contiguous() : at::zeros({d.GH()}, opt);
   }
 
-  at::Tensor ws = at::empty({numel_of(d, save)}, opt);
-  advise_huge(ws.data_ptr(), ws.numel() * sizeof(T));
+  at::Tensor ws = workspace_alloc(numel_of(d, save), opt, sizeof(T));
   StepBuffers<T> buf(d, save, ws.data_ptr<T>(), opt);
   copy_row(buf.h(0), h0.data_ptr<T>(), B * P);
   if (d.cell == Cell::kLSTM) copy_row(buf.c(0), c0.data_ptr<T>(), B * H);
@@ -1515,6 +1563,195 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
   return out;
 }
 
+// ---------------------------------------------------------------------------
+// backward of one step without lengths or projection (the cells): the gradients from dh (and
+// dc) directly, no (T, B, P) dy. Few batch rows take each weight in one sweep of its rows that
+// also writes the weight's gradient (at B = 1 those are outer products, which BLAS serves
+// poorly); more rows go to BLAS.
+// ---------------------------------------------------------------------------
+
+// Columns [k, k + CW) of one weight W (GH x K, rows as they lie) and its input a (NB x K):
+// dw[:, k..] = dg^T @ a[:, k..] and da[:, k..] = add + dg @ W[:, k..] in one sweep of W's rows,
+// the da columns held in registers across it. Each da value is one sequential chain over j and
+// each dw value one over b, so the results do not depend on how columns are split.
+template <typename T, int NB, int CW>
+inline void cell_wblock(const T* dg, int64_t ldg, const T* a, const T* w, const T* add, int64_t GH, int64_t K, T* dw,
+                        T* da, int64_t k) {
+  T acc[NB][CW], av[NB][CW];
+  for (int b = 0; b < NB; ++b)
+#pragma omp simd
+    for (int l = 0; l < CW; ++l) {
+      acc[b][l] = add ? add[b * K + k + l] : T(0);
+      av[b][l] = a[b * K + k + l];
+    }
+  if (da && dw) {
+    for (int64_t j = 0; j < GH; ++j) {
+      const T* wr = w + j * K + k;
+      T* dr = dw + j * K + k;
+      T g[NB];
+      for (int b = 0; b < NB; ++b) g[b] = dg[b * ldg + j];
+      for (int b = 0; b < NB; ++b)
+#pragma omp simd
+        for (int l = 0; l < CW; ++l) acc[b][l] = std::fma(g[b], wr[l], acc[b][l]);
+#pragma omp simd
+      for (int l = 0; l < CW; ++l) {
+        T s = g[0] * av[0][l];
+        for (int b = 1; b < NB; ++b) s = std::fma(g[b], av[b][l], s);
+        dr[l] = s;
+      }
+    }
+  } else if (da) {
+    for (int64_t j = 0; j < GH; ++j) {
+      const T* wr = w + j * K + k;
+      for (int b = 0; b < NB; ++b) {
+        const T g = dg[b * ldg + j];
+#pragma omp simd
+        for (int l = 0; l < CW; ++l) acc[b][l] = std::fma(g, wr[l], acc[b][l]);
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < GH; ++j) {
+      T* dr = dw + j * K + k;
+      T g[NB];
+      for (int b = 0; b < NB; ++b) g[b] = dg[b * ldg + j];
+#pragma omp simd
+      for (int l = 0; l < CW; ++l) {
+        T s = g[0] * av[0][l];
+        for (int b = 1; b < NB; ++b) s = std::fma(g[b], av[b][l], s);
+        dr[l] = s;
+      }
+    }
+  }
+  if (da)
+    for (int b = 0; b < NB; ++b)
+#pragma omp simd
+      for (int l = 0; l < CW; ++l) da[b * K + k + l] = acc[b][l];
+}
+
+// Columns [k0, k1) of one weight's sweep (see cell_wblock): wide blocks, then 16-column ones,
+// then the last few columns one at a time (same chains).
+template <typename T, int NB>
+void cell_wsweep(const T* dg, int64_t ldg, const T* a, const T* w, const T* add, int64_t GH, int64_t K, T* dw, T* da,
+                 int64_t k0, int64_t k1) {
+  // about 16 vector registers of accumulators and as many of a's columns
+  constexpr int CW = std::max<int>(16, int(512 / sizeof(T) / NB) / 16 * 16);
+  int64_t k = k0;
+  for (; k + CW <= k1; k += CW) cell_wblock<T, NB, CW>(dg, ldg, a, w, add, GH, K, dw, da, k);
+  for (; k + 16 <= k1; k += 16) cell_wblock<T, NB, 16>(dg, ldg, a, w, add, GH, K, dw, da, k);
+  for (; k < k1; ++k) {
+    T acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = add ? add[b * K + k] : T(0);
+    for (int64_t j = 0; j < GH; ++j) {
+      const T wv = w[j * K + k];
+      T s = dg[j] * a[k];
+      for (int b = 0; b < NB; ++b) {
+        acc[b] = std::fma(dg[b * ldg + j], wv, acc[b]);
+        if (b) s = std::fma(dg[b * ldg + j], a[b * K + k], s);
+      }
+      if (dw) dw[j * K + k] = s;
+    }
+    if (da)
+      for (int b = 0; b < NB; ++b) da[b * K + k] = acc[b];
+  }
+}
+
+template <typename T>
+void cell_wsweep_any(int64_t B, const T* dg, int64_t ldg, const T* a, const T* w, const T* add, int64_t GH, int64_t K,
+                     T* dw, T* da, int64_t k0, int64_t k1) {
+  if (k1 <= k0 || (!dw && !da)) return;
+  switch (B) {
+    case 1: cell_wsweep<T, 1>(dg, ldg, a, w, add, GH, K, dw, da, k0, k1); break;
+    case 2: cell_wsweep<T, 2>(dg, ldg, a, w, add, GH, K, dw, da, k0, k1); break;
+    case 3: cell_wsweep<T, 3>(dg, ldg, a, w, add, GH, K, dw, da, k0, k1); break;
+    default: cell_wsweep<T, 4>(dg, ldg, a, w, add, GH, K, dw, da, k0, k1); break;
+  }
+}
+
+constexpr int64_t kCellSweepRows = 4;  // batch rows up to which the weights are swept by hand
+
+// Gradients (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) of one step from dh and dc (either may be
+// undefined: zeros), x (B, I) or (1, B, I), the forward's workspace. An entry not needed (or
+// whose input is absent) is an empty tensor.
+template <typename T>
+std::vector<at::Tensor> backward_cell(const Shape& d, const at::Tensor& dh, const at::Tensor& dc, const at::Tensor& x,
+                                      const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_bi, bool has_bh,
+                                      const at::Tensor& ws_t, const std::vector<bool>& need) {
+  const auto opt = x.options();
+  const int64_t B = d.B, H = d.H, I = d.I, GH = d.GH();
+  const bool lstm = d.cell == Cell::kLSTM, gru = d.cell == Cell::kGRU;
+  Workspace<T> ws(d, ws_t.data_ptr<T>());
+  std::vector<at::Tensor> out(8);
+  for (auto& t : out) t = at::empty({0}, opt);  // distinct tensors: outputs of an op may not alias
+  // scratch: gate gradients (gru: also its time-side ones, n without r), gru's dh * z, zeros
+  at::Tensor scratch_t = at::empty({(gru ? 2 : 1) * B * GH + (gru ? B * H : 0) + H}, opt);
+  T* dg = scratch_t.data_ptr<T>();
+  T* dgt = gru ? dg + B * GH : dg;
+  T* dnext = gru ? dgt + B * GH : nullptr;
+  T* zrow = (gru ? dnext + B * H : dg + B * GH);
+  zero_row(zrow, H);
+  at::Tensor dcc_t;
+  if (lstm) dcc_t = dc.defined() ? dc.clone() : at::zeros({B, H}, opt);
+  T* dcc = lstm ? dcc_t.data_ptr<T>() : nullptr;
+  const T* dhp = dh.defined() ? dh.data_ptr<T>() : nullptr;
+  for (int64_t b = 0; b < B; ++b)
+    gate_grads<T>(d, ws, 0, b, dhp ? dhp + b * H : zrow, zrow, dg + b * GH, dgt + b * GH, false,
+                  lstm ? dcc + b * H : nullptr, gru ? dnext + b * H : nullptr, 0, H);
+  const bool gx = need[0], gh = need[1], gwi = need[3], gwh = need[4];
+  if (gx) out[0] = at::empty(x.sizes(), opt);
+  if (gh) out[1] = at::empty({B, H}, opt);
+  if (gwi) out[3] = at::empty({GH, I}, opt);
+  if (gwh) out[4] = at::empty({GH, H}, opt);
+  auto p = [&](int i, bool on) { return on ? out[i].data_ptr<T>() : nullptr; };
+  T *dx = p(0, gx), *dh0 = p(1, gh), *dwi = p(3, gwi), *dwh = p(4, gwh);
+  const T* xq = x.data_ptr<T>();
+  const T* wi = w_ih.data_ptr<T>();
+  const T* wh = w_hh.data_ptr<T>();
+  if (B == 0) {  // no rows: the weight gradients are empty sums
+    if (gwi) zero_row(dwi, GH * I);
+    if (gwh) zero_row(dwh, GH * H);
+  } else if (B <= kCellSweepRows) {
+    // columns of both sweeps split alike (on 16-column edges) when the weights are worth two cores
+    const int64_t nbi = (I + 15) / 16, nbh = (H + 15) / 16;
+    const int64_t ns = cell_threads(4 * B * GH * (I + H), GH * (I + H) * int64_t(sizeof(T)), std::max(nbi, nbh));
+    run_chunks(ns, [&](int64_t i) {
+      const auto edge = [&](int64_t nb, int64_t K, int64_t q) { return std::min(K, q * nb / ns * 16); };
+      cell_wsweep_any<T>(B, dgt, GH, xq, wi, nullptr, GH, I, dwi, dx, edge(nbi, I, i),
+                         i + 1 == ns ? I : edge(nbi, I, i + 1));
+      cell_wsweep_any<T>(B, dg, GH, ws.h, wh, dnext, GH, H, dwh, dh0, edge(nbh, H, i),
+                         i + 1 == ns ? H : edge(nbh, H, i + 1));
+    });
+  } else {
+    if (gx) gemm<T>(false, false, B, I, GH, T(1), dgt, GH, wi, I, T(0), dx, I);
+    if (gh) {
+      if (gru) copy_row(dh0, dnext, B * H);
+      gemm<T>(false, false, B, H, GH, T(1), dg, GH, wh, H, gru ? T(1) : T(0), dh0, H);
+    }
+    if (gwi) gemm<T>(true, false, GH, I, B, T(1), dgt, GH, xq, I, T(0), dwi, I);
+    if (gwh) gemm<T>(true, false, GH, H, B, T(1), dg, GH, ws.h, H, T(0), dwh, H);
+  }
+  const auto colsum = [&](const T* a, T* o) {
+    if (B == 0) zero_row(o, GH);
+    else copy_row(o, a, GH);
+    for (int64_t b = 1; b < B; ++b) {
+      const T* ar = a + b * GH;
+#pragma omp simd
+      for (int64_t j = 0; j < GH; ++j) o[j] += ar[j];
+    }
+  };
+  const bool gbi = need[5] && has_bi, gbh = need[6] && has_bh;
+  if (gbi) {
+    out[5] = at::empty({GH}, opt);
+    colsum(dgt, out[5].data_ptr<T>());
+  }
+  if (gbh) {
+    out[6] = at::empty({GH}, opt);
+    if (!gru && gbi) copy_row(out[6].data_ptr<T>(), out[5].data_ptr<T>(), GH);
+    else colsum(dg, out[6].data_ptr<T>());
+  }
+  if (need[2] && lstm) out[2] = dcc_t;
+  return out;
+}
+
 Shape shape_of(Cell cell, const at::Tensor& x, const at::Tensor& w_hh, const at::Tensor& h0) {
   const int64_t G = cell == Cell::kLSTM ? 4 : cell == Cell::kGRU ? 3 : 1;
   return Shape{cell, x.size(0), x.size(1), x.size(2), w_hh.size(0) / G, h0.size(1), G};
@@ -1555,6 +1792,20 @@ std::vector<at::Tensor> rnn_backward(Cell cell, const at::Tensor& dy, const at::
     out = backward_typed<scalar_t>(d, dy.contiguous(), dh.contiguous(), contig(dc), x.contiguous(),
                                    w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh, contig(w_hr), contig(lengths),
                                    reverse, ws.contiguous(), need);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> rnn_cell_backward(Cell cell, const at::Tensor& dh, const at::Tensor& dc, const at::Tensor& x,
+                                          const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_b_ih, bool has_b_hh,
+                                          const at::Tensor& ws, const std::vector<bool>& need) {
+  const int64_t G = cell == Cell::kLSTM ? 4 : cell == Cell::kGRU ? 3 : 1;
+  const int64_t H = w_hh.size(0) / G;
+  const Shape d{cell, 1, x.size(-2), x.size(-1), H, H, G};
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqkern_rnn_cell_backward_cpu", [&] {
+    out = backward_cell<scalar_t>(d, contig(dh), contig(dc), x.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
+                                  has_b_ih, has_b_hh, ws.contiguous(), need);
   });
   return out;
 }

@@ -24,6 +24,13 @@ std::vector<at::Tensor> rnn_backward(Cell cell, const at::Tensor& dy, const at::
                                      const at::Tensor& b_hh, const at::Tensor& w_hr, const at::Tensor& lengths,
                                      bool reverse, const at::Tensor& ws, const std::vector<bool>& need);
 
+// Backward of one step (T = 1, no lengths, no projection) from the gradients of h_1 and c_1
+// (undefined: zeros); x (B, I) or (1, B, I), ws the forward's workspace (saved). Returns as
+// rnn_backward, the gradient of x shaped like x.
+std::vector<at::Tensor> rnn_cell_backward(Cell cell, const at::Tensor& dh, const at::Tensor& dc, const at::Tensor& x,
+                                          const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_b_ih, bool has_b_hh,
+                                          const at::Tensor& ws, const std::vector<bool>& need);
+
 // Number of elements of the forward's workspace (0 unless save).
 int64_t workspace_numel(Cell cell, int64_t T, int64_t B, int64_t H, int64_t P, bool save);
 

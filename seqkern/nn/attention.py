@@ -21,7 +21,18 @@ from .. import backends as B
 from ..ops.attention import scaled_dot_product_attention
 from .rnn import _scriptable_twin
 
-__all__ = ["MultiheadAttention"]
+__all__ = ["MultiheadAttention"]  # InputError, InputTypeError: its exceptions
+
+
+class InputError(ValueError, AssertionError, RuntimeError):
+    """Bad shapes or ranks: a ValueError by seqkern's rule, and the AssertionError or RuntimeError
+    torch.nn.MultiheadAttention raises for the same call (it asserts most checks, and its matmuls
+    or mask checks raise RuntimeError), so ``except``/``pytest.raises`` written for torch catches it."""
+
+
+class InputTypeError(TypeError, AssertionError, RuntimeError):
+    """A wrong dtype or kind of argument: a TypeError by seqkern's rule, and torch's
+    AssertionError (mask dtypes) or RuntimeError (an integer query meets float weights)."""
 
 
 def _check_backend(backend):
@@ -34,9 +45,9 @@ def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
     if mask is None:
         return
     if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a Tensor or None, got {type(mask).__name__}")
+        raise InputTypeError(f"{name} must be a Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"{name} must be a bool or floating tensor, got dtype {mask.dtype}")
+        raise InputTypeError(f"{name} must be a bool or floating tensor, got dtype {mask.dtype}")
 
 
 def _to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -107,6 +118,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     Rows that every mask entry excludes give a zero output (and zero weights), never
     NaN, unlike torch.nn. Nested tensors (what ``nn.TransformerEncoder`` passes in
     inference with a padding mask) go to torch's own forward, as they would unconverted.
+
+    Bad arguments raise ``InputError`` (a ValueError) or ``InputTypeError`` (a TypeError), each also
+    an AssertionError and a RuntimeError, the types torch's module raises for them.
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
@@ -132,34 +146,34 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+                raise InputTypeError(f"{name} must be a Tensor, got {type(t).__name__}")
             if not t.is_floating_point():
-                raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+                raise InputTypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
         _check_mask_dtype(key_padding_mask, "key_padding_mask")
         _check_mask_dtype(attn_mask, "attn_mask")
         if query.dim() not in (2, 3):
-            raise ValueError(f"query must be 3-D (batched) or 2-D (unbatched), got shape {tuple(query.shape)}")
+            raise InputError(f"query must be 3-D (batched) or 2-D (unbatched), got shape {tuple(query.shape)}")
         batched = query.dim() == 3
         want = 3 if batched else 2
         kind = "batched (3-D)" if batched else "unbatched (2-D)"
         for name, t in (("key", key), ("value", value)):
             if t.dim() != want:
-                raise ValueError(f"{name} must be {want}-D like the {kind} query, got shape {tuple(t.shape)}")
+                raise InputError(f"{name} must be {want}-D like the {kind} query, got shape {tuple(t.shape)}")
         if key_padding_mask is not None and key_padding_mask.dim() != want - 1:
-            raise ValueError(f"key_padding_mask must be {want - 1}-D for a {kind} query, "
+            raise InputError(f"key_padding_mask must be {want - 1}-D for a {kind} query, "
                              f"got shape {tuple(key_padding_mask.shape)}")
         if attn_mask is not None and attn_mask.dim() not in (2, 3):
-            raise ValueError(f"attn_mask must be 2-D or 3-D, got shape {tuple(attn_mask.shape)}")
+            raise InputError(f"attn_mask must be 2-D or 3-D, got shape {tuple(attn_mask.shape)}")
         for name, t, dim in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
             if t.shape[-1] != dim:
-                raise ValueError(f"{name} must have {dim} features in its last dim, got shape {tuple(t.shape)}")
+                raise InputError(f"{name} must have {dim} features in its last dim, got shape {tuple(t.shape)}")
         if key.shape[:-1] != value.shape[:-1]:
-            raise ValueError(f"key and value must agree in all but the last dim, got {tuple(key.shape)} and "
+            raise InputError(f"key and value must agree in all but the last dim, got {tuple(key.shape)} and "
                              f"{tuple(value.shape)}")
         for name, t in (("key", key), ("value", value), ("key_padding_mask", key_padding_mask),
                         ("attn_mask", attn_mask)):
             if t is not None and t.device != query.device:
-                raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+                raise InputError(f"{name} is on {t.device} but query is on {query.device}")
         return batched
 
     # -- forward -----------------------------------------------------------
@@ -201,9 +215,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         S = key.shape[0]
         H, D = self.num_heads, self.head_dim
         if key.shape[1] != Bsz:
-            raise ValueError(f"key and value have batch size {key.shape[1]} but query has {Bsz}")
+            raise InputError(f"key and value have batch size {key.shape[1]} but query has {Bsz}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (Bsz, S):
-            raise ValueError(f"key_padding_mask must have shape (batch, source length) = {(Bsz, S)}, "
+            raise InputError(f"key_padding_mask must have shape (batch, source length) = {(Bsz, S)}, "
                              f"got {tuple(key_padding_mask.shape)}")
 
         if is_causal and attn_mask is None:
@@ -216,11 +230,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if attn_mask is not None and not causal:
             if attn_mask.dim() == 2:
                 if tuple(attn_mask.shape) != (L, S):
-                    raise ValueError(f"2-D attn_mask must have shape (L, S) = {(L, S)}, got {tuple(attn_mask.shape)}")
+                    raise InputError(f"2-D attn_mask must have shape (L, S) = {(L, S)}, got {tuple(attn_mask.shape)}")
                 am = attn_mask.reshape(1, 1, L, S)
             else:
                 if tuple(attn_mask.shape) != (Bsz * H, L, S):
-                    raise ValueError(f"3-D attn_mask must have shape (batch * num_heads, L, S) = {(Bsz * H, L, S)}, "
+                    raise InputError(f"3-D attn_mask must have shape (batch * num_heads, L, S) = {(Bsz * H, L, S)}, "
                                      f"got {tuple(attn_mask.shape)}")
                 am = attn_mask.reshape(Bsz, H, L, S)
         kpm = None if key_padding_mask is None else key_padding_mask.reshape(Bsz, 1, 1, S)

@@ -15,9 +15,13 @@ Each layer and direction is one call of ``seqkern.functional.{rnn,lstm,gru}``; a
 length, so no per-step slicing happens here. Inter-layer dropout is ``F.dropout`` on the
 whole layer output (of a PackedSequence: on its packed rows), like torch.
 
-Autocast: with autocast enabled on the input's device, the layer computes in the autocast
-dtype (input, state and weights are cast; fp64 stays fp64), as torch does for cuDNN RNNs
-and for its cells on CUDA.
+Autocast: the outputs have the dtypes torch's module gives under the same autocast (see
+``_autocast_compute_dtype``). On CUDA torch runs cuDNN's RNNs and its fused cells in the
+autocast dtype, and so does the layer. CPU autocast casts only torch's matmuls (``linear``,
+oneDNN's LSTM layer): the vanilla RNN and RNNCell and oneDNN's LSTM (batched or unbatched
+tensor input, no projection) give the autocast dtype, while GRU, LSTMCell, GRUCell, a packed
+LSTM and an LSTM's cell state with ``proj_size`` keep the dtype of the state (fp32 from an
+fp32 input or initial state): those compute here in that dtype.
 
 ``torch.compile`` and ``isinstance``: Dynamo refuses every module that is an instance of
 ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM`` (a check on the class, not on ``forward``) unless the
@@ -52,6 +56,11 @@ class StateTypeError(TypeError, RuntimeError):
     deep inside their kernels), so ``except``/``pytest.raises`` written for either catches it."""
 
 
+class NonlinearityError(ValueError, RuntimeError):
+    """An RNNCell whose ``nonlinearity`` is neither tanh nor relu: a ValueError by seqkern's rule, and
+    the RuntimeError torch.nn.RNNCell raises for it."""
+
+
 def _check_backend(backend):
     if backend is not None and backend not in B.BACKENDS:
         raise ValueError(f"backend must be one of {B.BACKENDS} or None, got {backend!r}")
@@ -67,6 +76,29 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return None
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _autocast_compute_dtype(x: Tensor, mode: str, state: Optional[Tensor],
+                            lstm_layer: bool = False) -> Optional[torch.dtype]:
+    """The dtype a layer or cell computes in under autocast (None: autocast is off), following
+    the dtypes torch's module produces. CPU autocast casts only the matmuls: torch's step then
+    adds the low-precision gates to the carried state, so the new state has the promoted dtype of
+    the two (``c' = f*c + i*g``, GRU's ``h' = (1-z)*n + z*h``, ``h' = o*tanh(c')``), the initial
+    state being zeros of the input's dtype when not given; an RNN step's state is the activation
+    of a matmul, always low; and oneDNN's LSTM layer (torch's CPU path for an LSTM without
+    projection and without PackedSequence, with oneDNN enabled) is cast as a whole.
+    ``lstm_layer``: that oneDNN case (compiled code assumes oneDNN enabled: Dynamo refuses to
+    read the flag). ``state``: the carried state (LSTM: c, GRU: h) or None."""
+    ac = _autocast_dtype(x)
+    if ac is None or x.device.type != "cpu" or mode.startswith("RNN"):
+        return ac
+    if lstm_layer and _ONEDNN and (torch.compiler.is_compiling() or torch._C._get_mkldnn_enabled()):
+        return ac
+    s = x.dtype if state is None else state.dtype
+    return torch.promote_types(ac, s) if s.is_floating_point else ac
 
 
 def _cast(t, dtype):
@@ -184,8 +216,9 @@ class _SeqMixin:
         if self.mode == "GRU":
             y, h = gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse, backend=self.backend)
         else:
-            y, h = rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity=self.nonlinearity, lengths=lengths,
-                       reverse=reverse, backend=self.backend)
+            # the mode decides, as in torch.nn.RNN.forward (not the nonlinearity attribute)
+            y, h = rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="relu" if self.mode == "RNN_RELU" else "tanh",
+                       lengths=lengths, reverse=reverse, backend=self.backend)
         return y, h, None
 
     # --- forward -------------------------------------------------------------
@@ -197,6 +230,7 @@ class _SeqMixin:
         P = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
         ac = _autocast_dtype(input.data if packed else input)
+        low = ac  # torch's dtype for the outputs that come out of a matmul (LSTM projection)
         # every weight read once a call (torch reads each once or twice): a parametrized weight
         # (weight_norm, spectral_norm) is recomputed, and spectral_norm's power iteration steps,
         # at each read
@@ -258,6 +292,10 @@ class _SeqMixin:
                 h0 = h0.index_select(1, sorted_indices)
                 c0 = None if c0 is None else c0.index_select(1, sorted_indices)
 
+        if ac is not None:
+            carried = c0 if is_lstm else h0
+            ac = _autocast_compute_dtype(x, self.mode, carried if isinstance(carried, Tensor) else None,
+                                         lstm_layer=is_lstm and not packed and self.proj_size == 0)
         dropout = self.dropout if self.training else 0.0
         with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
             x, h0, c0 = _cast(x, ac), _cast(h0, ac), _cast(c0, ac)
@@ -281,6 +319,9 @@ class _SeqMixin:
                                 else F.dropout(layer_in, dropout, True))
         out = layer_in
         h_T = torch.stack(h_n, 0)
+        if self.proj_size > 0 and low is not None and ac != low and ac != torch.float64:
+            # torch projects h in the autocast dtype, its cell state keeps the carried dtype
+            out, h_T = out.to(low), h_T.to(low)
         c_T = torch.stack(c_n, 0) if is_lstm else None
         if unsorted_indices is not None:
             h_T = h_T.index_select(1, unsorted_indices)
@@ -394,6 +435,9 @@ class _CellMixin:
                                    f"expected {self.hidden_size}")
             out.append(s)
         ac = _autocast_dtype(x)
+        if ac is not None:
+            ac = _autocast_compute_dtype(x, {"RNNCell": "RNN", "LSTMCell": "LSTM", "GRUCell": "GRU"}[name],
+                                         out[-1] if name != "RNNCell" else None)
         params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         if ac is None:
             w_dtype = params[0].dtype
@@ -417,6 +461,8 @@ class RNNCell(_CellMixin, torch.nn.RNNCell):
             out = cell_eager(mode, input, hx, None, *w, self.backend)
             if out is not None:
                 return out[0]
+        if self.nonlinearity not in ("tanh", "relu"):  # torch's cell checks it at each call, a RuntimeError
+            raise NonlinearityError(f"Unknown nonlinearity: {self.nonlinearity}")
         x, (h,), batched, ac, params = self._prepare(input, (hx,), "RNNCell")
         with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
             out = rnn_cell(x, h, *params, nonlinearity=self.nonlinearity, backend=self.backend)

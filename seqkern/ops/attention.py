@@ -490,6 +490,22 @@ def _backward(ctx, dout, dlse):
 _sdpa_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    # torch's count for its SDPA kernels: the two batched matmuls, causal or not
+    Bsz, Hq, L, E = q
+    return 2 * Bsz * Hq * L * k[2] * (E + v[3])
+
+
+def _sdpa_backward_flops(dout, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    # torch's count: the scores recomputed, then dP, dV, dQ and dK
+    Bsz, Hq, L, E = q
+    return 2 * Bsz * Hq * L * k[2] * (3 * E + 2 * v[3])
+
+
+B.register_flops(torch.ops.seqkern.sdpa_forward, _sdpa_flops)
+B.register_flops(torch.ops.seqkern.sdpa_backward, _sdpa_backward_flops)
+
+
 class _EagerSdpa(torch.autograd.Function):
     """The autograd node register_autograd builds for the op, without the op's dispatch around it
     (see _plain_eager): same setup_context, same backward, same inputs."""

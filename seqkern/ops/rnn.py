@@ -270,9 +270,9 @@ def _cpu_fwd(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, sa
     return torch.ops.seqkern_C.rnn_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save)
 
 
-def _cpu_bwd(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, need):
+def _cpu_bwd(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ws, need):
     return torch.ops.seqkern_C.rnn_backward(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                            reverse, y, ws, need)
+                                            reverse, ws, need)
 
 
 def _triton_fwd(*args):
@@ -314,14 +314,14 @@ def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, bac
 @torch.library.custom_op("seqkern::rnn_backward", mutates_args=())
 def _bwd_op(mode: str, dy: Tensor, dh: Tensor, dc: Optional[Tensor], x: Tensor, h0: Tensor, c0: Optional[Tensor],
             w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor],
-            lengths: Optional[Tensor], reverse: bool, y: Tensor, ws: Tensor, need: List[bool],
+            lengths: Optional[Tensor], reverse: bool, ws: Tensor, need: List[bool],
             backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out = _BWD[backend](mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, need)
+    out = _BWD[backend](mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ws, need)
     return tuple(out)
 
 
 @_bwd_op.register_fake
-def _(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, ws, need, backend):
+def _(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ws, need, backend):
     ins = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     # the kernels return contiguous gradients whatever the inputs' strides (e.g. batch_first x)
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if (n and t is not None)
@@ -365,14 +365,30 @@ def _backward(ctx, dy, dh, dc, dws):
         dc = torch.zeros_like(c0) if dc is None else dc.contiguous()
     else:
         dc = None
-    # the op's y argument is unread by every backend (see _setup_context): dy stands in, same shape
-    grads = _bwd_op(ctx.mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse, dy, ws,
-                    need, ctx.backend)
+    grads = _bwd_op(ctx.mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse, ws, need,
+                    ctx.backend)
     res = [g if n else None for g, n in zip(grads, need)]
     return (None, *res, None, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _rnn_flops(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *args, out_shape=None, **kwargs) -> int:
+    # the gate GEMMs of every step (input and recurrent) and the projection, as torch counts the
+    # linear layers of its own step loop
+    T, Bsz, I = x
+    GH, P = w_hh
+    return 2 * T * Bsz * GH * (I + P) + (2 * T * Bsz * w_hr[0] * w_hr[1] if w_hr is not None else 0)
+
+
+def _rnn_backward_flops(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *args, out_shape=None,
+                        **kwargs) -> int:
+    return 2 * _rnn_flops(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)  # input and weight gradients
+
+
+B.register_flops(torch.ops.seqkern.rnn_forward, _rnn_flops)
+B.register_flops(torch.ops.seqkern.rnn_backward, _rnn_backward_flops)
 
 
 def _wants_graph() -> bool:
@@ -445,12 +461,14 @@ def _run(op, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ba
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     save = _save_activations(tensors)
     auto = _is_auto(backend)
-    if name == "cpu" and op in CELL_OPS and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+    if (name == "cpu" and op in CELL_OPS and _rnn_cell_C is not None and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and not B._dispatch_depth()):
         # a cell (one step) in eager mode: the registered op's Python layers (custom_op
-        # dispatch, its autograd wrapper) cost more than the step's kernel at small batch
+        # dispatch, its autograd wrapper) cost more than the step's kernel at small batch. Not
+        # under a dispatch mode (FakeTensorMode): the C++ op has no fake kernel, the registered one has
         if save:
-            out = _StepFn.apply(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, auto)
-            h, c = out if mode == "lstm" else (out, None)
+            out = _rnn_cell_C(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, auto)
+            h, c = out if mode == "lstm" else (out[0], None)
         else:
             _, h, c, _ = torch.ops.seqkern_C.rnn_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, False,
                                                          False)
@@ -474,49 +492,9 @@ def _save_activations(tensors) -> bool:
 
 
 _rnn_forward_C = torch.ops.seqkern_C.rnn_forward if _CPU_REGISTERED else None
-_rnn_backward_C = torch.ops.seqkern_C.rnn_backward if _CPU_REGISTERED else None
-
-
-class _StepFn(torch.autograd.Function):
-    """One step on the cpu kernels, eager only (torch.compile traces the registered op)."""
-
-    # x may come as (B, I): the step's (1, B, I) view is then taken here, out of the graph, and
-    # its gradient returned as (B, I) (a view taken by the caller would add a graph node).
-    # Only lstm returns (h, c); the other modes return h alone (no non-differentiable output).
-
-    @staticmethod
-    def forward(ctx, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, auto=False):
-        x3 = x if x.dim() == 3 else x[None]
-        y, h, c, ws = _rnn_forward_C(mode, x3, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, False, True)
-        ctx.mode, ctx.auto = mode, auto
-        ctx.set_materialize_grads(False)
-        # x itself, not the view: a create_graph backward must reach x through it
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, ws)
-        return (h, c) if mode == "lstm" else h
-
-    @staticmethod
-    def backward(ctx, dh, dc=None):
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, ws = ctx.saved_tensors
-        mode = ctx.mode
-        need = [bool(n) for n in ctx.needs_input_grad[1:8]] + [False]
-        flat = x.dim() == 2
-        x3 = x[None] if flat else x
-        if torch.is_grad_enabled():  # create_graph (both checks below see grad mode off at once)
-            if ctx.auto and _wants_graph():  # as in the sequence op's backward
-                grads = _reference_grads(mode, None, dh, dc if mode == "lstm" else None, x3, h0, c0, w_ih, w_hh,
-                                         b_ih, b_hh, None, None, False, need, create_graph=True)
-                if flat and grads[0] is not None:
-                    grads[0] = grads[0][0]
-                return (None, *grads[:7], None)
-            B.check_no_double_backward(f"seqkern {mode}", "cpu")
-        # the step's output y is h itself: its gradient comes in through dh alone
-        dh = torch.zeros_like(h0) if dh is None else dh.contiguous()
-        if mode == "lstm":
-            dc = torch.zeros_like(c0) if dc is None else dc.contiguous()
-        grads = _rnn_backward_C(mode, torch.zeros_like(y), dh, dc, x3, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None,
-                                False, y, ws, need)
-        dx = (grads[0][0] if flat else grads[0]) if need[0] else None
-        return (None, dx, *[g if n else None for g, n in zip(grads[1:7], need[1:7])], None)
+# one step with its autograd node in C++ (eager only: torch.compile traces the registered op);
+# None with an extension built before it existed, which then takes the general path
+_rnn_cell_C = getattr(torch.ops.seqkern_C, "rnn_cell", None) if _CPU_REGISTERED else None
 
 
 def _split_hx(hx, name="hx"):
@@ -579,7 +557,7 @@ def _cell_state(t, name, unbatched):
 
 _RNN_MODES = {"tanh": "rnn_tanh", "relu": "rnn_relu"}
 _CELL_OP = {"lstm": "lstm_cell", "gru": "gru_cell", "rnn_tanh": "rnn_cell", "rnn_relu": "rnn_cell"}
-_FAST_OK = B._EXT is not None and _CPU_REGISTERED
+_FAST_OK = B._EXT is not None and _CPU_REGISTERED and _rnn_cell_C is not None
 _any_requires_grad = torch._C._any_requires_grad
 
 
@@ -622,8 +600,8 @@ def cell_eager(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
         c = x.new_zeros(Bsz, H) if c is None else (c if nd == 2 else c[None])
     B._LAST[_CELL_OP[mode]] = "cpu"
     if torch.is_grad_enabled() and _any_requires_grad(x, h, c, w_ih, w_hh, b_ih, b_hh):
-        out = _StepFn.apply(mode, x if nd == 2 else x[None], h, c, w_ih, w_hh, b_ih, b_hh, _is_auto(backend))
-        h1, c1 = out if lstm else (out, None)
+        out = _rnn_cell_C(mode, x if nd == 2 else x[None], h, c, w_ih, w_hh, b_ih, b_hh, _is_auto(backend))
+        h1, c1 = out if lstm else (out[0], None)
     else:
         x3 = x[None] if nd == 2 else x[None, None]
         _, h1, c1, _ = _rnn_forward_C(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, False)
