@@ -60,3 +60,17 @@ MMA_ATTN_CASES = [
     (1, 4, 2, 70, 45, 128, 80, "additive", False, 0.1),
     (1, 4, 2, 100, 100, 96, 128, None, True, 0.0),
 ]
+
+
+def flat(out):
+    """Every tensor of a recurrent layer's or cell's output (output or packed data, h_n, c_n) in order;
+    None entries (a state not returned) are left out."""
+    res = []
+    for o in out if isinstance(out, (tuple, list)) else (out,):
+        if isinstance(o, torch.nn.utils.rnn.PackedSequence):
+            res.append(o.data)
+        elif isinstance(o, (tuple, list)):
+            res.extend(flat(o))
+        elif o is not None:
+            res.append(o)
+    return res

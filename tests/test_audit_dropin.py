@@ -13,6 +13,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import seqkern
 from seqkern import functional as SF, nn as snn
 
+from helpers import flat
+
 F64 = torch.float64
 I, H = 3, 4
 
@@ -32,18 +34,6 @@ CELLS = {
 @pytest.fixture(autouse=True)
 def _automatic_backend(monkeypatch):
     monkeypatch.delenv("SEQKERN_BACKEND", raising=False)
-
-
-def flat(out):
-    res = []
-    for o in out if isinstance(out, (tuple, list)) else (out,):
-        if isinstance(o, torch.nn.utils.rnn.PackedSequence):
-            res.append(o.data)
-        elif isinstance(o, (tuple, list)):
-            res.extend(flat(o))
-        elif o is not None:
-            res.append(o)
-    return res
 
 
 def layer_pair(mode, dtype=torch.float32, **kw):

@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import seqkern
 from seqkern import backends as B, nn as snn
 
-from helpers import TOL, backend_param
+from helpers import TOL, backend_param, flat
 
 F64 = torch.float64
 
@@ -66,19 +66,6 @@ def pair(mode, backend=None, dtype=F64, cell=False, **kw):
     t = theirs(I, H, **extra, **kw, dtype=dtype)
     t.load_state_dict(m.state_dict())
     return m, t
-
-
-def flat(out):
-    """Every tensor of a layer's output (output or packed data, h_n, c_n) in order."""
-    res = []
-    for o in out if isinstance(out, (tuple, list)) else (out,):
-        if isinstance(o, torch.nn.utils.rnn.PackedSequence):
-            res.append(o.data)
-        elif isinstance(o, (tuple, list)):
-            res.extend(flat(o))
-        else:
-            res.append(o)
-    return res
 
 
 def make_hx(mode, L, Bsz, dtype=F64, batched=True, proj=3):
