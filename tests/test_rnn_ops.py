@@ -653,3 +653,35 @@ def test_triton_per_step_path_matches_reference(case, monkeypatch):
     g2 = torch.autograd.grad([b for _, b in outs], leaves(inputs), cots)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_cell_gradcheck_fp64_cpu(kind, bias, unbatched, monkeypatch):
+    # the eager cell's autograd node is C++ (seqkern_C::rnn_cell): first order on the named cpu
+    # backend, second order (create_graph: its ATen equations) with automatic selection
+    require("cpu")
+    monkeypatch.delenv("SEQKERN_BACKEND", raising=False)
+    G = {"lstm": 4, "gru": 3}.get(kind, 1)
+    I, H, Bsz = 5, 3, 2
+    g = torch.Generator().manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=F64).requires_grad_()  # noqa: E731
+    lead = () if unbatched else (Bsz,)
+    x, h, c = rnd(*lead, I), rnd(*lead, H), rnd(*lead, H)
+    w = [rnd(G * H, I), rnd(G * H, H)] + ([rnd(G * H), rnd(G * H)] if bias else [])
+    ins = (x, h) + ((c,) if kind == "lstm" else ()) + tuple(w)
+
+    def step(backend):
+        def f(*ts):
+            ts = list(ts)
+            xx, hh = ts.pop(0), ts.pop(0)
+            cc = ts.pop(0) if kind == "lstm" else None
+            ww = ts + [None, None] if not bias else ts
+            return _cell_call(kind, xx, hh, cc, ww, backend)
+        return f
+
+    assert torch.autograd.gradcheck(step("cpu"), ins)
+    assert seqkern.last_backend(kind.split("_")[0] + "_cell") == "cpu"
+    assert torch.autograd.gradgradcheck(step(None), ins)
+    assert seqkern.last_backend(kind.split("_")[0] + "_cell") == "cpu"
