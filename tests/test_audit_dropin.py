@@ -199,6 +199,61 @@ def test_multihead_attention_errors_are_torchs_exception_types(case):
     assert isinstance(got.value, (ValueError, TypeError))
 
 
+MASK_DTYPES = [None, torch.bool, torch.float16, torch.bfloat16, torch.float32, F64]
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("setting", ["fp32", "fp64", "fp32_autocast_bf16", "fp32_autocast_fp16"])
+def test_multihead_attention_mask_dtypes_like_torch(setting, need_weights):
+    """torch.nn.MultiheadAttention turns a bool mask into one of the query's dtype, keeps a float
+    mask's dtype, adds the two masks (type promotion) and raises RuntimeError unless the result is
+    the query's dtype (need_weights) or that or float32 (SDPA); autocast first casts a merged mask
+    that is not float64. Each mix of key_padding_mask/attn_mask dtypes raises (torch's type, a
+    TypeError naming the argument) exactly when torch does, and computes what torch does otherwise."""
+    E, L, S, Bsz = 8, 5, 6, 3
+    qdt = F64 if setting == "fp64" else torch.float32
+    low = {"fp32_autocast_bf16": torch.bfloat16, "fp32_autocast_fp16": torch.float16}.get(setting)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(L, Bsz, E, generator=g, dtype=qdt), torch.randn(S, Bsz, E, generator=g, dtype=qdt)
+    ours, theirs = snn.MultiheadAttention(E, 2, dtype=qdt), torch.nn.MultiheadAttention(E, 2, dtype=qdt)
+    ours.load_state_dict(theirs.state_dict())
+
+    def mask(shape, dt):
+        if dt is None:
+            return None
+        if dt == torch.bool:
+            m = torch.rand(shape, generator=g) > 0.6
+            m[..., 0] = False  # no row masked everywhere (torch gives NaN there, seqkern 0)
+            return m
+        return torch.randn(shape, generator=g).to(dt)
+
+    refused = 0
+    for kd in MASK_DTYPES:
+        for ad in MASK_DTYPES:
+            kpm, am = mask((Bsz, S), kd), mask((L, S), ad)
+            with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
+                try:
+                    want = theirs(q, k, k, key_padding_mask=kpm, attn_mask=am, need_weights=need_weights)
+                except RuntimeError as e:
+                    with pytest.raises(type(e)) as got:
+                        ours(q, k, k, key_padding_mask=kpm, attn_mask=am, need_weights=need_weights)
+                    assert isinstance(got.value, TypeError)
+                    fine = (torch.bool, qdt) + ((torch.float16, torch.bfloat16, torch.float32) if low else ())
+                    named = [n for n, m in (("key_padding_mask", kpm), ("attn_mask", am))
+                             if m is not None and m.dtype not in fine]
+                    assert named and all(n in str(got.value) for n in named), (kd, ad, str(got.value))
+                    refused += 1
+                    continue
+                got = ours(q, k, k, key_padding_mask=kpm, attn_mask=am, need_weights=need_weights)
+            tol = 1e-5 if low is None else 3e-2
+            for w, o in zip(want, got):
+                if w is not None or o is not None:
+                    assert o.dtype == w.dtype, (kd, ad)
+                    torch.testing.assert_close(o, w, rtol=tol, atol=tol, msg=lambda m: f"{kd} {ad}: {m}")
+    assert refused > 0
+
+
 def test_rnn_layer_follows_its_mode_like_torch():
     """torch.nn.RNN.forward runs by ``mode`` (set at construction), not by the ``nonlinearity``
     attribute; a cell reads ``nonlinearity`` at each call and refuses an unknown one (RuntimeError)."""

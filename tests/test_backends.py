@@ -135,3 +135,66 @@ def test_kernels_are_leaves():
                     assert not any(a.name.split(".")[0] == "seqkern" for a in node.names), fn
                 elif isinstance(node, ast.ImportFrom):
                     assert node.level == 0 and (node.module or "").split(".")[0] != "seqkern", fn
+
+
+ATTN = "scaled_dot_product_attention"
+
+
+def _fake_qkv(device, B, Hq, L, S, Hk=None, E=16):
+    """Shapes only: fake tensors allocate nothing (and need no GPU for device="cuda")."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return (torch.empty(B, Hq, L, E, device=device), torch.empty(B, Hk or Hq, S, E, device=device),
+                torch.empty(B, Hk or Hq, S, E, device=device))
+
+
+def test_attention_grids_past_the_launch_limits_are_declined(monkeypatch):
+    """The cuda launchers refuse more than 2^31-1 blocks (B*heads*ceil(rows/8)) and Triton's put B*Hq in
+    gridDim.y (at most 65535): their supports() decline such shapes, so automatic selection falls
+    through (cuda -> triton -> reference) and an explicit backend raises BackendUnavailable with why."""
+    sup = B._SUPPORTS[ATTN]
+    cases = {  # (B, Hq, L, S, Hk): (cuda serves, triton serves)
+        (65535, 1, 1, 1, None): (True, True),
+        (65536, 1, 1, 1, None): (True, False),  # gridDim.y of the Triton launches
+        (2**31 - 1, 1, 8, 8, None): (True, False),  # exactly 2^31-1 blocks of 8 rows
+        (2**31, 1, 1, 1, None): (False, False),
+        (2**28, 8, 8, 1, 1): (False, False),  # the forward/dq grid
+        (2**25, 1, 1, 8 * 64 + 1, None): (False, False),  # the dk/dv grid
+        (1, 1, 1, 2**34 + 1, None): (False, True),  # the dk/dv grid; 2^30+1 blocks of 16 keys for Triton
+        (1, 1, 2**34, 16, None): (False, True),  # 2^31 blocks of 8 queries; 2^30 of 16 for Triton
+        (1, 1, 16, 2**35 + 1, None): (False, False),  # over 2^31-1 blocks of 16 keys too
+    }
+    for (Bsz, Hq, L, S, Hk), want in cases.items():
+        q, k, v = _fake_qkv("cuda", Bsz, Hq, L, S, Hk)
+        got = tuple(sup[name](q, k, v, None)[0] for name in ("cuda", "triton"))
+        assert got == want, ((Bsz, Hq, L, S, Hk), got)
+        if not all(got):
+            assert "grid" in sup["cuda" if not got[0] else "triton"](q, k, v, None)[1]
+    # selection, as on a machine where both GPU backends are available
+    monkeypatch.setattr(B, "available", lambda name: (True, ""))
+    monkeypatch.delenv("SEQKERN_BACKEND", raising=False)
+    q, k, v = _fake_qkv("cuda", 1, 1, 2**34, 16)
+    assert B.select(ATTN, None, q, k, v, None, 0.0, False) == "triton"
+    q, k, v = _fake_qkv("cuda", 2**31, 1, 1, 1)
+    assert B.select(ATTN, None, q, k, v, None, 0.0, False) == "reference"
+    for name, match in (("cuda", "2\\^31-1"), ("triton", "65535")):
+        with pytest.raises(seqkern.BackendUnavailable, match=f"{name}.*{match}"):
+            B.select(ATTN, name, q, k, v, None, 0.0, False)
+    q, k, v = _fake_qkv("cuda", 4, 2, 3, 5)
+    assert B.select(ATTN, None, q, k, v, None, 0.0, False) == "cuda"
+
+
+def test_attention_triton_declines_a_grid_past_its_rows_under_the_interpreter(monkeypatch):
+    """The same rule through the public function (CPU tensors, the Triton interpreter): an explicit
+    backend="triton" raises BackendUnavailable before any launch; automatic selection runs cpu."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with FakeTensorMode():
+        q, k, v = (torch.empty(65536, 1, 1, 16) for _ in range(3))
+        with pytest.raises(seqkern.BackendUnavailable, match="triton.*65535"):
+            seqkern.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(1, 1), backend="triton")
+        assert B.explain(ATTN, q, k, v, None)["triton"][0] is False
+        q, k, v = (t[:65535] for t in (q, k, v))
+        assert B.explain(ATTN, q, k, v, None)["triton"] == (True, "")

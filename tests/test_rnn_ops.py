@@ -429,6 +429,31 @@ def test_lengths_semantics_and_empty(backend):
     torch.testing.assert_close(h, h0)
 
 
+@pytest.mark.parametrize("backend", REF_CPU)
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_lengths_as_list_tuple_or_any_int_tensor(kind, backend):
+    """lengths as torch users pass them to pack_padded_sequence: a list or tuple of ints, or a CPU
+    tensor of any integer dtype, run exactly like an int64 tensor (outputs and gradients); the list
+    itself is left as it was."""
+    require(backend)
+    x, h0, c0, w = make_inputs(kind, 5, 3, 2, 4)
+    lengths = [0, 5, 2]
+    forms = [lengths, tuple(lengths), torch.tensor(lengths, dtype=torch.int32),
+             torch.tensor(lengths, dtype=torch.uint8), torch.tensor(lengths, dtype=torch.int16)]
+    want = None
+    for L in [torch.tensor(lengths)] + forms:
+        outs = [o for o in call(kind, x, h0, c0, w, lengths=L, reverse=True, backend=backend) if o is not None]
+        grads = torch.autograd.grad(sum((o * (i + 1)).sum() for i, o in enumerate(outs)), (x, h0, w[0]))
+        if want is None:
+            want = outs + list(grads)
+        else:
+            for a, b in zip(outs + list(grads), want):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert lengths == [0, 5, 2]
+    empty = call(kind, x[:, :0], h0[:0], None if c0 is None else c0[:0], w, lengths=[], backend=backend)
+    assert empty[0].shape == (5, 0, 4)
+
+
 def test_reverse_equals_flipped_forward():
     x, h0, _, w = make_inputs("gru", 6, 2, 3, 4, requires_grad=False)
     yr, hr = SF.gru(x, h0, *w[:4], reverse=True, backend="reference")
@@ -517,6 +542,15 @@ def _lstm_bad(**over):
     (dict(lengths=torch.tensor([1, 4])), ValueError, "lengths"),
     (dict(lengths=torch.tensor([-1, 2])), ValueError, "lengths"),
     (dict(h0=torch.randn(2, 5, dtype=F64, device="meta")), ValueError, "h0"),
+    (dict(lengths=[1, 2, 3]), ValueError, "lengths"),
+    (dict(lengths=(1, 4)), ValueError, "lengths"),
+    (dict(lengths=[-1, 2]), ValueError, "lengths"),
+    (dict(lengths=[[1, 2]]), ValueError, "lengths"),
+    (dict(lengths=[1.0, 2.0]), TypeError, "lengths"),
+    (dict(lengths=[True, False]), TypeError, "lengths"),
+    (dict(lengths=["a", 1]), TypeError, "lengths"),
+    (dict(lengths=[1, [2]]), TypeError, "lengths"),
+    (dict(lengths=3), TypeError, "lengths"),
 ])
 def test_bad_input_names_the_argument(over, exc, match):
     with pytest.raises(exc, match=match):

@@ -219,14 +219,15 @@ struct KeptBuffer {
   bool busy = false;
 };
 
-at::Tensor workspace_alloc(int64_t n, const at::TensorOptions& opt, size_t elem) {
+// Lends kb's memory as a tensor of n elements, or fresh memory when kb is busy or the size is
+// over `cap`. exact: kb is remade unless its size matches (the workspace: one size per layer);
+// else it only grows (scratch of calls of different lengths).
+at::Tensor kept_alloc(KeptBuffer& kb, int64_t n, const at::TensorOptions& opt, size_t elem, bool exact, size_t cap) {
   const size_t bytes = size_t(n) * elem;
-  if (bytes < (size_t(1) << 22)) return at::empty({n}, opt);  // small: malloc's heap serves it
-  static KeptBuffer& kb = *new KeptBuffer();  // never destroyed: a lent buffer may come back at exit
-  {
+  if (bytes <= cap) {
     std::lock_guard<std::mutex> lock(kb.mu);
     if (!kb.busy) {
-      if (kb.bytes != bytes) {
+      if (exact ? kb.bytes != bytes : kb.bytes < bytes) {
         c10::free_cpu(kb.mem);
         kb.mem = nullptr;
         kb.bytes = 0;
@@ -236,7 +237,7 @@ at::Tensor workspace_alloc(int64_t n, const at::TensorOptions& opt, size_t elem)
       }
       kb.busy = true;
       c10::profiledCPUMemoryReporter().New(kb.mem, bytes);
-      return at::from_blob(kb.mem, {n}, [](void* p) {
+      return at::from_blob(kb.mem, {n}, [&kb](void* p) {
         c10::profiledCPUMemoryReporter().Delete(p);
         std::lock_guard<std::mutex> lock(kb.mu);
         kb.busy = false;
@@ -246,6 +247,12 @@ at::Tensor workspace_alloc(int64_t n, const at::TensorOptions& opt, size_t elem)
   at::Tensor t = at::empty({n}, opt);
   advise_huge(t.data_ptr(), bytes);
   return t;
+}
+
+at::Tensor workspace_alloc(int64_t n, const at::TensorOptions& opt, size_t elem) {
+  if (size_t(n) * elem < (size_t(1) << 22)) return at::empty({n}, opt);  // small: malloc's heap serves it
+  static KeptBuffer& kb = *new KeptBuffer();  // never destroyed: a lent buffer may come back at exit
+  return kept_alloc(kb, n, opt, elem, true, SIZE_MAX);
 }
 
 template <typename T>
@@ -772,68 +779,78 @@ void forward_persistent(const Shape& d, const T* xw, const T* x, const T* w_ih, 
 // ---------------------------------------------------------------------------
 // batch 1 (fp32, lstm and rnn, no projection): a step is a matrix-vector product, so its
 // time is the time to stream each thread's slice of W_hh (512 KiB per core at H=256) out of
-// L2, not FMAs. The slice is packed in the order the step reads it, the blocks of each group
-// of 8 side by side per k (one sequential stream for the prefetchers; 8 chains hide the FMA
-// latency), and the threads meet through one flag per slice instead of a shared counter.
-// The input projection of all steps runs first on the same slicing, the tiles above against
-// the slice's packed W_ih, into a buffer of the slice's own gate columns: no GEMM over all
-// of G*H, and no step needs another slice's projection. Per column the chains are fixed
-// (bias + W_hh h in k order; W_ih x in k order), so results do not depend on the thread count.
+// L2, not FMAs: the FMA units are idle half the time. The input projection runs in those
+// slots: each group of the product (up to 8 blocks, bias + W_hh h) shares its k loop with one
+// tile of the projection (8 steps' x rows against one 16-column block of W_ih, operands
+// in L1), so a step also projects 1/8 of the next 8 steps' inputs of the slice's columns into
+// a ring of 2 chunks of 8 rows (the first chunk is projected before the steps). The slice of
+// W_hh is packed in the order the step reads it, the blocks of each group side by side per k
+// (one sequential stream for the prefetchers; 8 chains hide the FMA latency), and the
+// threads meet through one flag per slice instead of a shared counter. Per column the chains
+// are fixed (bias + W_hh h in k order; W_ih x in k order from 0), so results do not depend
+// on the thread count.
 // ---------------------------------------------------------------------------
 
 constexpr int kGroup = 8;  // blocks per matrix-vector group
+constexpr int kChunk = 8;  // steps per chunk of the input projection (rows of its tile)
 
-template <int NB>
-__attribute__((always_inline)) inline void gemv_group(const float* __restrict h, int64_t K, const float* __restrict w,
+// One group of NB blocks of the product (w: packed, off: where each block's 16 columns sit in
+// bias and out) and, when P, the tile of x rows xp ([k][8]) against the packed W_ih block wi
+// into po (rows ldo apart).
+template <int NB, bool P>
+__attribute__((always_inline)) inline void step_group(const float* __restrict h, int64_t H, const float* __restrict w,
                                                       const int64_t* off, const float* __restrict bias,
-                                                      float* __restrict out) {
-  __m512 acc[NB];
+                                                      float* __restrict out, const float* __restrict xp, int64_t I,
+                                                      const float* __restrict wi, float* __restrict po, int64_t ldo) {
+  __m512 acc[NB], pa[kChunk];
   for (int q = 0; q < NB; ++q) acc[q] = _mm512_loadu_ps(bias + off[q]);
-  for (int64_t k = 0; k < K; ++k) {
+  for (int r = 0; r < kChunk; ++r) pa[r] = _mm512_setzero_ps();
+  auto gemv_k = [&](int64_t k) {
     const __m512 a = _mm512_set1_ps(h[k]);
     for (int q = 0; q < NB; ++q) acc[q] = _mm512_fmadd_ps(a, _mm512_loadu_ps(w + (k * NB + q) * kLanes), acc[q]);
-  }
-  for (int q = 0; q < NB; ++q) _mm512_storeu_ps(out + off[q], acc[q]);
-}
-
-inline void gemv_groups(const float* h, int64_t K, const float* w, int64_t nblk, const int64_t* off,
-                        const float* bias, float* out) {
-  for (int64_t q0 = 0; q0 < nblk; q0 += kGroup) {
-    const float* wg = w + q0 * K * kLanes;
-    switch (std::min<int64_t>(kGroup, nblk - q0)) {
-      case 8: gemv_group<8>(h, K, wg, off + q0, bias, out); break;
-      case 7: gemv_group<7>(h, K, wg, off + q0, bias, out); break;
-      case 6: gemv_group<6>(h, K, wg, off + q0, bias, out); break;
-      case 5: gemv_group<5>(h, K, wg, off + q0, bias, out); break;
-      case 4: gemv_group<4>(h, K, wg, off + q0, bias, out); break;
-      case 3: gemv_group<3>(h, K, wg, off + q0, bias, out); break;
-      case 2: gemv_group<2>(h, K, wg, off + q0, bias, out); break;
-      default: gemv_group<1>(h, K, wg, off + q0, bias, out); break;
-    }
-  }
-}
-
-// The input projection: tiles of 12 rows x NB blocks against the packed W_ih, the rows of x
-// packed per tile k-major ([tile][k][12], zero rows past the end), so the 12 broadcasts of
-// a k lie at fixed offsets from one pointer (with a row stride apart they take 12 address
-// registers, and the tile ran ~25% under the FMA peak).
-constexpr int kProjRows = 12;
-
-template <int NB>
-void proj_tile(const float* __restrict xp, int64_t K, const float* const* w, float* const* out, int64_t ldo, int64_t n) {
-  __m512 acc[kProjRows][NB];
-  for (int r = 0; r < kProjRows; ++r)
-    for (int q = 0; q < NB; ++q) acc[r][q] = _mm512_setzero_ps();
+  };
+  auto proj_k = [&](int64_t k) {
+    const __m512 v = _mm512_loadu_ps(wi + k * kLanes);
+    for (int r = 0; r < kChunk; ++r) pa[r] = _mm512_fmadd_ps(_mm512_set1_ps(xp[k * kChunk + r]), v, pa[r]);
+  };
+  const int64_t K = P ? std::min(H, I) : 0;
   for (int64_t k = 0; k < K; ++k) {
-    __m512 wv[NB];
-    for (int q = 0; q < NB; ++q) wv[q] = _mm512_loadu_ps(w[q] + k * kLanes);
-    for (int r = 0; r < kProjRows; ++r) {
-      const __m512 a = _mm512_set1_ps(xp[k * kProjRows + r]);
-      for (int q = 0; q < NB; ++q) acc[r][q] = _mm512_fmadd_ps(a, wv[q], acc[r][q]);
-    }
+    gemv_k(k);
+    proj_k(k);
   }
-  for (int64_t r = 0; r < n; ++r)
-    for (int q = 0; q < NB; ++q) _mm512_storeu_ps(out[q] + r * ldo, acc[r][q]);
+  for (int64_t k = K; k < H; ++k) gemv_k(k);
+  for (int q = 0; q < NB; ++q) _mm512_storeu_ps(out + off[q], acc[q]);
+  if constexpr (P) {
+    for (int64_t k = K; k < I; ++k) proj_k(k);
+    for (int r = 0; r < kChunk; ++r) _mm512_storeu_ps(po + r * ldo, pa[r]);
+  }
+}
+
+// The projection tile alone (the chunk before the first step).
+inline void proj_tile(const float* __restrict xp, int64_t I, const float* __restrict wi, float* __restrict po,
+                      int64_t ldo) {
+  __m512 pa[kChunk];
+  for (int r = 0; r < kChunk; ++r) pa[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < I; ++k) {
+    const __m512 v = _mm512_loadu_ps(wi + k * kLanes);
+    for (int r = 0; r < kChunk; ++r) pa[r] = _mm512_fmadd_ps(_mm512_set1_ps(xp[k * kChunk + r]), v, pa[r]);
+  }
+  for (int r = 0; r < kChunk; ++r) _mm512_storeu_ps(po + r * ldo, pa[r]);
+}
+
+template <bool P>
+void step_group_n(int n, const float* h, int64_t H, const float* w, const int64_t* off, const float* bias, float* out,
+                  const float* xp, int64_t I, const float* wi, float* po, int64_t ldo) {
+  switch (n) {
+    case 8: step_group<8, P>(h, H, w, off, bias, out, xp, I, wi, po, ldo); break;
+    case 7: step_group<7, P>(h, H, w, off, bias, out, xp, I, wi, po, ldo); break;
+    case 6: step_group<6, P>(h, H, w, off, bias, out, xp, I, wi, po, ldo); break;
+    case 5: step_group<5, P>(h, H, w, off, bias, out, xp, I, wi, po, ldo); break;
+    case 4: step_group<4, P>(h, H, w, off, bias, out, xp, I, wi, po, ldo); break;
+    case 3: step_group<3, P>(h, H, w, off, bias, out, xp, I, wi, po, ldo); break;
+    case 2: step_group<2, P>(h, H, w, off, bias, out, xp, I, wi, po, ldo); break;
+    default: step_group<1, P>(h, H, w, off, bias, out, xp, I, wi, po, ldo); break;
+  }
 }
 
 // One cache line per slice: the number of steps it has finished.
@@ -847,30 +864,36 @@ void forward_gemv(const Shape& d, const float* x, const float* w_ih, const float
   const int64_t H = d.H, I = d.I, G = d.G, GH = d.GH(), Tn = d.T;
   const Slices sl(H, 2 * GH * H, GH * H * int64_t(sizeof(float)));
   const int64_t su = sl.max_units(), ldl = G * su, nbmax = (su / kLanes) * G;
-  // per slice: gate pre-activations of the step, summed biases, block offsets (gate-major
-  // like the tiles' output: gate g of the slice's unit j at g * su + j), packed weights
-  const at::Tensor local_t = at::empty({sl.ns * 2 * ldl}, opt);
-  float* local = local_t.data_ptr<float>();
-  std::vector<int64_t> offs(sl.ns * nbmax);
-  at::Tensor wih_t = at::empty({sl.ns * nbmax * I * kLanes}, opt);
-  at::Tensor whh_t = at::empty({sl.ns * nbmax * H * kLanes}, opt);
-  at::Tensor xl_t = at::empty({sl.ns * Tn * ldl}, opt);  // each slice's input projection, time order
-  advise_huge(xl_t.data_ptr(), xl_t.numel() * sizeof(float));
-  float* wih = wih_t.data_ptr<float>();
-  float* whh = whh_t.data_ptr<float>();
-  float* xl = xl_t.data_ptr<float>();
   const int64_t L = len ? std::min<int64_t>(len[0], Tn) : Tn;
-  // W_ih of every slice, block by block (K x 16 each), and x, 12 rows at a time
-  const int64_t ntile = (L + kProjRows - 1) / kProjRows, nwb = sl.ns * nbmax;
-  at::Tensor xp_t = at::empty({ntile * kProjRows * I}, opt);
-  float* xpk = xp_t.data_ptr<float>();
-  at::parallel_for(0, nwb + ntile, 1, [&](int64_t q0, int64_t q1) {
+  const int64_t nchunk = (L + kChunk - 1) / kChunk, nwb = sl.ns * nbmax;
+  // one scratch buffer, kept across calls (up to 64 MiB): fresh memory would cost a page
+  // fault per 4 KiB of it at its first touch, every call. Its parts (floats, 64-byte aligned):
+  // per slice the step's gate pre-activations and the summed biases, and the projection's
+  // ring (2 chunks of rows of the slice's gate columns); W_ih and W_hh packed per slice; x's
+  // rows of the steps [0, L) in step order, packed per chunk k-major ([chunk][k][8])
+  const int64_t sizes[5] = {sl.ns * 2 * ldl, sl.ns * 2 * kChunk * ldl, nwb * I * kLanes, nwb * H * kLanes,
+                            nchunk * kChunk * I};
+  int64_t total = 0;
+  for (const int64_t n : sizes) total += (n + kLanes - 1) / kLanes * kLanes;
+  static KeptBuffer& kept = *new KeptBuffer();  // never destroyed: a lent buffer may come back at exit
+  const at::Tensor scratch = kept_alloc(kept, total, opt, sizeof(float), false, size_t(64) << 20);
+  float* parts[5];
+  float* p = scratch.data_ptr<float>();
+  for (int q = 0; q < 5; ++q) {
+    parts[q] = p;
+    p += (sizes[q] + kLanes - 1) / kLanes * kLanes;
+  }
+  float *local = parts[0], *ring = parts[1], *wih = parts[2], *whh = parts[3], *xpk = parts[4];
+  std::vector<int64_t> offs(nwb);
+  at::parallel_for(0, nwb + nchunk, 1, [&](int64_t q0, int64_t q1) {
     for (int64_t it = q0; it < q1; ++it) {
       if (it >= nwb) {
-        const int64_t r0 = (it - nwb) * kProjRows;
-        float* o = xpk + r0 * I;
-        for (int64_t r = 0; r < kProjRows; ++r)
-          for (int64_t k = 0; k < I; ++k) o[k * kProjRows + r] = r0 + r < L ? x[(r0 + r) * I + k] : 0.f;
+        const int64_t s0 = (it - nwb) * kChunk;
+        float* o = xpk + s0 * I;
+        for (int64_t r = 0; r < kChunk; ++r) {
+          const float* xr = s0 + r < L ? x + time_of(s0 + r, L, reverse) * I : nullptr;
+          for (int64_t k = 0; k < I; ++k) o[k * kChunk + r] = xr ? xr[k] : 0.f;
+        }
         continue;
       }
       const int64_t i = it / nbmax, q = it % nbmax, u = sl.u0(i) + q / G, g = q % G;
@@ -882,35 +905,10 @@ void forward_gemv(const Shape& d, const float* x, const float* w_ih, const float
       }
     }
   });
-  // the projection of the rows that steps read ([0, L), reverse or not); items slice-major,
-  // so with as many slices as threads each thread projects its own slice (its columns
-  // only), with fewer slices the tiles are split too
-  const int64_t nrc = std::max<int64_t>(1, at::get_num_threads() / sl.ns);
-  at::parallel_for(0, sl.ns * nrc, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t it = i0; it < i1; ++it) {
-      const int64_t i = it / nrc, rc = it % nrc, u0 = sl.u0(i), nb = (sl.u1(i) - u0) * G;
-      const int64_t c0 = rc * ntile / nrc, c1 = (rc + 1) * ntile / nrc;
-      for (int64_t q = 0; q < nb; q += 2) {
-        const int nq = q + 1 < nb ? 2 : 1;
-        const float* w[2];
-        float* o[2];
-        for (int qq = 0; qq < nq; ++qq) {
-          const int64_t u = u0 + (q + qq) / G, g = (q + qq) % G;
-          w[qq] = wih + (i * nbmax + q + qq) * I * kLanes;
-          o[qq] = xl + i * Tn * ldl + g * su + (u - u0) * kLanes;
-        }
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t r0 = c * kProjRows, n = std::min<int64_t>(kProjRows, L - r0);
-          float* oc[2] = {o[0] + r0 * ldl, nq > 1 ? o[1] + r0 * ldl : nullptr};
-          if (nq == 2) proj_tile<2>(xpk + r0 * I, I, w, oc, ldl, n);
-          else proj_tile<1>(xpk + r0 * I, I, w, oc, ldl, n);
-        }
-      }
-    }
-  });
   std::vector<StepFlag> flags(sl.ns);
   at::parallel_for(0, sl.ns, 1, [&](int64_t i0, int64_t i1) {
-    // pack W_hh of the slices of this thread (into its L2) and their biases and offsets
+    // pack W_hh of the slices of this thread (into its L2), their biases and offsets, and
+    // project the first chunk
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t u0 = sl.u0(i), nb = (sl.u1(i) - u0) * G;
       float* wh = whh + i * nbmax * H * kLanes;
@@ -930,6 +928,9 @@ void forward_gemv(const Shape& d, const float* x, const float* w_ih, const float
           }
         }
       }
+      if (L > 0)
+        for (int64_t q = 0; q < nb; ++q)
+          proj_tile(xpk, I, wih + (i * nbmax + q) * I * kLanes, ring + i * 2 * kChunk * ldl + off[q], ldl);
     }
     for (int64_t s = 0; s < Tn; ++s) {
       const int64_t t = time_of(s, L, reverse);
@@ -950,15 +951,28 @@ void forward_gemv(const Shape& d, const float* x, const float* w_ih, const float
           zero_row(yr, nj);
         } else {
           // all of h at once (half of it was just written by the other core: one round of
-          // transfers, not one per line as the k loop reaches it), and the next step's
-          // projection row into L2 while the weights stream
+          // transfers, not one per line as the k loop reaches it)
           for (int64_t k = 0; k < H; k += kLanes) _mm_prefetch(reinterpret_cast<const char*>(hp + k), _MM_HINT_T0);
-          if (s + 1 < L) {
-            const float* xn = xl + (i * Tn + time_of(s + 1, L, reverse)) * ldl;
-            for (int64_t k = 0; k < ldl; k += kLanes) _mm_prefetch(reinterpret_cast<const char*>(xn + k), _MM_HINT_T1);
+          // this step's share of the next chunk's projection: block q of the slice with group
+          // q - pb0 (8 steps x ceil(nb / 8) groups cover the nb blocks)
+          const int64_t c = s / kChunk, ng = (nb + kGroup - 1) / kGroup;
+          const bool proj = (c + 1) * kChunk < L;
+          const int64_t pb0 = (s % kChunk) * ng;
+          const float* xp = xpk + (c + 1) * kChunk * I;
+          float* pr = ring + (i * 2 + (c + 1) % 2) * kChunk * ldl;
+          const float* wh = whh + i * nbmax * H * kLanes;
+          const int64_t* off = offs.data() + i * nbmax;
+          for (int64_t q0 = 0, gi = 0; q0 < nb; q0 += kGroup, ++gi) {
+            const int n = int(std::min<int64_t>(kGroup, nb - q0));
+            const int64_t pb = pb0 + gi;
+            if (proj && pb < nb)
+              step_group_n<true>(n, hp, H, wh + q0 * H * kLanes, off + q0, gl + ldl, gl, xp, I,
+                                 wih + (i * nbmax + pb) * I * kLanes, pr + off[pb], ldl);
+            else
+              step_group_n<false>(n, hp, H, wh + q0 * H * kLanes, off + q0, gl + ldl, gl, nullptr, I, nullptr,
+                                  nullptr, 0);
           }
-          gemv_groups(hp, H, whh + i * nbmax * H * kLanes, nb, offs.data() + i * nbmax, gl + ldl, gl);
-          const float* xr = xl + (i * Tn + t) * ldl;
+          const float* xr = ring + (i * 2 + c % 2) * kChunk * ldl + (s % kChunk) * ldl;
           if (d.cell == Cell::kLSTM) lstm_fuse(gl, su, xr, su, gs, H, cp, cn, hx, yr, nj);
           else rnn_fuse(gl, xr, hx, yr, nj, d.cell == Cell::kRNNRelu);
         }

@@ -51,10 +51,41 @@ def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
 
 
 def _to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """torch.nn's convention: a bool True excludes the position; a float mask is added."""
+    """torch.nn's convention: a bool True excludes the position (it becomes a mask of ``dtype``,
+    the query's); a float mask is added as it is, in its own dtype."""
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-    return mask.to(dtype)
+    return mask
+
+
+def _mask_dtype(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], query: Tensor, q: Tensor,
+                need_weights: bool) -> Optional[torch.dtype]:
+    """The dtype of the merged float mask, checked by torch.nn.MultiheadAttention's rule (which raises
+    RuntimeError): a bool mask becomes an additive mask of ``query``'s dtype, float masks keep theirs,
+    and the two are added (type promotion); under autocast a merged mask of a float type autocast casts
+    (not float64) takes the autocast dtype. It must then be the dtype of the projected query ``q`` when
+    the weights are computed (torch's baddbmm), or that or float32 otherwise (torch's SDPA).
+    None when no float mask is needed (no mask, or both bool)."""
+    masks = [(n, m) for n, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask))
+             if m is not None]
+    if all(m.dtype == torch.bool for _, m in masks):
+        return None
+    dev = query.device.type
+    cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+    def effective(d):
+        return cast if cast is not None and d in (torch.float16, torch.bfloat16, torch.float32) else d
+
+    canon = [(n, query.dtype if m.dtype == torch.bool else m.dtype) for n, m in masks]
+    merged = canon[0][1] if len(canon) == 1 else torch.promote_types(canon[0][1], canon[1][1])
+    merged = effective(merged)
+    if merged == q.dtype or (not need_weights and merged == torch.float32):
+        return merged
+    bad = " and ".join(f"{n} ({d})" for n, d in canon if effective(d) != q.dtype)
+    rule = "the query's dtype" if need_weights else "the query's dtype or torch.float32 (need_weights=False)"
+    raise InputTypeError(f"{bad} must be bool or a float mask of {rule}: the query is {q.dtype}"
+                         + (f", and the masks add up to {merged}" if len(canon) == 2 else "")
+                         + " (torch.nn.MultiheadAttention refuses it too)")
 
 
 def _pad_key(mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -64,9 +95,11 @@ def _pad_key(mask: Optional[Tensor]) -> Optional[Tensor]:
     return F.pad(mask, (0, 1), value=False if mask.dtype == torch.bool else 0.0)
 
 
-def _merge(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+def _merge(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], dtype: torch.dtype,
+           merged_dtype: Optional[torch.dtype]) -> Optional[Tensor]:
     """One mask in SDPA's convention (bool True = attend, float = added to the logits),
-    broadcastable to (B, H, L, S): bool stays bool when both masks are bool."""
+    broadcastable to (B, H, L, S): bool stays bool when both masks are bool; float masks are
+    added in their promoted dtype, as torch.nn does, then cast to ``merged_dtype`` (see _mask_dtype)."""
     masks = [m for m in (attn_mask, key_padding_mask) if m is not None]
     if not masks:
         return None
@@ -74,7 +107,8 @@ def _merge(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], dtyp
         blocked = masks[0] if len(masks) == 1 else masks[0] | masks[1]
         return ~blocked
     merged = _to_additive(masks[0], dtype)
-    return merged if len(masks) == 1 else merged + _to_additive(masks[1], dtype)
+    merged = merged if len(masks) == 1 else merged + _to_additive(masks[1], dtype)
+    return merged.to(merged_dtype)
 
 
 def _weights_reference(q: Tensor, k: Tensor, mask: Optional[Tensor], dropout_p: float, training: bool) -> Tensor:
@@ -105,7 +139,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     ``(L, E)`` inputs; ``key_padding_mask`` ``(B, S)``/``(S,)`` and ``attn_mask``
     ``(L, S)``/``(B*num_heads, L, S)``, each bool (True = not attended) or float (added
     to the logits). The two masks are merged into one (bool when both are bool) for
-    the attention op. ``is_causal`` is, as in torch, a hint that ``attn_mask`` is the
+    the attention op; a float mask's dtype follows torch's rule (see ``_mask_dtype``: the
+    query's dtype, or also float32 with ``need_weights=False``, after autocast's cast). ``is_causal`` is, as in torch, a hint that ``attn_mask`` is the
     causal mask (it still must be given); without a key padding mask and with
     ``need_weights=False`` the attention runs causally and ignores ``attn_mask``.
 
@@ -240,6 +275,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         kpm = None if key_padding_mask is None else key_padding_mask.reshape(Bsz, 1, 1, S)
 
         q, k, v = self._project(query, key, value)
+        mask_dtype = _mask_dtype(key_padding_mask, am, query, q, need_weights)
         if self.bias_k is not None and self.bias_v is not None:
             k = torch.cat([k, self.bias_k.expand(1, Bsz, E).to(k.dtype)])
             v = torch.cat([v, self.bias_v.expand(1, Bsz, E).to(v.dtype)])
@@ -252,7 +288,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             zeros = torch.zeros(Bsz, H, 1, D, dtype=k.dtype, device=k.device)
             k, v = torch.cat([k, zeros], 2), torch.cat([v, zeros.to(v.dtype)], 2)
             am, kpm = _pad_key(am), _pad_key(kpm)
-        mask = _merge(am, kpm, q.dtype)
+        mask = _merge(am, kpm, query.dtype, mask_dtype)
         dropout_p = self.dropout if self.training else 0.0
 
         if need_weights:

@@ -551,7 +551,38 @@ def _supports_cpu(q, k, v, mask, dropout_p=0.0, is_causal=False):
     return True, ""
 
 
+# CUDA launch limits: gridDim.x at most 2^31-1 blocks, gridDim.y at most 65535. The cuda launchers
+# (csrc/cuda/attention*.cu) have 1-D grids and refuse more than kAttnMaxGridX = 2^31-1 blocks with an
+# error; the Triton launches (kernels/attention.py) put B * heads in y and fail past 65535. supports()
+# declines such shapes instead, so automatic selection falls through (the cpu kernel has no grid).
+_GRID_X_MAX, _GRID_Y_MAX = 2**31 - 1, 65535
+_CUDA_ROWS_PER_BLOCK = 8  # kWarps of attention.cu: its SIMT grids are larger than the opt-in mma ones
+_TRITON_MIN_ROWS = 16  # the smallest BLOCK_M / BLOCK_N / BLOCK_R kernels/attention.py launches with
+
+
+def _grid_too_large(backend: str, q: Tensor, k: Tensor) -> str:
+    """Why the launch grids of ``backend`` cannot cover these shapes ("" when they can)."""
+    Bsz, Hq, L = q.shape[0], q.shape[1], q.shape[2]
+    Hk, S = k.shape[1], k.shape[2]
+    if backend == "cuda":
+        r = _CUDA_ROWS_PER_BLOCK  # forward/dq: B*Hq*ceil(L/r); dk/dv: B*Hk*ceil(S/r); delta: ceil(B*Hq*L/r)
+        blocks = max(Bsz * Hq * -(-L // r), Bsz * Hk * -(-S // r))
+        if blocks > _GRID_X_MAX:
+            return (f"B={Bsz}, heads {Hq}/{Hk}, L={L}, S={S} need {blocks} blocks, over the CUDA kernel's "
+                    f"grid limit of 2^31-1")
+        return ""
+    if Bsz * Hq > _GRID_Y_MAX:
+        return f"B * query heads = {Bsz * Hq} is over the 65535 grid rows (gridDim.y) of the Triton launches"
+    r = _TRITON_MIN_ROWS
+    blocks = max(-(-L // r), -(-S // r), -(-(Bsz * Hq * L) // r))
+    if blocks > _GRID_X_MAX:
+        return f"L={L}, S={S}, B*Hq*L={Bsz * Hq * L} need {blocks} blocks, over the Triton grid limit of 2^31-1"
+    return ""
+
+
 def _supports_gpu(device_types, dtypes):
+    backend = "triton" if "cpu" in device_types else "cuda"
+
     def supports(q, k, v, mask, dropout_p=0.0, is_causal=False):
         if q.device.type not in device_types:
             return False, f"inputs are on {q.device.type}, this backend runs on {'/'.join(device_types)}"
@@ -567,7 +598,8 @@ def _supports_gpu(device_types, dtypes):
             return False, "bf16 is computed wrongly by the Triton interpreter"
         if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
             return False, f"head dim {max(q.shape[-1], v.shape[-1])} over the limit {MAX_HEAD_DIM}"
-        return True, ""
+        why = _grid_too_large(backend, q, k)
+        return (False, why) if why else (True, "")
     return supports
 
 

@@ -11,7 +11,8 @@ One layer, one direction, the whole sequence per call. x: (T, B, I). Weights as 
 hidden state, ``h = (o * tanh(c)) @ w_hr^T``, so h0, h_T and y have P features and c has H.
 
 ``h0`` / ``hx`` None (or ``(None, None)``, or one of the pair None) means zeros, as in
-``torch.nn``. ``lengths`` (B,) integer: steps at or past a sequence's length leave its
+``torch.nn``. ``lengths`` (B,) integers (a tensor of any integer dtype on the CPU or x's
+device, or a list/tuple of ints, as torch's pack_padded_sequence takes): steps at or past a sequence's length leave its
 state unchanged and give output 0; ``reverse=True`` runs each sequence backwards within
 its own length (what a PackedSequence's backward direction needs). Lengths of 0 are
 allowed (the state passes through, every output is 0).
@@ -99,7 +100,8 @@ def _validate(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
             raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
     if lengths is not None:
         if not isinstance(lengths, torch.Tensor):
-            raise TypeError(f"lengths must be a Tensor of integers, got {type(lengths).__name__}")
+            raise TypeError(f"lengths must be a Tensor of integers or a list/tuple of ints, "
+                            f"got {type(lengths).__name__}")
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
             raise TypeError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
         if tuple(lengths.shape) != (Bsz,):
@@ -447,7 +449,22 @@ _CPU_REGISTERED = _has_cpu_kernels()
 # public API
 # ---------------------------------------------------------------------------
 
+def _lengths_tensor(lengths):
+    """A list/tuple of ints (what torch's pack_padded_sequence takes) as a tensor; the rest of
+    lengths' checks are _validate's."""
+    if not isinstance(lengths, (list, tuple)):
+        return lengths
+    if not lengths:
+        return torch.zeros(0, dtype=torch.int64)
+    try:
+        return torch.tensor(lengths)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"lengths must be a Tensor of integers or a list/tuple of ints, got {lengths!r} ({e})") \
+            from None
+
+
 def _run(op, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, backend):
+    lengths = _lengths_tensor(lengths)
     T, Bsz, I, H, P = _validate(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
     name = B.select(op, backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if h0 is None:
