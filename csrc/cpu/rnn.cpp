@@ -435,17 +435,26 @@ void tile(const Lhs<T>& A, const Blk<T>* blk, int64_t ldc) {
 // Packed: the strides of the per-step GEMMs, fixed at compile time; else those given (the
 // weight gradients). Always inlined: out of line the accumulators would live in memory (the
 // per-step GEMMs ran at half speed when the two instances stopped being inlined).
+// The rows are read off one pointer per 3 rows, row 3j + m at p[j] + m * lda bytes (the
+// scaled-index address): 4 pointers and one stride for 12 rows. Written as A[r * lda + k],
+// the compiler kept one pointer per row and, short of registers, reloaded 8-12 of them from
+// the stack every k.
 template <int R, int NB, bool Packed>
 __attribute__((always_inline)) inline void tile_f32_seg(const float* __restrict A, int64_t lda, int64_t ks_, int64_t K,
                                                         const float* const* w, int64_t ldw_, __m512 (&acc)[R][NB]) {
   const int64_t ks = Packed ? 1 : ks_, ldw = Packed ? kLanes : ldw_;
+  constexpr int NP = (R + 2) / 3;
+  const char* p[NP];
+  for (int j = 0; j < NP; ++j) p[j] = reinterpret_cast<const char*>(A + 3 * j * lda);
+  const int64_t L = lda * int64_t(sizeof(float)), step = ks * int64_t(sizeof(float));
   for (int64_t k = 0; k < K; ++k) {
     __m512 wv[NB];
     for (int q = 0; q < NB; ++q) wv[q] = _mm512_loadu_ps(w[q] + k * ldw);
     for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(A[r * lda + k * ks]);
+      const __m512 a = _mm512_set1_ps(*reinterpret_cast<const float*>(p[r / 3] + (r % 3) * L));
       for (int q = 0; q < NB; ++q) acc[r][q] = _mm512_fmadd_ps(a, wv[q], acc[r][q]);
     }
+    for (int j = 0; j < NP; ++j) p[j] += step;
   }
 }
 
