@@ -1639,7 +1639,8 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
 // backward of one step without lengths or projection (the cells): the gradients from dh (and
 // dc) directly, no (T, B, P) dy. Few batch rows take each weight in one sweep of its rows that
 // also writes the weight's gradient (at B = 1 those are outer products, which BLAS serves
-// poorly); more rows go to BLAS.
+// poorly); more rows go to the register tiles (four products of a cell's size cost BLAS more in
+// per-call setup and threading than in FMAs).
 // ---------------------------------------------------------------------------
 
 // Columns [k, k + CW) of one weight W (GH x K, rows as they lie) and its input a (NB x K):
@@ -1741,6 +1742,52 @@ void cell_wsweep_any(int64_t B, const T* dg, int64_t ldg, const T* a, const T* w
 
 constexpr int64_t kCellSweepRows = 4;  // batch rows up to which the weights are swept by hand
 
+// o (cols x rows) = a (rows x cols)^T
+template <typename T>
+void transpose_rows(const T* __restrict a, int64_t rows, int64_t cols, T* __restrict o) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict ar = a + r * cols;
+    for (int64_t c = 0; c < cols; ++c) o[c * rows + r] = ar[c];
+  }
+}
+
+// a (rows x K) as 16-column blocks, each rows x 16 contiguous, zero lanes past K
+template <typename T>
+void pack_blocks(const T* __restrict a, int64_t rows, int64_t K, T* __restrict o) {
+  for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
+    const int64_t n = std::min(kLanes, K - k0);
+    for (int64_t r = 0; r < rows; ++r, o += kLanes) {
+      const T* __restrict ar = a + r * K + k0;
+      if (n == kLanes) {
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) o[l] = ar[l];
+      } else {
+        for (int64_t l = 0; l < kLanes; ++l) o[l] = l < n ? ar[l] : T(0);
+      }
+    }
+  }
+}
+
+// Columns [n0, n1) (n0 on a 16-column edge) of C (M x N, ldc) = add + A (M x K, one segment) @ W
+// (K x N, rows ldw apart, read where they lie) on the register tiles of the step loop. The last
+// columns short of a whole block are plain chains in the same k order: a tile reads all 16 lanes
+// of each W row, past the end of W's last row there.
+template <typename T>
+void cell_tiles(const Lhs<T>& A, int64_t M, const T* w, int64_t ldw, T* c, int64_t ldc, const T* add, int64_t n0,
+                int64_t n1) {
+  if (M <= 0 || n1 <= n0) return;
+  std::vector<Blk<T>> blk;
+  int64_t n = n0;
+  for (; n + kLanes <= n1; n += kLanes) blk.push_back({w + n, c + n, add ? add + n : nullptr, int(kLanes), ldw});
+  if (!blk.empty()) tiles<T>(A, M, blk, ldc);
+  for (; n < n1; ++n)
+    for (int64_t r = 0; r < M; ++r) {
+      T acc = add ? add[r * ldc + n] : T(0);
+      for (int64_t k = 0; k < A.k1; ++k) acc = std::fma(A.a1[r * A.ld1 + k * A.ks], w[k * ldw + n], acc);
+      c[r * ldc + n] = acc;
+    }
+}
+
 // Gradients (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) of one step from dh and dc (either may be
 // undefined: zeros), x (B, I) or (1, B, I), the forward's workspace. An entry not needed (or
 // whose input is absent) is an empty tensor.
@@ -1793,13 +1840,43 @@ std::vector<at::Tensor> backward_cell(const Shape& d, const at::Tensor& dh, cons
                          i + 1 == ns ? H : edge(nbh, H, i + 1));
     });
   } else {
-    if (gx) gemm<T>(false, false, B, I, GH, T(1), dgt, GH, wi, I, T(0), dx, I);
-    if (gh) {
-      if (gru) copy_row(dh0, dnext, B * H);
-      gemm<T>(false, false, B, H, GH, T(1), dg, GH, wh, H, gru ? T(1) : T(0), dh0, H);
-    }
-    if (gwi) gemm<T>(true, false, GH, I, B, T(1), dgt, GH, xq, I, T(0), dwi, I);
-    if (gwh) gemm<T>(true, false, GH, H, B, T(1), dg, GH, ws.h, H, T(0), dwh, H);
+    // the four products on the register tiles, each thread a share of every one: columns of
+    // dx = dgt @ W_ih and dh0 = dg @ W_hh (+ dh * z), rows of dW_ih = dgt^T @ x and dW_hh =
+    // dg^T @ h. At a cell's sizes (B = 32, 256 x 256) BLAS spends more on each call's setup
+    // and threading than on the FMAs. Rows of 256 floats lie 1 KiB apart, so a tile reading
+    // 12 of them (or x's rows for every weight-gradient tile) keeps them in 4 of L1's 64 sets
+    // and misses all the time: the gate gradients are transposed first (G*H x B: a tile's 12
+    // rows for one k are one run of floats) and x and h packed in 16-column blocks (B x 16,
+    // zero lanes past the end). Every value is one chain over k, whatever the split.
+    const int64_t nbi = (I + kLanes - 1) / kLanes, nbh = (H + kLanes - 1) / kLanes;
+    at::Tensor pk_t = at::empty({(gru ? 2 : 1) * GH * B + (nbi + nbh) * B * kLanes}, opt);
+    T* dgT = pk_t.data_ptr<T>();
+    T* dgtT = gru ? dgT + GH * B : dgT;
+    T* xpk = dgtT + GH * B;
+    T* hpk = xpk + nbi * B * kLanes;
+    if (gh || gwh || (!gru && (gx || gwi))) transpose_rows(dg, B, GH, dgT);
+    if (gru && (gx || gwi)) transpose_rows(dgt, B, GH, dgtT);
+    if (gwi) pack_blocks(xq, B, I, xpk);
+    if (gwh) pack_blocks(ws.h, B, H, hpk);
+    const int64_t ns = cell_threads(4 * B * GH * (I + H), GH * (I + H) * int64_t(sizeof(T)), std::max(nbi, nbh));
+    run_chunks(ns, [&](int64_t i) {
+      const auto col = [&](int64_t N, int64_t nb, int64_t q) { return q == ns ? N : q * nb / ns * kLanes; };
+      // dx, dh0: rows b, k = gate column j at dgT[j * B + b]
+      const Lhs<T> ai{dgtT, 1, GH, dgtT, 1, 0, B}, ah{dgT, 1, GH, dgT, 1, 0, B};
+      if (gx) cell_tiles<T>(ai, B, wi, I, dx, I, nullptr, col(I, nbi, i), col(I, nbi, i + 1));
+      if (gh) cell_tiles<T>(ah, B, wh, H, dh0, H, gru ? dnext : nullptr, col(H, nbh, i), col(H, nbh, i + 1));
+      // dW: rows j, k = b at dgT[j * B + b], against the packed blocks of x / h
+      const int64_t j0 = i * GH / ns, j1 = (i + 1) * GH / ns;
+      const auto wgrad = [&](const T* aT, const T* apk, int64_t K, int64_t nb, T* dw) {
+        std::vector<Blk<T>> blk;
+        for (int64_t q = 0; q < nb; ++q)
+          blk.push_back({apk + q * B * kLanes, dw + j0 * K + q * kLanes, nullptr,
+                         int(std::min(kLanes, K - q * kLanes)), kLanes});
+        if (j1 > j0) tiles<T>(Lhs<T>{aT + j0 * B, B, B, aT, B, 0}, j1 - j0, blk, K);
+      };
+      if (gwi) wgrad(dgtT, xpk, I, nbi, dwi);
+      if (gwh) wgrad(dgT, hpk, H, nbh, dwh);
+    });
   }
   const auto colsum = [&](const T* a, T* o) {
     if (B == 0) zero_row(o, GH);
