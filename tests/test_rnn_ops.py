@@ -719,3 +719,50 @@ def test_cell_gradcheck_fp64_cpu(kind, bias, unbatched, monkeypatch):
     assert seqkern.last_backend(kind.split("_")[0] + "_cell") == "cpu"
     assert torch.autograd.gradgradcheck(step(None), ins)
     assert seqkern.last_backend(kind.split("_")[0] + "_cell") == "cpu"
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_cell_backward_past_the_sweep_rows_like_torch(kind, monkeypatch):
+    """Above 4 batch rows the cell backward runs its four products on the register tiles (gate
+    gradients transposed, x and h packed): odd sizes (I, H not multiples of 16: tail columns; B = 5,
+    17, 33: partial row tiles), every subset of the inputs needing a gradient, against torch.nn's cell
+    in fp64; and a gradcheck at B = 6."""
+    require("cpu")
+    monkeypatch.delenv("SEQKERN_BACKEND", raising=False)
+    mod = {"lstm": "LSTMCell", "gru": "GRUCell", "rnn_tanh": "RNNCell", "rnn_relu": "RNNCell"}[kind]
+    kw = {"nonlinearity": kind[4:]} if kind.startswith("rnn") else {}
+    I, H = 20, 37
+    g = torch.Generator().manual_seed(5)
+    for Bsz in (5, 17, 33):
+        ours, theirs = getattr(seqkern.nn, mod)(I, H, dtype=F64, **kw), getattr(torch.nn, mod)(I, H, dtype=F64, **kw)
+        theirs.load_state_dict(ours.state_dict())
+        x, h, c = (torch.randn(Bsz, n, generator=g, dtype=F64) for n in (I, H, H))
+        cots = [torch.randn(Bsz, H, generator=g, dtype=F64) for _ in range(2)]
+        for wants in ("x", "h", "c", "w", "xh", "xhcw"):
+            if kind != "lstm" and wants == "c":
+                continue
+            grads = []
+            for m in (ours, theirs):
+                xx, hh, cc = (t.clone().requires_grad_(k in wants and (k != "c" or kind == "lstm"))
+                              for t, k in ((x, "x"), (h, "h"), (c, "c")))
+                for p in m.parameters():
+                    p.requires_grad_("w" in wants)
+                out = m(xx, (hh, cc)) if kind == "lstm" else (m(xx, hh),)
+                wrt = [t for t in (xx, hh, cc) if t.requires_grad] + [p for p in m.parameters() if p.requires_grad]
+                grads.append(torch.autograd.grad(out, wrt, cots[:len(out)]))
+            assert seqkern.last_backend(kind.split("_")[0] + "_cell") == "cpu"
+            for a, b in zip(*grads):
+                torch.testing.assert_close(a, b, msg=lambda m: f"B={Bsz} {wants}: {m}")
+    G = {"lstm": 4, "gru": 3}.get(kind, 1)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=F64).requires_grad_()  # noqa: E731
+    x, h, c = rnd(6, 17), rnd(6, 5), rnd(6, 5)
+    w = [rnd(G * 5, 17), rnd(G * 5, 5), rnd(G * 5), rnd(G * 5)]
+    ins = (x, h) + ((c,) if kind == "lstm" else ()) + tuple(w)
+
+    def f(*ts):
+        ts = list(ts)
+        xx, hh = ts.pop(0), ts.pop(0)
+        cc = ts.pop(0) if kind == "lstm" else None
+        return _cell_call(kind, xx, hh, cc, ts, "cpu")
+
+    assert torch.autograd.gradcheck(f, ins)

@@ -5,10 +5,10 @@
 // dispatch in the loop) and one fused gate kernel, parallel over batch rows. Batch 1 in fp32
 // (lstm, rnn) has its own loop, the steps being matrix-vector products (forward_gemv).
 // Backward walks the steps in reverse: per step one fused gate-gradient kernel and one
-// GEMM back through W_hh (and one for dx); without a projection the weight and bias
-// gradients are added up inside the loop every few steps from the cache-hot gate
-// gradients, with a projection they are large GEMMs over all steps and column sums after
-// it (either way no atomics, deterministic).
+// GEMM back through W_hh; without a projection dx and the weight and bias gradients are
+// computed inside the loop every few steps (a chunk) from the cache-hot gate gradients; with
+// a projection they are large GEMMs over all steps and column sums after it (either way no
+// atomics, deterministic).
 //
 // Step s of batch row b works on time index t(s, b) (reverse / lengths; see
 // seqkern/ops/rnn.py). Everything the backward needs is stored in step order, so each
@@ -538,21 +538,28 @@ void tiles(const Lhs<T>& A, int64_t M, const std::vector<Blk<T>>& blk, int64_t l
   }
 }
 
-// Barrier for the threads of one call. A thread that runs several slices arrives once with
-// their count, so a team smaller than the slice count (or a nested, serial call) still
-// meets. Spins briefly, then yields: the machine may have more threads than cores.
+// Barrier for the threads of one call, in two halves: arrive() says this thread's share of
+// the step is written, wait() returns once every thread has arrived, so a thread can do work
+// that needs nothing of the others between the two instead of spinning (a split barrier: a
+// partner that is late by less than that work costs nothing). A thread that runs several
+// slices arrives once with their count, so a team smaller than the slice count (or a
+// nested, serial call) still meets. Spins briefly, then yields: the machine may have more
+// threads than cores.
 struct SpinBarrier {
   alignas(64) std::atomic<int64_t> count{0};
   alignas(64) std::atomic<int64_t> gen{0};
   int64_t total;
   explicit SpinBarrier(int64_t n) : total(n) {}
-  void arrive(int64_t w) {
+  // returns the generation to wait() on
+  int64_t arrive(int64_t w) {
     const int64_t g = gen.load(std::memory_order_acquire);
     if (count.fetch_add(w, std::memory_order_acq_rel) + w == total) {
       count.store(0, std::memory_order_relaxed);
       gen.fetch_add(1, std::memory_order_release);
-      return;
     }
+    return g;
+  }
+  void wait(int64_t g) const {
     for (int spins = 0; gen.load(std::memory_order_acquire) == g; ++spins) {
       if (spins < 1000) {
 #if defined(__x86_64__)
@@ -580,16 +587,22 @@ struct Slices {
   int64_t max_units() const { return (nub + ns - 1) / ns * kLanes; }
 };
 
-// For every step: pre(slice, step) for all slices, a barrier, then post(slice, step).
-template <typename F1, typename F2>
-void run_slices(const Slices& sl, int64_t steps, const F1& pre, const F2& post) {
+// For every step: pre(slice, step) for all slices, arrive at the barrier, mid(slice, step)
+// (work that needs nothing the other slices write in this step), wait for the others, then
+// post(slice, step); last, mid(slice, steps), no barrier after it.
+template <typename F1, typename F2, typename F3>
+void run_slices(const Slices& sl, int64_t steps, const F1& pre, const F2& mid, const F3& post) {
   SpinBarrier bar(sl.ns);
   at::parallel_for(0, sl.ns, 1, [&](int64_t i0, int64_t i1) {
+    const bool meet = i1 - i0 < sl.ns;
     for (int64_t s = 0; s < steps; ++s) {
       for (int64_t i = i0; i < i1; ++i) pre(i, s);
-      if (i1 - i0 < sl.ns) bar.arrive(i1 - i0);
+      const int64_t g = meet ? bar.arrive(i1 - i0) : 0;
+      for (int64_t i = i0; i < i1; ++i) mid(i, s);
+      if (meet) bar.wait(g);
       for (int64_t i = i0; i < i1; ++i) post(i, s);
     }
+    for (int64_t i = i0; i < i1; ++i) mid(i, steps);
   });
 }
 
@@ -700,23 +713,39 @@ void forward_persistent(const Shape& d, const T* xw, const T* x, const T* w_ih, 
   // rows of x_t gathered per slice when lengths or reverse give each row its own time
   const bool gather = I > 0 && (len || reverse);
   const at::Tensor xg_t = at::empty({gather ? sl.ns * B * I : 0}, opt);
-  run_slices(sl, Tn, [&](int64_t i, int64_t s) {
-    const int64_t u0 = sl.u0(i), u1 = sl.u1(i), j0 = u0 * kLanes, nj = std::min(H, u1 * kLanes) - j0;
+  // blocks of slice i; k0: the first packed row (I: the W_hh half), add: the step's x half
+  auto blocks = [&](int64_t i, int64_t k0, bool add) {
+    const int64_t u0 = sl.u0(i), u1 = sl.u1(i);
     T* gl = local + i * B * ldl;
-    const T* hp = buf.h(s);
-    T* hx = buf.h(s + 1);
     std::vector<Blk<T>> blk;
     blk.reserve((u1 - u0) * G);
     for (int64_t u = u0; u < u1; ++u)
-      for (int64_t g = 0; g < G; ++g)
-        blk.push_back({wp + (u * G + g) * (I + H) * kLanes, gl + g * su + (u - u0) * kLanes, nullptr, int(kLanes)});
-    const T* xs = I > 0 ? x + s * B * I : nullptr;
+      for (int64_t g = 0; g < G; ++g) {
+        T* c = gl + g * su + (u - u0) * kLanes;
+        blk.push_back({wp + ((u * G + g) * (I + H) + k0) * kLanes, c, add ? c : nullptr, int(kLanes)});
+      }
+    return blk;
+  };
+  // the x half of step s's gate columns (needs nothing of the recurrence): run while the
+  // other slices finish step s - 1. Same chains as one pass over [x_t | h]: the partial sums
+  // go through memory exactly.
+  auto input_half = [&](int64_t i, int64_t s) {
+    if (I == 0 || s >= Tn) return;
+    const T* xs = x + s * B * I;
     if (gather) {
       T* xg = xg_t.data_ptr<T>() + i * B * I;
       for (int64_t b = 0; b < B; ++b) copy_row(xg + b * I, x + (time_of(s, len ? len[b] : Tn, reverse) * B + b) * I, I);
       xs = xg;
     }
-    tiles<T>(Lhs<T>{xs, I, I, hp, H, H}, B, blk, ldl);
+    tiles<T>(Lhs<T>{xs, I, I, nullptr, 0, 0}, B, blocks(i, 0, false), ldl);
+  };
+  run_slices(sl, Tn, [&](int64_t i, int64_t s) {
+    const int64_t u0 = sl.u0(i), u1 = sl.u1(i), j0 = u0 * kLanes, nj = std::min(H, u1 * kLanes) - j0;
+    T* gl = local + i * B * ldl;
+    const T* hp = buf.h(s);
+    T* hx = buf.h(s + 1);
+    if (s == 0) input_half(i, 0);
+    tiles<T>(Lhs<T>{nullptr, 0, 0, hp, H, H}, B, blocks(i, I, I > 0), ldl);
     T* gs = d.cell == Cell::kLSTM || d.cell == Cell::kGRU ? buf.gates(s) : nullptr;
     T* cp = d.cell == Cell::kLSTM ? buf.c(s) : nullptr;
     T* cn = d.cell == Cell::kLSTM ? buf.c(s + 1) : nullptr;
@@ -743,7 +772,7 @@ void forward_persistent(const Shape& d, const T* xw, const T* x, const T* w_ih, 
       else
         rnn_fuse(a, xr, hx + o, yr, nj, d.cell == Cell::kRNNRelu);
     }
-  }, [](int64_t, int64_t) {});
+  }, [&](int64_t i, int64_t s) { input_half(i, s + 1); }, [](int64_t, int64_t) {});
 }
 
 #if defined(__AVX512F__)
@@ -1030,15 +1059,15 @@ void forward_gemv(const Shape& d, const float* x, const float* w_ih, const float
 
 // Backward steps (no projection). Per step: the gate gradients of the slice's units (they
 // need only dh of those units, which the slice computed itself), a barrier, then dh of the
-// slice's units = the step's gate gradients (all units) @ W_hh[:, slice] (+ dh * z for gru)
-// and, while the step's gradients are in cache, the slice's share of dx's columns.
-// The gate gradients live in a ring of C steps, in step order, not in a (T, B, G*H) buffer:
-// when the C steps of a chunk are done each slice adds the weight gradients of its own gate
-// columns, [x | h] of the chunk's rows, transposed, @ their gradients, to dW^T (features x G*H)
-// and their column sums to the bias gradients. Its own columns only: no barrier, and every
-// column is summed in the same order (chunks from the last, rows in step order) whatever the
-// slicing, so the results do not depend on the thread count.
-// dwi (I x G*H), dwh (H x G*H), dbi, dbh (G*H): zero on entry, null when not wanted; dbh ==
+// slice's units = the step's gate gradients (all units) @ W_hh[:, slice] (+ dh * z for gru).
+// The gate gradients live in a ring of 2 C steps, in step order, not in a (T, B, G*H) buffer:
+// when the C steps of a chunk are done each slice computes its share of dx's columns for the
+// chunk's rows (its packed slice of W_ih read once a chunk, not once a step), and adds the
+// weight gradients of its own gate columns, their gradients over the chunk's rows, transposed, @ [x | h] of those rows, to
+// their rows of dW, and their column sums to the bias gradients. Its own columns only: no
+// barrier, and every value is summed in the same order (chunks from the last, rows in step
+// order) whatever the slicing, so the results do not depend on the thread count.
+// dwi (G*H x I), dwh (G*H x H), dbi, dbh (G*H): zero on entry, null when not wanted; dbh ==
 // dbi but for gru (whose n gate has r in on the recurrent side, not on the input side).
 template <typename T>
 void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, const T* w_ih, const T* x,
@@ -1053,26 +1082,35 @@ void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, 
   const at::Tensor packed_x = pack_backward(w_ih, GH, Ix, nvb, opt);
   const T* wpx = packed_x.data_ptr<T>();
   const bool perm = len || reverse;  // rows of a step belong to different times
-  // rows of a step go to dx at their own times under lengths or reverse: through a buffer
-  const at::Tensor xbuf_t = at::empty({perm && Ix > 0 ? sl.ns * B * I : 0}, opt);
   // chunks of about 256 rows: the weight-gradient tiles run long over k, the ring stays small
   const int64_t C = std::max<int64_t>(2, (256 + B - 1) / B);
+  // rows of a chunk go to dx at their own times under lengths or reverse: through a buffer
+  const at::Tensor xbuf_t = at::empty({perm && Ix > 0 ? sl.ns * C * B * I : 0}, opt);
   // rows padded by 16: a 4 KiB row stride (G*H = 1024 fp32) would put the rows that a step's
   // GEMM tile reads together into the same L1 cache set
   const int64_t ldg = GH + kLanes;
-  const at::Tensor ring_t = at::empty({(gru ? 2 : 1) * C * B * ldg}, opt);
+  // two chunks of steps: a chunk's weight gradients are added while the next chunk's first
+  // step is being written (see below)
+  const int64_t R = 2 * C;
+  const at::Tensor ring_t = at::empty({(gru ? 2 : 1) * R * B * ldg}, opt);
   T* ringh = ring_t.data_ptr<T>();
-  T* ringi = gru ? ringh + C * B * ldg : ringh;  // input side: gru's n gate without r
+  T* ringi = gru ? ringh + R * B * ldg : ringh;  // input side: gru's n gate without r
   // the chunk's [x | h] rows in step order, per slice: under lengths or reverse x's rows come
   // from their own times, and the row stride is padded (x's 1 KiB stride would put the rows
   // that one tile reads into 4 of the 64 L1 sets)
   const int64_t ldf = I + H + kLanes;
   const at::Tensor xh_t = at::empty({dwi || dwh ? sl.ns * C * B * ldf : 0}, opt);
+  // Step s: pre = the gate gradients of the slice's units; post (once every slice's are
+  // written) = dh of its units, the recurrence. When s starts a chunk, the chunk's dx, weight
+  // and bias gradients need nothing of step s - 1: they run in that step's mid, between
+  // arriving at its barrier and waiting on it, so a partner that is late costs that work
+  // instead of spinning. The ring holds two chunks, so the chunk being summed is not the one
+  // whose slots step s - 1 writes.
   run_slices(sl, Tn, [&](int64_t i, int64_t step) {
     const int64_t s = Tn - 1 - step;
     const int64_t u0 = sl.u0(i), u1 = sl.u1(i), j0 = u0 * kLanes, nj = std::min(H, u1 * kLanes) - j0;
-    T* dgs = ringh + (s % C) * B * ldg;
-    T* dis = ringi + (s % C) * B * ldg;
+    T* dgs = ringh + (s % R) * B * ldg;
+    T* dis = ringi + (s % R) * B * ldg;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t L = len ? len[b] : Tn;
       if (s >= L) {
@@ -1087,41 +1125,41 @@ void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, 
                     dis + b * ldg, false, lstm ? dcc + b * H : nullptr, dhh + b * H, j0, nj);
     }
   }, [&](int64_t i, int64_t step) {
-    const int64_t s = Tn - 1 - step;
+    const int64_t s = Tn - step;  // the step done before this one (Tn: none; called with step Tn last)
+    if (s >= Tn) return;
     const int64_t u0 = sl.u0(i), u1 = sl.u1(i);
-    const T* dgs = ringh + (s % C) * B * ldg;
-    const T* dis = ringi + (s % C) * B * ldg;
+    if (s % C) return;
+    // the chunk of steps s .. s + n - 1 is complete: its rows are consecutive in the ring
+    const int64_t rows = (std::min(Tn, s + C) - s) * B;
     std::vector<Blk<T>> blk;
-    blk.reserve((u1 - u0) * d.G);
-    for (int64_t u = u0; u < u1; ++u) {
-      T* c = dhh + u * kLanes;
-      blk.push_back({wp + u * GH * kLanes, c, gru ? c : nullptr, int(std::min(kLanes, H - u * kLanes))});
-    }
-    tiles<T>(Lhs<T>{nullptr, 0, 0, dgs, ldg, GH}, B, blk, H);
+    blk.reserve(std::max((u1 - u0) * d.G, nvb));
     const int64_t v0 = i * nvb / sl.ns, v1 = (i + 1) * nvb / sl.ns;
-    if (v0 < v1) {
-      T* cx = perm ? xbuf_t.data_ptr<T>() + i * B * I : dx + s * B * I;
-      blk.clear();
+    if (v0 < v1) {  // the slice's dx columns of the chunk: W_ih's slice read once a chunk, not a step
+      T* cx = perm ? xbuf_t.data_ptr<T>() + i * C * B * I : dx + s * B * I;
       for (int64_t v = v0; v < v1; ++v)
         blk.push_back({wpx + v * GH * kLanes, cx + v * kLanes, nullptr, int(std::min(kLanes, I - v * kLanes))});
-      tiles<T>(Lhs<T>{nullptr, 0, 0, dis, ldg, GH}, B, blk, I);
+      tiles<T>(Lhs<T>{nullptr, 0, 0, ringi + (s % R) * B * ldg, ldg, GH}, rows, blk, I);
       if (perm) {
         const int64_t c0 = v0 * kLanes, nc = std::min(I, v1 * kLanes) - c0;
-        for (int64_t b = 0; b < B; ++b)
-          copy_row(dx + (time_of(s, len ? len[b] : Tn, reverse) * B + b) * I + c0, cx + b * I + c0, nc);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t b = r % B;
+          copy_row(dx + (time_of(s + r / B, len ? len[b] : Tn, reverse) * B + b) * I + c0, cx + r * I + c0, nc);
+        }
       }
     }
-    if (s % C) return;
-    // the chunk of steps s .. s + n - 1 is complete: its rows are the ring's first n * B
-    const int64_t rows = (std::min(Tn, s + C) - s) * B;
+    const T* ch = ringh + (s % R) * B * ldg;
+    const T* ci = ringi + (s % R) * B * ldg;
+    // dW rows of the slice's gate columns (each gate's run of them in turn) += the chunk's
+    // gradients of those columns, transposed, @ its features: [x | h] rows, 16 features a block
     auto weight_grads = [&](const T* feat, int64_t nf, int64_t ldf, const T* ring, T* dw) {
+      const int64_t c0 = u0 * kLanes, nc = std::min(H, u1 * kLanes) - c0;
       blk.clear();
-      for (int64_t u = u0; u < u1; ++u)
-        for (int64_t g = 0; g < d.G; ++g) {
-          const int64_t col = g * H + u * kLanes;
-          blk.push_back({ring + col, dw + col, dw + col, int(std::min(kLanes, H - u * kLanes)), ldg});
-        }
-      tiles<T>(Lhs<T>{nullptr, 0, 0, feat, 1, rows, ldf}, nf, blk, GH);
+      for (int64_t f = 0; f < nf; f += kLanes)
+        blk.push_back({feat + f, dw + c0 * nf + f, dw + c0 * nf + f, int(std::min(kLanes, nf - f)), ldf});
+      for (int64_t g = 0; g < d.G; ++g) {
+        tiles<T>(Lhs<T>{nullptr, 0, 0, ring + g * H + c0, 1, rows, ldg}, nc, blk, nf);
+        for (auto& q : blk) { q.c += H * nf; q.add += H * nf; }
+      }
     };
     if (dwi || dwh) {
       T* xh = xh_t.data_ptr<T>() + i * C * B * ldf;
@@ -1130,8 +1168,8 @@ void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, 
         if (dwi) copy_row(xh + r * ldf, x + (time_of(s + r / B, len ? len[b] : Tn, reverse) * B + b) * I, I);
         if (dwh) copy_row(xh + r * ldf + I, ws.h + (s * B + r) * H, H);
       }
-      if (dwi) weight_grads(xh, I, ldf, ringi, dwi);
-      if (dwh) weight_grads(xh + I, H, ldf, ringh, dwh);
+      if (dwi) weight_grads(xh, I, ldf, ci, dwi);
+      if (dwh) weight_grads(xh + I, H, ldf, ch, dwh);
     }
     auto bias_grads = [&](const T* ring, T* db) {
       for (int64_t g = 0; g < d.G; ++g) {
@@ -1144,8 +1182,19 @@ void backward_persistent(const Shape& d, const Workspace<T>& ws, const T* w_hh, 
         }
       }
     };
-    if (dbi) bias_grads(ringi, dbi);
-    if (dbh && dbh != dbi) bias_grads(ringh, dbh);
+    if (dbi) bias_grads(ci, dbi);
+    if (dbh && dbh != dbi) bias_grads(ch, dbh);
+  }, [&](int64_t i, int64_t step) {
+    const int64_t s = Tn - 1 - step;
+    const int64_t u0 = sl.u0(i), u1 = sl.u1(i);
+    const T* dgs = ringh + (s % R) * B * ldg;
+    std::vector<Blk<T>> blk;
+    blk.reserve(u1 - u0);
+    for (int64_t u = u0; u < u1; ++u) {
+      T* c = dhh + u * kLanes;
+      blk.push_back({wp + u * GH * kLanes, c, gru ? c : nullptr, int(std::min(kLanes, H - u * kLanes))});
+    }
+    tiles<T>(Lhs<T>{nullptr, 0, 0, dgs, ldg, GH}, B, blk, H);
   });
 }
 
@@ -1616,8 +1665,8 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
   // one step (cells): the loop's per-call packing of W_hh and W_ih would cost more than the
   // step; the GEMMs over all steps of the plain loop are then just the step's own
   if (!proj && B > 0 && Tn > 1) {  // everything inside the step loop
-    at::Tensor dwi_t = need[3] ? at::zeros({d.I, GH}, opt) : at::Tensor();
-    at::Tensor dwh_t = need[4] ? at::zeros({H, GH}, opt) : at::Tensor();
+    at::Tensor dwi_t = need[3] ? at::zeros({GH, d.I}, opt) : at::Tensor();
+    at::Tensor dwh_t = need[4] ? at::zeros({GH, H}, opt) : at::Tensor();
     // lstm and rnn: the same gradients on both sides, so one sum serves both biases
     at::Tensor dbi_t = (gbi || (gbh && !gru)) ? at::zeros({GH}, opt) : at::Tensor();
     at::Tensor dbh_t = gru ? (gbh ? at::zeros({GH}, opt) : at::Tensor()) : dbi_t;
@@ -1625,8 +1674,8 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
     backward_persistent<T>(d, ws, w_hh.data_ptr<T>(), w_ih.data_ptr<T>(), x.data_ptr<T>(), len, reverse, dyp, dhTp,
                            dhh, dcc, ptr(dx_t), ptr(dwi_t), ptr(dwh_t), ptr(dbi_t), ptr(dbh_t), opt);
     if (need[0]) out[0] = dx_t;
-    if (need[3]) out[3] = dwi_t.t().contiguous();
-    if (need[4]) out[4] = dwh_t.t().contiguous();
+    if (need[3]) out[3] = dwi_t;
+    if (need[4]) out[4] = dwh_t;
     if (gbi) out[5] = dbi_t;
     if (gbh) out[6] = gru || !gbi ? dbh_t : dbh_t.clone();
   } else {
@@ -1647,7 +1696,8 @@ std::vector<at::Tensor> backward_typed(const Shape& d, const at::Tensor& dy, con
 // backward of one step without lengths or projection (the cells): the gradients from dh (and
 // dc) directly, no (T, B, P) dy. Few batch rows take each weight in one sweep of its rows that
 // also writes the weight's gradient (at B = 1 those are outer products, which BLAS serves
-// poorly); more rows go to BLAS.
+// poorly); more rows go to the register tiles (four products of a cell's size cost BLAS more in
+// per-call setup and threading than in FMAs).
 // ---------------------------------------------------------------------------
 
 // Columns [k, k + CW) of one weight W (GH x K, rows as they lie) and its input a (NB x K):
@@ -1749,6 +1799,52 @@ void cell_wsweep_any(int64_t B, const T* dg, int64_t ldg, const T* a, const T* w
 
 constexpr int64_t kCellSweepRows = 4;  // batch rows up to which the weights are swept by hand
 
+// o (cols x rows) = a (rows x cols)^T
+template <typename T>
+void transpose_rows(const T* __restrict a, int64_t rows, int64_t cols, T* __restrict o) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict ar = a + r * cols;
+    for (int64_t c = 0; c < cols; ++c) o[c * rows + r] = ar[c];
+  }
+}
+
+// a (rows x K) as 16-column blocks, each rows x 16 contiguous, zero lanes past K
+template <typename T>
+void pack_blocks(const T* __restrict a, int64_t rows, int64_t K, T* __restrict o) {
+  for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
+    const int64_t n = std::min(kLanes, K - k0);
+    for (int64_t r = 0; r < rows; ++r, o += kLanes) {
+      const T* __restrict ar = a + r * K + k0;
+      if (n == kLanes) {
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) o[l] = ar[l];
+      } else {
+        for (int64_t l = 0; l < kLanes; ++l) o[l] = l < n ? ar[l] : T(0);
+      }
+    }
+  }
+}
+
+// Columns [n0, n1) (n0 on a 16-column edge) of C (M x N, ldc) = add + A (M x K, one segment) @ W
+// (K x N, rows ldw apart, read where they lie) on the register tiles of the step loop. The last
+// columns short of a whole block are plain chains in the same k order: a tile reads all 16 lanes
+// of each W row, past the end of W's last row there.
+template <typename T>
+void cell_tiles(const Lhs<T>& A, int64_t M, const T* w, int64_t ldw, T* c, int64_t ldc, const T* add, int64_t n0,
+                int64_t n1) {
+  if (M <= 0 || n1 <= n0) return;
+  std::vector<Blk<T>> blk;
+  int64_t n = n0;
+  for (; n + kLanes <= n1; n += kLanes) blk.push_back({w + n, c + n, add ? add + n : nullptr, int(kLanes), ldw});
+  if (!blk.empty()) tiles<T>(A, M, blk, ldc);
+  for (; n < n1; ++n)
+    for (int64_t r = 0; r < M; ++r) {
+      T acc = add ? add[r * ldc + n] : T(0);
+      for (int64_t k = 0; k < A.k1; ++k) acc = std::fma(A.a1[r * A.ld1 + k * A.ks], w[k * ldw + n], acc);
+      c[r * ldc + n] = acc;
+    }
+}
+
 // Gradients (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) of one step from dh and dc (either may be
 // undefined: zeros), x (B, I) or (1, B, I), the forward's workspace. An entry not needed (or
 // whose input is absent) is an empty tensor.
@@ -1801,13 +1897,43 @@ std::vector<at::Tensor> backward_cell(const Shape& d, const at::Tensor& dh, cons
                          i + 1 == ns ? H : edge(nbh, H, i + 1));
     });
   } else {
-    if (gx) gemm<T>(false, false, B, I, GH, T(1), dgt, GH, wi, I, T(0), dx, I);
-    if (gh) {
-      if (gru) copy_row(dh0, dnext, B * H);
-      gemm<T>(false, false, B, H, GH, T(1), dg, GH, wh, H, gru ? T(1) : T(0), dh0, H);
-    }
-    if (gwi) gemm<T>(true, false, GH, I, B, T(1), dgt, GH, xq, I, T(0), dwi, I);
-    if (gwh) gemm<T>(true, false, GH, H, B, T(1), dg, GH, ws.h, H, T(0), dwh, H);
+    // the four products on the register tiles, each thread a share of every one: columns of
+    // dx = dgt @ W_ih and dh0 = dg @ W_hh (+ dh * z), rows of dW_ih = dgt^T @ x and dW_hh =
+    // dg^T @ h. At a cell's sizes (B = 32, 256 x 256) BLAS spends more on each call's setup
+    // and threading than on the FMAs. Rows of 256 floats lie 1 KiB apart, so a tile reading
+    // 12 of them (or x's rows for every weight-gradient tile) keeps them in 4 of L1's 64 sets
+    // and misses all the time: the gate gradients are transposed first (G*H x B: a tile's 12
+    // rows for one k are one run of floats) and x and h packed in 16-column blocks (B x 16,
+    // zero lanes past the end). Every value is one chain over k, whatever the split.
+    const int64_t nbi = (I + kLanes - 1) / kLanes, nbh = (H + kLanes - 1) / kLanes;
+    at::Tensor pk_t = at::empty({(gru ? 2 : 1) * GH * B + (nbi + nbh) * B * kLanes}, opt);
+    T* dgT = pk_t.data_ptr<T>();
+    T* dgtT = gru ? dgT + GH * B : dgT;
+    T* xpk = dgtT + GH * B;
+    T* hpk = xpk + nbi * B * kLanes;
+    if (gh || gwh || (!gru && (gx || gwi))) transpose_rows(dg, B, GH, dgT);
+    if (gru && (gx || gwi)) transpose_rows(dgt, B, GH, dgtT);
+    if (gwi) pack_blocks(xq, B, I, xpk);
+    if (gwh) pack_blocks(ws.h, B, H, hpk);
+    const int64_t ns = cell_threads(4 * B * GH * (I + H), GH * (I + H) * int64_t(sizeof(T)), std::max(nbi, nbh));
+    run_chunks(ns, [&](int64_t i) {
+      const auto col = [&](int64_t N, int64_t nb, int64_t q) { return q == ns ? N : q * nb / ns * kLanes; };
+      // dx, dh0: rows b, k = gate column j at dgT[j * B + b]
+      const Lhs<T> ai{dgtT, 1, GH, dgtT, 1, 0, B}, ah{dgT, 1, GH, dgT, 1, 0, B};
+      if (gx) cell_tiles<T>(ai, B, wi, I, dx, I, nullptr, col(I, nbi, i), col(I, nbi, i + 1));
+      if (gh) cell_tiles<T>(ah, B, wh, H, dh0, H, gru ? dnext : nullptr, col(H, nbh, i), col(H, nbh, i + 1));
+      // dW: rows j, k = b at dgT[j * B + b], against the packed blocks of x / h
+      const int64_t j0 = i * GH / ns, j1 = (i + 1) * GH / ns;
+      const auto wgrad = [&](const T* aT, const T* apk, int64_t K, int64_t nb, T* dw) {
+        std::vector<Blk<T>> blk;
+        for (int64_t q = 0; q < nb; ++q)
+          blk.push_back({apk + q * B * kLanes, dw + j0 * K + q * kLanes, nullptr,
+                         int(std::min(kLanes, K - q * kLanes)), kLanes});
+        if (j1 > j0) tiles<T>(Lhs<T>{aT + j0 * B, B, B, aT, B, 0}, j1 - j0, blk, K);
+      };
+      if (gwi) wgrad(dgtT, xpk, I, nbi, dwi);
+      if (gwh) wgrad(dgT, hpk, H, nbh, dwh);
+    });
   }
   const auto colsum = [&](const T* a, T* o) {
     if (B == 0) zero_row(o, GH);
