@@ -862,6 +862,78 @@ void step_group_n(int n, const float* h, int64_t H, const float* w, const int64_
   }
 }
 
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_ps
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// Packing (data movement only: the packed values are the source's, bit for bit) by
+// in-register transposes, a full vector per store.
+
+// r[l][k] -> r[k][l] for a 16x16 tile of floats.
+__attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);  // per 128-bit lane: a0 b0 a1 b1
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + j] lane L: rows i..i+3 of column 4L + j
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 2]);
+    const __m512d c = _mm512_castps_pd(t[i + 1]), e = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, e));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, e));
+  }
+  for (int j = 0; j < 4; ++j) {  // gather lane L of r[j], r[4 + j], r[8 + j], r[12 + j] into column 4L + j
+    const __m512 u0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), u1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    const __m512 v0 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+    t[j] = _mm512_shuffle_f32x4(u0, v0, 0x88);
+    t[8 + j] = _mm512_shuffle_f32x4(u0, v0, 0xDD);
+    t[4 + j] = _mm512_shuffle_f32x4(u1, v1, 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(u1, v1, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// One packed block: dst[k * ds + l] = src[l * ld + k] for k < K, l < 16 (0 for l >= rows).
+void pack_block(const float* __restrict src, int64_t ld, int64_t rows, int64_t K, float* __restrict dst, int64_t ds) {
+  for (int64_t k = 0; k < K; k += kLanes) {
+    const int64_t nk = std::min<int64_t>(kLanes, K - k);
+    const __mmask16 m = __mmask16((1u << nk) - 1);
+    __m512 r[16];
+    for (int l = 0; l < 16; ++l) r[l] = l < rows ? _mm512_maskz_loadu_ps(m, src + l * ld + k) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int64_t kk = 0; kk < nk; ++kk) _mm512_storeu_ps(dst + (k + kk) * ds, r[kk]);
+  }
+}
+
+// One chunk of x rows, k-major: dst[k * 8 + r] = xr[r][k] (0 where xr[r] is null).
+void pack_chunk(const float* const* xr, int64_t I, float* __restrict dst) {
+  static_assert(kChunk == 8, "pack_chunk transposes 8x8");
+  for (int64_t k = 0; k < I; k += 8) {
+    const int64_t nk = std::min<int64_t>(8, I - k);
+    const __mmask8 m = __mmask8((1u << nk) - 1);
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = xr[i] ? _mm256_maskz_loadu_ps(m, xr[i] + k) : _mm256_setzero_ps();
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {  // r[i + j] lane L: rows i..i+3 of column 4L + j
+      r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+      r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+      r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+      t[j] = _mm256_permute2f128_ps(r[j], r[4 + j], 0x20);
+      t[4 + j] = _mm256_permute2f128_ps(r[j], r[4 + j], 0x31);
+    }
+    for (int64_t kk = 0; kk < nk; ++kk) _mm256_storeu_ps(dst + (k + kk) * kChunk, t[kk]);
+  }
+}
+#pragma GCC diagnostic pop
+
 // One cache line per slice: the number of steps it has finished.
 struct alignas(64) StepFlag {
   std::atomic<int64_t> done{0};
@@ -898,20 +970,14 @@ void forward_gemv(const Shape& d, const float* x, const float* w_ih, const float
     for (int64_t it = q0; it < q1; ++it) {
       if (it >= nwb) {
         const int64_t s0 = (it - nwb) * kChunk;
-        float* o = xpk + s0 * I;
-        for (int64_t r = 0; r < kChunk; ++r) {
-          const float* xr = s0 + r < L ? x + time_of(s0 + r, L, reverse) * I : nullptr;
-          for (int64_t k = 0; k < I; ++k) o[k * kChunk + r] = xr ? xr[k] : 0.f;
-        }
+        const float* xr[kChunk];
+        for (int64_t r = 0; r < kChunk; ++r) xr[r] = s0 + r < L ? x + time_of(s0 + r, L, reverse) * I : nullptr;
+        pack_chunk(xr, I, xpk + s0 * I);
         continue;
       }
       const int64_t i = it / nbmax, q = it % nbmax, u = sl.u0(i) + q / G, g = q % G;
       if (u >= sl.u1(i)) continue;
-      float* ob = wih + it * I * kLanes;
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const int64_t j = u * kLanes + l;
-        for (int64_t k = 0; k < I; ++k) ob[k * kLanes + l] = j < H ? w_ih[(g * H + j) * I + k] : 0.f;
-      }
+      pack_block(w_ih + (g * H + u * kLanes) * I, I, std::min(kLanes, H - u * kLanes), I, wih + it * I * kLanes, kLanes);
     }
   });
   std::vector<StepFlag> flags(sl.ns);
@@ -929,11 +995,11 @@ void forward_gemv(const Shape& d, const float* x, const float* w_ih, const float
         for (int64_t qq = 0; qq < n; ++qq) {
           const int64_t q = q0 + qq, u = u0 + q / G, g = q % G;
           off[q] = g * su + (u - u0) * kLanes;
-          for (int64_t l = 0; l < kLanes; ++l) {
+          const int64_t nl = std::min(kLanes, H - u * kLanes);
+          pack_block(w_hh + (g * H + u * kLanes) * H, H, nl, H, wh + (q0 * H + qq) * kLanes, n * kLanes);
+          for (int64_t l = 0; l < nl; ++l) {
             const int64_t j = u * kLanes + l;
-            float* ow = wh + (q0 * H) * kLanes + qq * kLanes + l;
-            for (int64_t k = 0; k < H; ++k) ow[k * n * kLanes] = j < H ? w_hh[(g * H + j) * H + k] : 0.f;
-            if (j < H) bl[off[q] + l] = (b_ih ? b_ih[g * H + j] : 0.f) + (b_hh ? b_hh[g * H + j] : 0.f);
+            bl[off[q] + l] = (b_ih ? b_ih[g * H + j] : 0.f) + (b_hh ? b_hh[g * H + j] : 0.f);
           }
         }
       }
