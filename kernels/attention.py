@@ -70,6 +70,16 @@ def _rotate(x, base, row, col, E, HALF, cos_ptr, sin_ptr, valid, INVERSE: tl.con
 
 
 @triton.jit
+def _split_pid(n, BLOCK: tl.constexpr):
+    """(block index along a sequence of length n, batch x head index in int64) of this program.
+    The grids are 1-D, the block index varying fastest: batch x heads in gridDim.y would cap it
+    at 65535; gridDim.x takes 2^31 - 1 programs."""
+    pid = tl.program_id(0)
+    nblk = tl.cdiv(n, BLOCK)
+    return pid % nblk, (pid // nblk).to(tl.int64)
+
+
+@triton.jit
 def _scores(q, k_tile_t, qk_scale, log2e, bh, b, h, offs_m, offs_n, L, S, mask_ptr, smb, smh, sml, sms,
             HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
     """Scores of one tile in base 2 (s * log2 e), -inf where masked or out of range."""
@@ -102,8 +112,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, smb, smh, sml, sm
     qk_scale = tl.load(c_ptr)
     inv_keep = tl.load(c_ptr + 2)
     log2e = tl.load(c_ptr + 3)
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid_m, bh = _split_pid(L, BLOCK_M)
     b = bh // Hq
     h = bh % Hq
     bhk = b * (Hq // G) + h // G
@@ -170,7 +179,7 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, rows, EV, IEEE: tl.constexpr, BLOCK_
     """delta = rowsum(dO * O) as the diagonal of dO O^T: the same dot as the backward's dP = dO V^T,
     so that where P is one-hot (O = that row of V) dP - delta is exactly 0 as in the reference's
     dP - rowsum(P * dP) (a differently ordered sum leaves ulp(|dO||v|), times |k| in dq)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # B*Hq*L may pass 2^31
     d = tl.arange(0, BLOCK_DV)
     msk = (r[:, None] < rows) & (d[None, :] < EV)
     off = r[:, None].to(tl.int64) * EV + d[None, :]
@@ -224,8 +233,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     scale = tl.load(c_ptr + 1)
     inv_keep = tl.load(c_ptr + 2)
     log2e = tl.load(c_ptr + 3)
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)
+    pid_n, bhk = _split_pid(S, BLOCK_N)
     Hk = Hq // G
     b = bhk // Hk
     hk = bhk % Hk
@@ -301,8 +309,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     scale = tl.load(c_ptr + 1)
     inv_keep = tl.load(c_ptr + 2)
     log2e = tl.load(c_ptr + 3)
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid_m, bh = _split_pid(L, BLOCK_M)
     b = bh // Hq
     h = bh % Hq
     bhk = b * (Hq // G) + h // G
@@ -472,7 +479,7 @@ def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, seed, cos=None
                   BLOCK_D=bd, BLOCK_DV=bdv)
     args = (q, k, v, out, lse, mp, smb, smh, sml, sms, Hq, G, L, S, E, EV, _consts(q, scale, inv_keep), sd, thr,
             *_rotary_args(q, cos, sin))
-    _run(_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(L, bm), B * Hq), args, consts, max(bd, bdv), (B * Hq, L, S))
+    _run(_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(L, bm) * B * Hq,), args, consts, max(bd, bdv), (B * Hq, L, S))
     return out, lse
 
 
@@ -499,8 +506,8 @@ def attention_backward(dout, q, k, v, mask, out, lse, dropout_p, is_causal, scal
                   BLOCK_D=bd, BLOCK_DV=bdv)
     common = (mp, smb, smh, sml, sms, Hq, G, L, S, E, EV, _consts(q, scale, inv_keep), sd, thr,
               *_rotary_args(q, cos, sin))
-    _run(_bwd_dkdv_kernel, "bwd", lambda bm, bn: (triton.cdiv(S, bn), B * Hk),
+    _run(_bwd_dkdv_kernel, "bwd", lambda bm, bn: (triton.cdiv(S, bn) * B * Hk,),
          (q, k, v, dout, lse, delta, dk, dv) + common, consts, max(bd, bdv), (B * Hq, L, S))
-    _run(_bwd_dq_kernel, "bwd", lambda bm, bn: (triton.cdiv(L, bm), B * Hq),
+    _run(_bwd_dq_kernel, "bwd", lambda bm, bn: (triton.cdiv(L, bm) * B * Hq,),
          (q, k, v, dout, lse, delta, dq) + common, consts, max(bd, bdv), (B * Hq, L, S))
     return dq, dk, dv

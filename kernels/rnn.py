@@ -32,6 +32,17 @@ def _tanh(x):
 
 
 @triton.jit
+def _tile(B, n, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(batch rows, columns), both int64, of this program's tile of (B, n). The grid is 1-D, the
+    column block varying fastest: in a 2-D grid's y the column blocks would stop at 65535."""
+    pid = tl.program_id(0)
+    nj = tl.cdiv(n, BLOCK_H)
+    rb = (pid // nj).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    j = (pid % nj).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    return rb, j
+
+
+@triton.jit
 def _rows(len_ptr, s, Tn, rb, bm, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr):
     """(active, t) of step s for rows rb: inside the sequence, and the time index."""
     if HAS_LEN:
@@ -51,8 +62,7 @@ def _fwd_step(g_ptr, xw_ptr, len_ptr, hp_ptr, hx_ptr, cp_ptr, cn_ptr, hc_ptr, hn
               s, Tn, B, H, P,
               MODE: tl.constexpr, G: tl.constexpr, PROJ: tl.constexpr, HAS_LEN: tl.constexpr,
               REVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rb, j = _tile(B, H, BLOCK_B, BLOCK_H)
     bm = rb < B
     m = bm[:, None] & (j < H)[None, :]
     act, t, L = _rows(len_ptr, s, Tn, rb, bm, HAS_LEN, REVERSE)
@@ -110,8 +120,7 @@ def _fwd_step(g_ptr, xw_ptr, len_ptr, hp_ptr, hx_ptr, cp_ptr, cn_ptr, hc_ptr, hn
 def _proj_fwd_fix(hx_ptr, hp_ptr, y_ptr, len_ptr, s, Tn, B, P,
                   HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """After h = hc @ w_hr^T: rows past their end keep their state; the others are output."""
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rb, j = _tile(B, P, BLOCK_B, BLOCK_H)
     bm = rb < B
     m = bm[:, None] & (j < P)[None, :]
     act, t, L = _rows(len_ptr, s, Tn, rb, bm, HAS_LEN, REVERSE)
@@ -127,8 +136,7 @@ def _proj_fwd_fix(hx_ptr, hp_ptr, y_ptr, len_ptr, s, Tn, B, P,
 def _proj_bwd_in(dr_ptr, dhh_ptr, dhT_ptr, dy_ptr, len_ptr, s, Tn, B, P,
                  HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """Gradient of the projected h at step s (0 past the row's end)."""
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rb, j = _tile(B, P, BLOCK_B, BLOCK_H)
     bm = rb < B
     m = bm[:, None] & (j < P)[None, :]
     act, t, L = _rows(len_ptr, s, Tn, rb, bm, HAS_LEN, REVERSE)
@@ -145,14 +153,14 @@ def _bwd_step(dgs_ptr, dgi_ptr, dhh_ptr, dhT_ptr, dy_ptr, dhc_ptr, dcc_ptr, len_
               MODE: tl.constexpr, G: tl.constexpr, PROJ: tl.constexpr, HAS_LEN: tl.constexpr,
               REVERSE: tl.constexpr, SEPARATE: tl.constexpr, ACC: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rb, j = _tile(B, H, BLOCK_B, BLOCK_H)
     bm = rb < B
     m = bm[:, None] & (j < H)[None, :]
     act, t, L = _rows(len_ptr, s, Tn, rb, bm, HAS_LEN, REVERSE)
     a = act[:, None]
     rb64 = rb.to(tl.int64)[:, None]
     t64 = t.to(tl.int64)[:, None]
+    sB = (tl.zeros_like(rb64) + s) * B  # row offset of step s in the (T + 1, B, .) buffers, int64
     jj = j[None, :]
     ty = dgs_ptr.dtype.element_ty
     dsrow = dgs_ptr + rb64 * (G * H) + jj
@@ -170,8 +178,8 @@ def _bwd_step(dgs_ptr, dgi_ptr, dhh_ptr, dhT_ptr, dy_ptr, dhc_ptr, dcc_ptr, len_
         f = tl.load(grow + H, mask=m, other=0.0).to(ACC)
         g = tl.load(grow + 2 * H, mask=m, other=0.0).to(ACC)
         o = tl.load(grow + 3 * H, mask=m, other=0.0).to(ACC)
-        cn = tl.load(c_ptr + ((s + 1) * B + rb64) * H + jj, mask=m, other=0.0).to(ACC)
-        cp = tl.load(c_ptr + (s * B + rb64) * H + jj, mask=m, other=0.0).to(ACC)
+        cn = tl.load(c_ptr + (sB + B + rb64) * H + jj, mask=m, other=0.0).to(ACC)
+        cp = tl.load(c_ptr + (sB + rb64) * H + jj, mask=m, other=0.0).to(ACC)
         dcold = tl.load(dcc_ptr + rb64 * H + jj, mask=m, other=0.0).to(ACC)
         tc = _tanh(cn)
         dc = dcold + dh * o * (1.0 - tc * tc)
@@ -195,7 +203,7 @@ def _bwd_step(dgs_ptr, dgi_ptr, dhh_ptr, dhT_ptr, dy_ptr, dhc_ptr, dcc_ptr, len_
         z = tl.load(grow + H, mask=m, other=0.0).to(ACC)
         n = tl.load(grow + 2 * H, mask=m, other=0.0).to(ACC)
         hn = tl.load(hn_ptr + rb64 * H + jj, mask=m, other=0.0).to(ACC)
-        hp = tl.load(h_ptr + (s * B + rb64) * H + jj, mask=m, other=0.0).to(ACC)
+        hp = tl.load(h_ptr + (sB + rb64) * H + jj, mask=m, other=0.0).to(ACC)
         dn = dh * (1.0 - z) * (1.0 - n * n)
         dz = tl.where(a, dh * (hp - n) * z * (1.0 - z), 0.0)
         dr = tl.where(a, dn * hn * r * (1.0 - r), 0.0)
@@ -209,7 +217,7 @@ def _bwd_step(dgs_ptr, dgi_ptr, dhh_ptr, dhT_ptr, dy_ptr, dhc_ptr, dcc_ptr, len_
         # the direct path h_prev -> h; the GEMM then adds dgh @ W_hh
         tl.store(dhh_ptr + rb64 * P + jj, tl.where(a, dh * z, 0.0).to(ty), mask=m)
     else:
-        hn = tl.load(h_ptr + ((s + 1) * B + rb64) * H + jj, mask=m, other=0.0).to(ACC)
+        hn = tl.load(h_ptr + (sB + B + rb64) * H + jj, mask=m, other=0.0).to(ACC)
         if MODE == 2:
             dpre = dh * (1.0 - hn * hn)
         else:
@@ -230,7 +238,7 @@ def _persistent_fwd(xw_ptr, w_ptr, bhn_ptr, len_ptr, h0_ptr, c0_ptr, y_ptr, hT_p
     W_hh is re-read every step from the cache (loop-invariant, it stays on chip), and the
     recurrent GEMM of a step is a tl.dot per gate. No other program touches these rows,
     so the steps need no grid-wide synchronisation."""
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rb = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     j = tl.arange(0, BLOCK_H)
     bm = rb < B
     jm = j < H
@@ -255,6 +263,7 @@ def _persistent_fwd(xw_ptr, w_ptr, bhn_ptr, len_ptr, h0_ptr, c0_ptr, y_ptr, hT_p
         L = tl.zeros([BLOCK_B], tl.int64) + Tn
     bhn = tl.load(bhn_ptr + j, mask=jm, other=0.0).to(ACC)
     for s in range(0, Tn):
+        sB = (tl.zeros_like(rb64) + s) * B  # row offset of step s in the saved buffers, int64
         act = s < L
         if REVERSE:
             t = tl.where(act, L - 1 - s, s)
@@ -268,7 +277,7 @@ def _persistent_fwd(xw_ptr, w_ptr, bhn_ptr, len_ptr, h0_ptr, c0_ptr, y_ptr, hT_p
         else:
             r0 = tl.dot(hd, tl.load(wt, mask=wm, other=0.0).to(ACC), input_precision="ieee")
         x0 = tl.load(xrow, mask=m, other=0.0).to(ACC)
-        srow = (s * B + rb64) * (G * H) + jj
+        srow = (sB + rb64) * (G * H) + jj
         if MODE == 0:
             if F64:
                 r1 = tl.dot(hd, tl.load(wt + H * H, mask=wm, other=0.0).to(ACC), out_dtype=tl.float64)
@@ -291,7 +300,7 @@ def _persistent_fwd(xw_ptr, w_ptr, bhn_ptr, len_ptr, h0_ptr, c0_ptr, y_ptr, hT_p
                 tl.store(gates_ptr + srow + 3 * H, o.to(ty), mask=m)
             c = tl.where(a & jm[None, :], cn, c)
             if SAVE:
-                tl.store(c_ptr + ((s + 1) * B + rb64) * H + jj, c.to(ty), mask=m)
+                tl.store(c_ptr + (sB + B + rb64) * H + jj, c.to(ty), mask=m)
         elif MODE == 1:
             if F64:
                 r1 = tl.dot(hd, tl.load(wt + H * H, mask=wm, other=0.0).to(ACC), out_dtype=tl.float64)
@@ -308,7 +317,7 @@ def _persistent_fwd(xw_ptr, w_ptr, bhn_ptr, len_ptr, h0_ptr, c0_ptr, y_ptr, hT_p
                 tl.store(gates_ptr + srow, r.to(ty), mask=m)
                 tl.store(gates_ptr + srow + H, z.to(ty), mask=m)
                 tl.store(gates_ptr + srow + 2 * H, n.to(ty), mask=m)
-                tl.store(hn_ptr + (s * B + rb64) * H + jj, tl.where(a, hh, 0.0).to(ty), mask=m)
+                tl.store(hn_ptr + (sB + rb64) * H + jj, tl.where(a, hh, 0.0).to(ty), mask=m)
         elif MODE == 2:
             hn_ = _tanh(r0 + x0)
         else:
@@ -318,7 +327,7 @@ def _persistent_fwd(xw_ptr, w_ptr, bhn_ptr, len_ptr, h0_ptr, c0_ptr, y_ptr, hT_p
         # and a NaN kept in h would reach every real column through the next step's dot
         h = tl.where(a & jm[None, :], hn_, h)
         if SAVE:
-            tl.store(h_ptr + ((s + 1) * B + rb64) * H + jj, h.to(ty), mask=m)
+            tl.store(h_ptr + (sB + B + rb64) * H + jj, h.to(ty), mask=m)
     tl.store(hT_ptr + rb64 * H + jj, h.to(ty), mask=m)
     if MODE == 0:
         tl.store(cT_ptr + rb64 * H + jj, c.to(ty), mask=m)
@@ -445,8 +454,8 @@ def rnn_forward(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
     lens = lengths if lengths is not None else x.new_zeros(1, dtype=torch.int64)
     bb, bh = _blocks(B, H)
     bbp, bhp = _blocks(B, P)
-    grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
-    gridp = (triton.cdiv(B, bbp), triton.cdiv(P, bhp))
+    grid = (triton.cdiv(B, bb) * triton.cdiv(H, bh),)  # 1-D: see _tile
+    gridp = (triton.cdiv(B, bbp) * triton.cdiv(P, bhp),)
     dummy = y
     for s in range(T if B > 0 else 0):
         hp, hx = hbuf[idx(s)], hbuf[idx(s + 1)]
@@ -490,8 +499,8 @@ def rnn_backward(mode, dy, dhT, dcT, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, le
     has_len = lengths is not None
     bb, bh = _blocks(B, H)
     bbp, bhp = _blocks(B, P)
-    grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
-    gridp = (triton.cdiv(B, bbp), triton.cdiv(P, bhp))
+    grid = (triton.cdiv(B, bb) * triton.cdiv(H, bh),)  # 1-D: see _tile
+    gridp = (triton.cdiv(B, bbp) * triton.cdiv(P, bhp),)
     gates = v.get("gates")
     hn = v.get("hn")
     dummy = dhh

@@ -8,7 +8,7 @@ import triton.language as tl
 def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, rows, T, D, HALF,
                    INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows may pass 2^31
     j = tl.arange(0, BLOCK_H)
     keep = (r < rows)[:, None] & (j < HALF)[None, :]
     t = r % T

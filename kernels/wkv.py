@@ -12,25 +12,36 @@ import triton.language as tl
 
 
 @triton.jit
+def _batch_channels(C, BLOCK_C: tl.constexpr):
+    """(batch row, channel indices), both int64, of this program. The grid is 1-D, the channel block
+    varying fastest (a 2-D grid's y would cap one of them at 65535). Offsets are int64 throughout:
+    2 * C, T * C and the channel index of the last block may pass 2^31 (the sums below add C twice
+    to an int64 rather than 2 * C in int32)."""
+    pid = tl.program_id(0)
+    nc = tl.cdiv(C, BLOCK_C)
+    return (pid // nc).to(tl.int64), (pid % nc).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+
+
+@triton.jit
 def _wkv4_fwd_kernel(negw_ptr, u_ptr, k_ptr, v_ptr, s_ptr, y_ptr, so_ptr, save_ptr, T, C,
                      SAVE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, c = _batch_channels(C, BLOCK_C)
     mask = c < C
     negw = tl.load(negw_ptr + c, mask=mask, other=0.0)
     u = tl.load(u_ptr + c, mask=mask, other=0.0)
     sb = b * 3 * C
     aa = tl.load(s_ptr + sb + c, mask=mask, other=0.0)
     bb = tl.load(s_ptr + sb + C + c, mask=mask, other=0.0)
-    pp = tl.load(s_ptr + sb + 2 * C + c, mask=mask, other=0.0)
-    base = b * T * C
+    pp = tl.load(s_ptr + sb + C + C + c, mask=mask, other=0.0)
+    row = b * T * C  # int64: T * C may pass 2^31
     for t in range(T):
-        off = base + t * C + c
+        off = row + c
+        row += C
         if SAVE:
             so = (b * T + t) * 3 * C + c
             tl.store(save_ptr + so, aa, mask=mask)
             tl.store(save_ptr + so + C, bb, mask=mask)
-            tl.store(save_ptr + so + 2 * C, pp, mask=mask)
+            tl.store(save_ptr + so + C + C, pp, mask=mask)
         kk = tl.load(k_ptr + off, mask=mask, other=0.0).to(ACC)
         vv = tl.load(v_ptr + off, mask=mask, other=0.0).to(ACC)
         ww = u + kk
@@ -47,15 +58,14 @@ def _wkv4_fwd_kernel(negw_ptr, u_ptr, k_ptr, v_ptr, s_ptr, y_ptr, so_ptr, save_p
         pp = p
     tl.store(so_ptr + sb + c, aa, mask=mask)
     tl.store(so_ptr + sb + C + c, bb, mask=mask)
-    tl.store(so_ptr + sb + 2 * C + c, pp, mask=mask)
+    tl.store(so_ptr + sb + C + C + c, pp, mask=mask)
 
 
 @triton.jit
 def _wkv4_bwd_kernel(negw_ptr, u_ptr, k_ptr, v_ptr, s_ptr, save_ptr, sT_ptr, gy_ptr, gs_ptr,
                      gk_ptr, gv_ptr, gso_ptr, gw_ptr, gu_ptr, T, C,
                      ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, c = _batch_channels(C, BLOCK_C)
     mask = c < C
     negw = tl.load(negw_ptr + c, mask=mask, other=0.0)
     u = tl.load(u_ptr + c, mask=mask, other=0.0)
@@ -63,21 +73,22 @@ def _wkv4_bwd_kernel(negw_ptr, u_ptr, k_ptr, v_ptr, s_ptr, save_ptr, sT_ptr, gy_
     # returned (aa, bb, pp) = (A e^{-pp}, B e^{-pp}, pp): split its gradient between A, B and pp
     aT = tl.load(sT_ptr + sb + c, mask=mask, other=0.0)
     bT = tl.load(sT_ptr + sb + C + c, mask=mask, other=0.0)
-    pT = tl.load(sT_ptr + sb + 2 * C + c, mask=mask, other=0.0)
+    pT = tl.load(sT_ptr + sb + C + C + c, mask=mask, other=0.0)
     ga = tl.load(gs_ptr + sb + c, mask=mask, other=0.0)
     gb = tl.load(gs_ptr + sb + C + c, mask=mask, other=0.0)
-    gp = tl.load(gs_ptr + sb + 2 * C + c, mask=mask, other=0.0) - ga * aT - gb * bT
+    gp = tl.load(gs_ptr + sb + C + C + c, mask=mask, other=0.0) - ga * aT - gb * bT
     gq = -pT
     gw = tl.zeros_like(u)
     gu = tl.zeros_like(u)
-    base = b * T * C
+    row = (b * T + T) * C  # int64: T * C may pass 2^31
     for i in range(T):
         t = T - 1 - i
-        off = base + t * C + c
+        row -= C
+        off = row + c
         so = (b * T + t) * 3 * C + c
         a = tl.load(save_ptr + so, mask=mask, other=0.0)
         bt = tl.load(save_ptr + so + C, mask=mask, other=0.0)
-        p = tl.load(save_ptr + so + 2 * C, mask=mask, other=0.0)
+        p = tl.load(save_ptr + so + C + C, mask=mask, other=0.0)
         kk = tl.load(k_ptr + off, mask=mask, other=0.0).to(ACC)
         vv = tl.load(v_ptr + off, mask=mask, other=0.0).to(ACC)
         gyt = tl.load(gy_ptr + off, mask=mask, other=0.0).to(ACC)
@@ -107,11 +118,11 @@ def _wkv4_bwd_kernel(negw_ptr, u_ptr, k_ptr, v_ptr, s_ptr, save_ptr, sT_ptr, gy_
         gq = q
     a0 = tl.load(s_ptr + sb + c, mask=mask, other=0.0)
     b0 = tl.load(s_ptr + sb + C + c, mask=mask, other=0.0)
-    p0 = tl.load(s_ptr + sb + 2 * C + c, mask=mask, other=0.0)
+    p0 = tl.load(s_ptr + sb + C + C + c, mask=mask, other=0.0)
     sc = tl.exp(gq + p0)
     tl.store(gso_ptr + sb + c, ga * sc, mask=mask)
     tl.store(gso_ptr + sb + C + c, gb * sc, mask=mask)
-    tl.store(gso_ptr + sb + 2 * C + c, sc * (ga * a0 + gb * b0) + gp, mask=mask)
+    tl.store(gso_ptr + sb + C + C + c, sc * (ga * a0 + gb * b0) + gp, mask=mask)
     tl.store(gw_ptr + b * C + c, gw, mask=mask)
     tl.store(gu_ptr + b * C + c, gu, mask=mask)
 
@@ -121,7 +132,8 @@ def _acc(dtype):
 
 
 def _launch_cfg(C):
-    # small channel blocks: B * C / BLOCK_C programs must fill the GPU's SMs
+    # small channel blocks: B * C / BLOCK_C programs must fill the GPU's SMs (seqkern/ops/wkv.py's
+    # supports() counts B * ceil(C / 64) programs against the 2^31-1 of a 1-D grid)
     block = min(64, triton.next_power_of_2(max(C, 1)))
     return block, (1 if block <= 32 else 2)
 
@@ -139,7 +151,7 @@ def _forward(time_decay, time_first, k, v, state, save):
     if Bn * C == 0:
         return y, st_out.copy_(state), saved
     block, warps = _launch_cfg(C)
-    grid = (Bn, triton.cdiv(C, block))
+    grid = (Bn * triton.cdiv(C, block),)
     _wkv4_fwd_kernel[grid](negw, u, k, v, state, y, st_out, saved, T, C, SAVE=save,
                            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_C=block, num_warps=warps)
     return y, st_out, saved
@@ -169,7 +181,7 @@ def wkv4_backward(time_decay, time_first, k, v, state, gy, gstate):
     gu = torch.zeros(Bn, C, dtype=acc, device=k.device)
     if Bn * C > 0:
         block, warps = _launch_cfg(C)
-        grid = (Bn, triton.cdiv(C, block))
+        grid = (Bn * triton.cdiv(C, block),)
         _wkv4_bwd_kernel[grid](negw, u, k, v, state, saved, st_T, gy, gstate, gk, gv, gs, gw, gu, T, C,
                                ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_C=block,
                                num_warps=warps)

@@ -10,7 +10,7 @@ import seqkern
 from seqkern import functional as SF
 from seqkern.ops import attention as A
 
-from helpers import TOL, backend_param, cpu_backends
+from helpers import TOL, backend_param, cpu_backends, require
 
 BACKENDS = [backend_param(b) for b in ("reference", "cpu", "triton")]
 
@@ -395,3 +395,29 @@ def test_cpu_task_counter_same_bits_for_any_thread_count(shape):
         for other in runs[1:]:
             for a, b in zip(runs[0], other):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("causal,mask_kind", [(True, None), (False, "float_B1LS")])
+def test_triton_one_dimensional_grids_cover_every_block_and_head(monkeypatch, causal, mask_kind):
+    """The Triton launches fold batch x heads into gridDim.x (gridDim.y would stop at 65535): each grid is
+    1-D with one program per (sequence block, batch x head), the block index varying fastest. Several
+    blocks along both sequences (not multiples of the 16-row tiles) and batch x heads not a multiple of
+    anything, GQA: every output row and all three gradients match torch (a program decoding its indices
+    wrongly would leave rows of torch.empty)."""
+    require("triton")
+    from seqkern.kernels import attention as KA
+
+    grids = []
+    run = KA._run
+
+    def spy(kernel, kind, grid_fn, *rest):
+        grids.append((kernel.fn.__name__, grid_fn(16, 16)))
+        return run(kernel, kind, grid_fn, *rest)
+
+    monkeypatch.setattr(KA, "_run", spy)
+    B_, Hq, Hk, L, S = 3, 5, 1, 37, 41
+    _compare("triton", torch.float32, (B_, Hq, L, 8), (B_, Hk, S, 8), True, mask_kind, causal, None)
+    blocks = {"_fwd_kernel": -(-L // 16) * B_ * Hq, "_bwd_dq_kernel": -(-L // 16) * B_ * Hq,
+              "_bwd_dkdv_kernel": -(-S // 16) * B_ * Hk}
+    assert sorted(grids) == sorted((name, (n,)) for name, n in blocks.items())

@@ -2,6 +2,7 @@
 backends that cannot serve, last_backend, and the `seqkern info` CLI."""
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -150,27 +151,38 @@ def _fake_qkv(device, B, Hq, L, S, Hk=None, E=16):
 
 
 def test_attention_grids_past_the_launch_limits_are_declined(monkeypatch):
-    """The cuda launchers refuse more than 2^31-1 blocks (B*heads*ceil(rows/8)) and Triton's put B*Hq in
-    gridDim.y (at most 65535): their supports() decline such shapes, so automatic selection falls
-    through (cuda -> triton -> reference) and an explicit backend raises BackendUnavailable with why."""
+    """The cuda and Triton launches fold batch x heads into gridDim.x (at most 2^31-1 blocks): any B * heads
+    is served while the block count fits (B*heads*ceil(rows/8) for cuda, /16 for Triton's smallest tiles);
+    past it, and where the Triton kernels' int32 row indices would overflow (a sequence within 128 of
+    2^31), supports() declines, so automatic selection falls through (cuda -> triton -> reference) and an
+    explicit backend raises BackendUnavailable with why."""
     sup = B._SUPPORTS[ATTN]
     cases = {  # (B, Hq, L, S, Hk): (cuda serves, triton serves)
         (65535, 1, 1, 1, None): (True, True),
-        (65536, 1, 1, 1, None): (True, False),  # gridDim.y of the Triton launches
-        (2**31 - 1, 1, 8, 8, None): (True, False),  # exactly 2^31-1 blocks of 8 rows
+        (65536, 1, 1, 1, None): (True, True),  # past gridDim.y: batch x heads is in x
+        (4096, 4096, 16, 16, None): (True, True),  # 2^24 batch x heads
+        (2**31 - 1, 1, 8, 8, None): (True, True),  # exactly 2^31-1 blocks of 8 rows / programs of 16
+        (2**31 - 1, 1, 17, 8, None): (False, False),  # 2 x (2^31-1) forward/dq blocks
         (2**31, 1, 1, 1, None): (False, False),
         (2**28, 8, 8, 1, 1): (False, False),  # the forward/dq grid
-        (2**25, 1, 1, 8 * 64 + 1, None): (False, False),  # the dk/dv grid
-        (1, 1, 1, 2**34 + 1, None): (False, True),  # the dk/dv grid; 2^30+1 blocks of 16 keys for Triton
+        (2**27, 8, 8, 1, 1): (True, True),
+        (2**25, 1, 1, 16 * 64 + 1, None): (False, False),  # the dk/dv grid
+        (2**26, 4, 16, 16, 2): (True, True),  # GQA: the dk/dv grid counts key/value heads
+        (1, 1, 1, 2**34 + 1, None): (False, True),  # the dk/dv grid; 2^30+1 programs of 16 keys for Triton
         (1, 1, 2**34, 16, None): (False, True),  # 2^31 blocks of 8 queries; 2^30 of 16 for Triton
-        (1, 1, 16, 2**35 + 1, None): (False, False),  # over 2^31-1 blocks of 16 keys too
+        (1, 1, 16, 2**35 + 1, None): (False, False),  # over 2^31-1 programs of 16 keys too
+        (1, 1, 2**31 - 1, 16, None): (True, False),  # Triton: int32 query indices of the last block overflow
+        (1, 1, 16, 2**31 - 100, None): (True, False),  # the same for keys
+        (1, 1, 16, 2**31 - 129, None): (True, True),
+        (1, 1, 2**31, 16, None): (True, True),  # lengths of 2^31 reach the kernels as int64
     }
     for (Bsz, Hq, L, S, Hk), want in cases.items():
         q, k, v = _fake_qkv("cuda", Bsz, Hq, L, S, Hk)
         got = tuple(sup[name](q, k, v, None)[0] for name in ("cuda", "triton"))
         assert got == want, ((Bsz, Hq, L, S, Hk), got)
-        if not all(got):
-            assert "grid" in sup["cuda" if not got[0] else "triton"](q, k, v, None)[1]
+        for name, ok in zip(("cuda", "triton"), got):
+            if not ok:
+                assert re.search("grid limit of 2\\^31-1|int32 row indices", sup[name](q, k, v, None)[1])
     # selection, as on a machine where both GPU backends are available
     monkeypatch.setattr(B, "available", lambda name: (True, ""))
     monkeypatch.delenv("SEQKERN_BACKEND", raising=False)
@@ -178,23 +190,30 @@ def test_attention_grids_past_the_launch_limits_are_declined(monkeypatch):
     assert B.select(ATTN, None, q, k, v, None, 0.0, False) == "triton"
     q, k, v = _fake_qkv("cuda", 2**31, 1, 1, 1)
     assert B.select(ATTN, None, q, k, v, None, 0.0, False) == "reference"
-    for name, match in (("cuda", "2\\^31-1"), ("triton", "65535")):
-        with pytest.raises(seqkern.BackendUnavailable, match=f"{name}.*{match}"):
+    for name in ("cuda", "triton"):
+        with pytest.raises(seqkern.BackendUnavailable, match=f"{name}.*grid limit of 2\\^31-1"):
             B.select(ATTN, name, q, k, v, None, 0.0, False)
+    q, k, v = _fake_qkv("cuda", 1, 1, 2**31 - 1, 16)
+    assert B.select(ATTN, None, q, k, v, None, 0.0, False) == "cuda"
+    with pytest.raises(seqkern.BackendUnavailable, match="triton.*int32 row indices"):
+        B.select(ATTN, "triton", q, k, v, None, 0.0, False)
     q, k, v = _fake_qkv("cuda", 4, 2, 3, 5)
     assert B.select(ATTN, None, q, k, v, None, 0.0, False) == "cuda"
 
 
-def test_attention_triton_declines_a_grid_past_its_rows_under_the_interpreter(monkeypatch):
-    """The same rule through the public function (CPU tensors, the Triton interpreter): an explicit
-    backend="triton" raises BackendUnavailable before any launch; automatic selection runs cpu."""
+def test_attention_triton_serves_batch_heads_past_65535_under_the_interpreter(monkeypatch):
+    """Through the public function (CPU tensors, the Triton interpreter): B * heads past gridDim.y's 65535
+    is served by backend="triton" (batch x heads is folded into gridDim.x); a grid past 2^31-1 programs
+    raises BackendUnavailable before any launch, and automatic selection runs cpu."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with FakeTensorMode():
         q, k, v = (torch.empty(65536, 1, 1, 16) for _ in range(3))
-        with pytest.raises(seqkern.BackendUnavailable, match="triton.*65535"):
+        assert B.explain(ATTN, q, k, v, None)["triton"] == (True, "")
+        q, k, v = (torch.empty(2**31, 1, 1, 16) for _ in range(3))
+        with pytest.raises(seqkern.BackendUnavailable, match="triton.*grid limit of 2\\^31-1"):
             seqkern.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(1, 1), backend="triton")
         assert B.explain(ATTN, q, k, v, None)["triton"][0] is False
-        q, k, v = (t[:65535] for t in (q, k, v))
-        assert B.explain(ATTN, q, k, v, None)["triton"] == (True, "")
+
+

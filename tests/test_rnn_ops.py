@@ -667,14 +667,8 @@ def test_cuda_compile_fullgraph():
     torch.testing.assert_close(f(*args), SF.lstm(args[0], args[1:3], *args[3:], backend="reference")[0])
 
 
-@pytest.mark.triton
-@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[7], CASES[8]], ids=lambda c: c[0])
-def test_triton_per_step_path_matches_reference(case, monkeypatch):
-    """The per-step gate kernels (taken for H > PERSISTENT_MAX_H; forced here)."""
-    require("triton")
-    from seqkern.kernels import rnn as K
-
-    monkeypatch.setattr(K, "PERSISTENT_MAX_H", 0)
+def _triton_matches_reference(case):
+    """Outputs and every gradient of the triton backend against the reference (fp64)."""
     kind, T, Bsz, I, H, proj, bias, lengths, reverse = case
     inputs = make_inputs(kind, T, Bsz, I, H, proj, bias, F64)
     got = run_all(kind, inputs, lengths, reverse, "triton")
@@ -687,6 +681,52 @@ def test_triton_per_step_path_matches_reference(case, monkeypatch):
     g2 = torch.autograd.grad([b for _, b in outs], leaves(inputs), cots)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[7], CASES[8]], ids=lambda c: c[0])
+def test_triton_per_step_path_matches_reference(case, monkeypatch):
+    """The per-step gate kernels (taken for H > PERSISTENT_MAX_H; forced here)."""
+    require("triton")
+    from seqkern.kernels import rnn as K
+
+    monkeypatch.setattr(K, "PERSISTENT_MAX_H", 0)
+    _triton_matches_reference(case)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [
+    ("lstm", 3, 5, 3, 37, 19, True, [3, 1, 0, 2, 3], True),
+    ("gru", 3, 5, 4, 37, 0, True, None, False),
+    ("rnn_tanh", 2, 7, 3, 33, 0, False, [2, 1, 2, 0, 1, 2, 2], False),
+], ids=lambda c: c[0])
+def test_triton_step_grids_cover_every_tile(case, monkeypatch):
+    """The per-step kernels' grids are 1-D (kernels/rnn.py _tile: batch block x column block, so
+    gridDim.y's 65535 never caps the columns): with small tiles forced (2 rows x 16 columns) there are
+    several batch and column blocks, the last ones partial, for h, the gates and the projection; every
+    output and gradient matches the reference (a program decoding its tile wrongly leaves rows unset)."""
+    require("triton")
+    from seqkern.kernels import rnn as K
+
+    monkeypatch.setattr(K, "PERSISTENT_MAX_H", 0)
+    monkeypatch.setattr(K, "_blocks", lambda B, n: (2, 16))
+    _triton_matches_reference(case)
+
+
+def test_triton_supports_declines_gate_rows_past_int32():
+    """The Triton kernels' gate column index is int32: supports() declines w_hh with more than
+    2^31-1-128 gate rows (reachable with a projection, P = 1), on shapes only (fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    sup = seqkern.backends._SUPPORTS["lstm"]["triton"]
+    with FakeTensorMode():
+        x, h0, c0 = torch.empty(2, 1, 1), torch.empty(1, 1), torch.empty(1, 2**29)
+        for rows, ok in ((2**31 - 1 - 128, True), (2**31 - 4, False)):
+            w_ih, w_hh, w_hr = torch.empty(rows, 1), torch.empty(rows, 1), torch.empty(1, rows // 4)
+            got = sup(x, h0, c0, w_ih, w_hh, None, None, w_hr)
+            assert got[0] is ok, (rows, got)
+            if not ok:
+                assert "int32 column indices" in got[1] and str(rows) in got[1]
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])

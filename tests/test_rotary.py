@@ -186,3 +186,21 @@ def test_gpu_compile_fullgraph(backend):
     got, want = f(q, k), apply_rotary_reference(q, k, cos, sin)
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+
+
+def test_triton_supports_counts_the_programs_of_its_grid():
+    """One program per block of rows (64 rows up to 64 rotated pairs, fewer for wider ones), a 1-D
+    grid with int64 row offsets: supports() declines only past 2^31-1 programs (fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    sup = seqkern.backends._SUPPORTS["apply_rotary"]["triton"]
+    with FakeTensorMode():
+        for rows, D, half, ok in ((2**31 + 5, 8, 4, True), ((2**31 - 1) * 64, 8, 4, True),
+                                  ((2**31 - 1) * 64 + 1, 8, 4, False), ((2**31 - 1) * 16, 512, 256, True),
+                                  ((2**31 - 1) * 16 + 1, 512, 256, False)):
+            q = torch.empty(rows, 1, D)
+            cs = torch.empty(1, half)
+            got = sup(q, q, cs, cs)
+            assert got[0] is ok, (rows, D, got)
+            if not ok:
+                assert "grid limit of 2^31-1" in got[1]

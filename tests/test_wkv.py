@@ -8,7 +8,7 @@ import seqkern
 from seqkern import functional as SF
 from seqkern.ops.wkv import EMPTY_PP, wkv4_initial_state, wkv4_reference
 
-from helpers import TOL, assert_unchanged, backend_param
+from helpers import TOL, assert_unchanged, backend_param, require
 
 BACKENDS = [backend_param(b) for b in ("reference", "cpu", "triton")]
 LONG = [backend_param(b) for b in ("reference", "cpu")]  # the Triton interpreter is too slow for long loops
@@ -391,3 +391,40 @@ def test_torch_func_and_forward_ad_take_the_reference():
         jvp = fwad.unpack_dual(y).tangent
     want_jvp = torch.autograd.functional.jvp(lambda k_: wkv4_reference(td, u, k_, v)[0], k, tangent)[1]
     torch.testing.assert_close(jvp, want_jvp)
+
+
+@pytest.mark.triton
+def test_triton_grid_covers_every_batch_row_and_channel_block(monkeypatch):
+    """The Triton grid is 1-D (batch row x channel block, the block fastest; a 2-D grid's y caps at
+    65535): with 16-channel blocks forced, C = 37 is three blocks (the last partial) on each of 3 rows;
+    values, the state and every gradient match the reference."""
+    require("triton")
+    from seqkern.kernels import wkv as K
+
+    monkeypatch.setattr(K, "_launch_cfg", lambda C: (16, 1))
+    ins = make(3, 4, 37, dtype=torch.float32, grad=True, state=True)
+    y, s = SF.wkv4(*ins, backend="triton")
+    y_r, s_r = wkv4_reference(*ins)
+    torch.testing.assert_close(y, y_r, **TOL[torch.float32])
+    torch.testing.assert_close(s, s_r, **TOL[torch.float32])
+    gy, gs = torch.randn_like(y), torch.randn_like(s)
+    got = torch.autograd.grad((y * gy).sum() + (s * gs).sum(), ins)
+    want = torch.autograd.grad((y_r * gy).sum() + (s_r * gs).sum(), ins)
+    for name, a, b in zip(("time_decay", "time_first", "k", "v", "state"), got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float32], msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_triton_supports_counts_the_programs_of_its_grid():
+    """B * ceil(C / 64) programs on a 1-D grid: B past 65535 is served; past 2^31-1 programs supports()
+    declines with why (shapes only: fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    sup = seqkern.backends._SUPPORTS["wkv4"]["triton"]
+    with FakeTensorMode():
+        for Bn, C, ok in ((65536, 64, True), (2**31 - 1, 64, True), (2**31 - 1, 65, False), (2**24, 127 * 64, True),
+                          (2**24, 127 * 64 + 1, False)):
+            k = torch.empty(Bn, 1, C)
+            got = sup(torch.empty(C), torch.empty(C), k, k)
+            assert got[0] is ok, (Bn, C, got)
+            if not ok:
+                assert "grid limit of 2^31-1" in got[1]

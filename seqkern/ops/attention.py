@@ -551,13 +551,17 @@ def _supports_cpu(q, k, v, mask, dropout_p=0.0, is_causal=False):
     return True, ""
 
 
-# CUDA launch limits: gridDim.x at most 2^31-1 blocks, gridDim.y at most 65535. The cuda launchers
-# (csrc/cuda/attention*.cu) have 1-D grids and refuse more than kAttnMaxGridX = 2^31-1 blocks with an
-# error; the Triton launches (kernels/attention.py) put B * heads in y and fail past 65535. supports()
-# declines such shapes instead, so automatic selection falls through (the cpu kernel has no grid).
-_GRID_X_MAX, _GRID_Y_MAX = 2**31 - 1, 65535
+# CUDA launch limits: gridDim.x at most 2^31-1 blocks (gridDim.y/z: 65535). All attention launches,
+# the cuda ones (csrc/cuda/attention*.cu, which refuse more than kAttnMaxGridX = 2^31-1 blocks with an
+# error) and the Triton ones (kernels/attention.py), have 1-D grids with batch x heads folded into x,
+# so any B * heads works while the block count fits. The Triton kernels' offsets into the tensors are
+# int64; their row indices within a sequence are int32 for lengths under 2^31 (int64 past it).
+# supports() declines what does not fit, so automatic selection falls through (the cpu kernel has no grid).
+_GRID_X_MAX = 2**31 - 1
 _CUDA_ROWS_PER_BLOCK = 8  # kWarps of attention.cu: its SIMT grids are larger than the opt-in mma ones
 _TRITON_MIN_ROWS = 16  # the smallest BLOCK_M / BLOCK_N / BLOCK_R kernels/attention.py launches with
+_TRITON_MAX_ROWS = 128  # the largest BLOCK_M / BLOCK_N: a block's int32 row index reaches L - 1 + that
+_TRITON_MAX_LEN = 2**31 - 1 - _TRITON_MAX_ROWS
 
 
 def _grid_too_large(backend: str, q: Tensor, k: Tensor) -> str:
@@ -571,12 +575,15 @@ def _grid_too_large(backend: str, q: Tensor, k: Tensor) -> str:
             return (f"B={Bsz}, heads {Hq}/{Hk}, L={L}, S={S} need {blocks} blocks, over the CUDA kernel's "
                     f"grid limit of 2^31-1")
         return ""
-    if Bsz * Hq > _GRID_Y_MAX:
-        return f"B * query heads = {Bsz * Hq} is over the 65535 grid rows (gridDim.y) of the Triton launches"
-    r = _TRITON_MIN_ROWS
-    blocks = max(-(-L // r), -(-S // r), -(-(Bsz * Hq * L) // r))
+    if _TRITON_MAX_LEN < max(L, S) < 2**31:
+        # (a length of 2^31 or more reaches the kernels as an int64 and makes the row indices int64)
+        return (f"L={L}, S={S}: within {_TRITON_MAX_ROWS} of 2^31 the last block's int32 row indices of the "
+                f"Triton kernels overflow")
+    r = _TRITON_MIN_ROWS  # forward/dq: B*Hq*ceil(L/r); dk/dv: B*Hk*ceil(S/r); delta: ceil(B*Hq*L/r)
+    blocks = max(Bsz * Hq * -(-L // r), Bsz * Hk * -(-S // r))
     if blocks > _GRID_X_MAX:
-        return f"L={L}, S={S}, B*Hq*L={Bsz * Hq * L} need {blocks} blocks, over the Triton grid limit of 2^31-1"
+        return (f"B={Bsz}, heads {Hq}/{Hk}, L={L}, S={S} need {blocks} programs, over the Triton grid limit "
+                f"of 2^31-1")
     return ""
 
 

@@ -417,6 +417,12 @@ def _supports(dtypes, device_type):
     return supports
 
 
+# kernels/rnn.py: 1-D grids, batch rows and offsets in int64; a gate's column index (up to G * H plus
+# a block) is int32. Its grids' program counts, about B * H / 2048, cannot reach 2^31 with the gate
+# buffers of a step, B * G * H elements, in memory.
+_TRITON_MAX_GATE_ROWS = 2**31 - 1 - 128  # 128: the widest column block
+
+
 def _triton_supports(*tensors):
     why = _reference_only(tensors)
     if why:
@@ -424,6 +430,10 @@ def _triton_supports(*tensors):
     ok, reason = B.same_device_and_dtype(tensors, _GPU_DTYPES)
     if ok and tensors[0].device.type == "cpu" and tensors[0].dtype == torch.bfloat16:
         return False, "bf16 is computed wrongly by the Triton interpreter"
+    w_hh = tensors[4]
+    if ok and w_hh.shape[0] > _TRITON_MAX_GATE_ROWS:
+        return False, (f"w_hh has {w_hh.shape[0]} gate rows (gates x hidden size): over "
+                       f"{_TRITON_MAX_GATE_ROWS}, the Triton kernels' int32 column indices overflow")
     return ok, reason
 
 

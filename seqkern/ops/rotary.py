@@ -201,6 +201,10 @@ def _supports(dtypes, device_type):
     return supports
 
 
+# kernels/rotary.py: a 1-D grid of blocks of rows, row offsets in int64
+_GRID_X_MAX = 2**31 - 1
+
+
 def _triton_supports(q, k, cos, sin, interleaved=False):
     why = B.reference_only((q, k, cos, sin))
     if why:
@@ -209,6 +213,13 @@ def _triton_supports(q, k, cos, sin, interleaved=False):
         return False, f"dtype {q.dtype} not supported"
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         return False, "bf16 is computed wrongly by the Triton interpreter"
+    half = cos.shape[1]
+    rows_per = max(1, min(64, 4096 // (1 << max(half - 1, 0).bit_length())))  # kernels/rotary.py's BLOCK_R
+    for name, t in (("q", q), ("k", k)):
+        programs = -(-(t.numel() // max(t.shape[-1], 1)) // rows_per)
+        if programs > _GRID_X_MAX:
+            return False, (f"{name} of shape {tuple(t.shape)} needs {programs} programs, over the Triton grid "
+                           f"limit of 2^31-1")
     return True, ""
 
 

@@ -266,6 +266,10 @@ def _supports(dtypes, device_type):
     return supports
 
 
+# kernels/wkv.py launches one program per (batch row, block of at most 64 channels) on a 1-D grid
+_TRITON_WKV_BLOCK, _GRID_X_MAX = 64, 2**31 - 1
+
+
 def _triton_supports(time_decay, time_first, k, v, state=None):
     ok, reason = B.same_device_and_dtype((time_decay, time_first, k, v), _GPU_DTYPES)
     if not ok:
@@ -275,6 +279,10 @@ def _triton_supports(time_decay, time_first, k, v, state=None):
         return False, why
     if k.device.type == "cpu" and k.dtype == torch.bfloat16:
         return False, "bf16 is computed wrongly by the Triton interpreter"
+    Bn, C = k.shape[0], k.shape[-1]
+    programs = Bn * -(-C // _TRITON_WKV_BLOCK)
+    if programs > _GRID_X_MAX:
+        return False, f"B={Bn}, C={C} need {programs} programs, over the Triton grid limit of 2^31-1"
     return True, ""
 
 
