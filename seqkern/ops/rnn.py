@@ -430,8 +430,8 @@ def _triton_supports(*tensors):
     ok, reason = B.same_device_and_dtype(tensors, _GPU_DTYPES)
     if ok and tensors[0].device.type == "cpu" and tensors[0].dtype == torch.bfloat16:
         return False, "bf16 is computed wrongly by the Triton interpreter"
-    w_hh = tensors[4]
-    if ok and w_hh.shape[0] > _TRITON_MAX_GATE_ROWS:
+    w_hh = tensors[4] if len(tensors) > 4 else None  # (x, h0, c0, w_ih, w_hh, ...); a probe may pass fewer
+    if ok and w_hh is not None and w_hh.shape[0] > _TRITON_MAX_GATE_ROWS:
         return False, (f"w_hh has {w_hh.shape[0]} gate rows (gates x hidden size): over "
                        f"{_TRITON_MAX_GATE_ROWS}, the Triton kernels' int32 column indices overflow")
     return ok, reason
