@@ -415,13 +415,15 @@ _BWD = {"reference": _ref_bwd, "cpu": _cpu_bwd, "cuda": _cpu_bwd, "triton": _tri
 @torch.library.custom_op("seqkern::sdpa_forward", mutates_args=())
 def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool,
                   scale: float, seed: int, backend: str, cos: Optional[Tensor] = None,
-                  sin: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                  sin: Optional[Tensor] = None, auto: bool = False) -> Tuple[Tensor, Tensor]:
+    # auto: the backend was chosen automatically (not named by the caller), which lets a
+    # create_graph backward fall back to the reference's differentiable recomputation
     out, lse = _FWD[backend](q, k, v, mask, dropout_p, is_causal, scale, seed, cos, sin)
     return out, lse
 
 
 @_sdpa_forward.register_fake
-def _(q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos=None, sin=None):
+def _(q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos=None, sin=None, auto=False):
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], 2, dtype=_acc_dtype(q.dtype))
     return out, lse
@@ -456,15 +458,33 @@ def _plain_eager(*tensors) -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin = inputs
+    q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin, auto = inputs
     out, lse = output
     ctx.args = (dropout_p, is_causal, scale, seed, backend)
+    ctx.auto = auto
     ctx.save_for_backward(q, k, v, mask, out, lse, cos, sin)
+
+
+def _reference_grads(need, dout, q, k, v, mask, cos, sin, dropout_p, is_causal, scale, seed):
+    """Gradients of q, k, v, mask (those ``need`` asks for) by autograd of the reference recomputed
+    from aliases of the inputs, kept in the graph: a create_graph backward (gradient penalties, MAML)
+    differentiates them again, as torch's SDPA allows. The dropout mask is the forward's (same seed)."""
+    def fn(q, k, v, mask):
+        if cos is not None:
+            q, k = _rotate(q, k, cos, sin)
+        return sdpa_reference_canonical(q, k, v, mask, dropout_p, is_causal, scale, seed)[:1]
+
+    return B.reference_grads(fn, (q, k, v, mask), need, (dout,))
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, mask, out, lse, cos, sin = ctx.saved_tensors
     dropout_p, is_causal, scale, seed, backend = ctx.args
+    if backend != "reference" and ctx.auto and B.wants_graph():
+        dout = torch.zeros_like(out) if dout is None else dout
+        need = list(ctx.needs_input_grad[:4])
+        return (*_reference_grads(need, dout, q, k, v, mask, cos, sin, dropout_p, is_causal, scale, seed),
+                None, None, None, None, None, None, None, None)
     if backend != "reference":
         B.check_no_double_backward(OP, backend)
     if dout is None:
@@ -484,7 +504,7 @@ def _backward(ctx, dout, dlse):
                                         need_dmask=True)[3]
     # cos/sin are constants of the fused rotary (scaled_dot_product_attention takes the separate,
     # differentiable rotary pass when they require grad)
-    return dq, dk, dv, dmask, None, None, None, None, None, None, None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
 
 
 _sdpa_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -511,9 +531,9 @@ class _EagerSdpa(torch.autograd.Function):
     (see _plain_eager): same setup_context, same backward, same inputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin):
+    def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin, auto):
         out, lse = _FWD[backend](q, k, v, mask, dropout_p, is_causal, scale, seed, cos, sin)
-        _setup_context(ctx, (q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin), (out, lse))
+        _setup_context(ctx, (q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin, auto), (out, lse))
         return out, lse
 
     @staticmethod
@@ -638,7 +658,7 @@ def _sdpa_eager(q, k, v, dropout_p, is_causal, scale, enable_gqa, backend):
     sc = _scale(scale, E)
     B._LAST[OP] = "cpu"
     if torch.is_grad_enabled() and _any_requires_grad(q, k, v):
-        out = _EagerSdpa.apply(q, k, v, None, 0.0, is_causal, sc, 0, "cpu", None, None)[0]
+        out = _EagerSdpa.apply(q, k, v, None, 0.0, is_causal, sc, 0, "cpu", None, None, B.is_auto(backend))[0]
     else:
         out = _cpu_fwd(q, k, v, None, 0.0, is_causal, sc, 0)[0]
     return out if q.is_contiguous() else _in_query_order(out, q)
@@ -703,9 +723,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         out, _ = sdpa_reference_canonical(q, k, v, mask, dropout_p, is_causal, sc, seed)
     else:
         if not _plain_eager(q, k, v, mask, cos, sin):
-            out, _ = _sdpa_forward(q, k, v, mask, dropout_p, is_causal, sc, seed, name, cos, sin)
+            out, _ = _sdpa_forward(q, k, v, mask, dropout_p, is_causal, sc, seed, name, cos, sin, B.is_auto(backend))
         elif torch.is_grad_enabled() and torch._C._any_requires_grad(q, k, v, mask, cos, sin):
-            out, _ = _EagerSdpa.apply(q, k, v, mask, dropout_p, is_causal, sc, seed, name, cos, sin)
+            out, _ = _EagerSdpa.apply(q, k, v, mask, dropout_p, is_causal, sc, seed, name, cos, sin,
+                                      B.is_auto(backend))
         else:
             out, _ = _FWD[name](q, k, v, mask, dropout_p, is_causal, sc, seed, cos, sin)
     out = out.reshape(out_shape)

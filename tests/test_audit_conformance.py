@@ -1,0 +1,109 @@
+"""Conformance audit against torch 2.13 (CPU): what a user's code written for torch does with
+seqkern's ops and modules (the automatic backend, as a drop-in gets it). Each case here differed
+from torch before its fix."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import seqkern
+from seqkern import functional as SF, nn as snn
+
+F64 = torch.float64
+
+
+def _leaves(*shapes, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, dtype=F64, generator=g).requires_grad_() for s in shapes]
+
+
+def _penalty_grads(fn, ins):
+    """A gradient penalty (WGAN-GP, MAML): the first gradient with create_graph, then the
+    gradient of its norm with respect to every input."""
+    out = fn(*ins)
+    g = torch.autograd.grad((out * out.detach().cos()).sum(), ins, create_graph=True)
+    return g + torch.autograd.grad(sum(x.pow(2).sum() for x in g), ins)
+
+
+# ---------------------------------------------------------------------------
+# double backward through attention and WKV with the automatic backend
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["plain", "causal", "float_mask", "gqa", "scale"])
+def test_sdpa_double_backward_like_torch(case):
+    """torch's SDPA differentiates twice on the CPU; the automatically chosen backend (the fused
+    cpu kernel) must not turn a create_graph backward into an error (the RNN ops already fall back
+    to the reference's recomputation there)."""
+    shapes = [(2, 3, 4, 8), (2, 3, 5, 8), (2, 3, 5, 6)]
+    kw = {}
+    if case == "causal":
+        kw["is_causal"] = True
+    if case == "gqa":
+        shapes = [(2, 6, 4, 8), (2, 2, 5, 8), (2, 2, 5, 6)]
+        kw["enable_gqa"] = True
+    if case == "float_mask":
+        shapes.append((4, 5))
+    if case == "scale":
+        kw["scale"] = 0.3
+
+    def run(fn):
+        ins = _leaves(*shapes, seed=1)
+        if case == "float_mask":
+            return _penalty_grads(lambda q, k, v, m: fn(q, k, v, attn_mask=m, **kw), ins)
+        return _penalty_grads(lambda q, k, v: fn(q, k, v, **kw), ins)
+
+    want = run(F.scaled_dot_product_attention)
+    got = run(SF.scaled_dot_product_attention)
+    assert seqkern.last_backend("scaled_dot_product_attention") == "cpu"
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_sdpa_double_backward_with_dropout_matches_the_reference():
+    """With dropout the mask is seqkern's (not torch's RNG): the create_graph gradients of the
+    automatic backend equal the reference's, which uses the same mask."""
+    torch.manual_seed(3)
+    ins = _leaves((2, 3, 4, 8), (2, 3, 5, 8), (2, 3, 5, 8), seed=2)
+
+    def run(backend):
+        torch.manual_seed(7)
+        return _penalty_grads(lambda q, k, v: SF.scaled_dot_product_attention(q, k, v, dropout_p=0.4,
+                                                                              backend=backend), ins)
+
+    for a, b in zip(run(None), run("reference")):
+        torch.testing.assert_close(a, b)
+
+
+def test_sdpa_explicit_fused_backend_still_refuses_double_backward():
+    q, k, v = _leaves((2, 3, 4, 8), (2, 3, 5, 8), (2, 3, 5, 8), seed=1)
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        torch.autograd.grad(SF.scaled_dot_product_attention(q, k, v, backend="cpu").sum(), q, create_graph=True)
+
+
+def test_multihead_attention_gradient_penalty_like_torch():
+    """A gradient penalty on the input of the module, with need_weights=False (seqkern's fused
+    kernels) against torch's with need_weights=True (its explicit softmax; torch's own
+    need_weights=False path runs its CPU flash kernel, which has no double backward when the head
+    dims agree, and the math kernel, which has, otherwise)."""
+    torch.manual_seed(0)
+    t = nn.MultiheadAttention(8, 2, dtype=F64, batch_first=True)
+    s = snn.MultiheadAttention(8, 2, dtype=F64, batch_first=True)
+    s.load_state_dict(t.state_dict())
+
+    def run(m, need_weights):
+        x, = _leaves((2, 5, 8), seed=4)
+        return _penalty_grads(lambda x: m(x, x, x, need_weights=need_weights)[0], [x])
+
+    for a, b in zip(run(s, False), run(t, True)):
+        torch.testing.assert_close(a, b)
+
+
+def test_wkv4_double_backward_with_the_automatic_backend():
+    ins = _leaves((6,), (6,), (2, 5, 6), (2, 5, 6), seed=5)
+    want = _penalty_grads(lambda w, u, k, v: SF.wkv4(w, u, k, v, backend="reference")[0], ins)
+    got = _penalty_grads(lambda w, u, k, v: SF.wkv4(w, u, k, v)[0], ins)
+    assert seqkern.last_backend("wkv4") == "cpu"
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        torch.autograd.grad(SF.wkv4(*ins, backend="cpu")[0].sum(), ins[2], create_graph=True)
