@@ -107,3 +107,59 @@ def test_wkv4_double_backward_with_the_automatic_backend():
         torch.testing.assert_close(a, b)
     with pytest.raises(RuntimeError, match="backend='reference'"):
         torch.autograd.grad(SF.wkv4(*ins, backend="cpu")[0].sum(), ins[2], create_graph=True)
+
+
+# ---------------------------------------------------------------------------
+# SDPA output layout
+# ---------------------------------------------------------------------------
+
+def _bhle(B, H, L, E, dtype=torch.float32):
+    """(B, H, L, E) as a view of (B, L, H, E) memory (GPT-style projections)."""
+    return torch.randn(B, L, H, E, dtype=dtype).transpose(1, 2)
+
+
+_LAYOUT_CASES = {
+    # torch's CPU flash kernel: the output is laid out like the query (torch.empty_like(query))
+    "flash": lambda: ((_bhle(2, 3, 4, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)), {}),
+    "flash_mask4d": lambda: ((_bhle(2, 3, 4, 8), _bhle(2, 3, 5, 8), torch.randn(2, 3, 5, 8)),
+                             dict(attn_mask=torch.randn(2, 3, 4, 5))),
+    "flash_gqa": lambda: ((_bhle(2, 6, 4, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)),
+                          dict(enable_gqa=True)),
+    "flash_query_with_gaps": lambda: ((torch.randn(4, 2, 6, 8)[:, :, :3].permute(1, 2, 0, 3), torch.randn(2, 3, 4, 8),
+                                       torch.randn(2, 3, 4, 8)), {}),
+    "flash_query_batch_broadcast": lambda: ((torch.randn(1, 4, 3, 8).expand(2, 4, 3, 8).transpose(1, 2),
+                                             torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)), {}),
+    # everything else is its math kernel, whose output is contiguous whatever the query's layout
+    "value_dim_differs": lambda: ((_bhle(2, 3, 4, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 6)), {}),
+    "dropout": lambda: ((_bhle(2, 3, 4, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)), dict(dropout_p=0.3)),
+    "key_batch_broadcast": lambda: ((_bhle(2, 3, 4, 8), torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8)), {}),
+    "mask3d": lambda: ((_bhle(2, 3, 4, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)),
+                       dict(attn_mask=torch.randn(3, 4, 5))),
+    "mask_requires_grad": lambda: ((_bhle(2, 3, 4, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)),
+                                   dict(attn_mask=torch.randn(4, 5, requires_grad=True))),
+    "key_last_dim_strided": lambda: ((_bhle(2, 3, 4, 8), torch.randn(2, 3, 5, 16)[..., ::2], torch.randn(2, 3, 5, 8)),
+                                     {}),
+    "query_last_dim_strided": lambda: ((torch.randn(2, 4, 8, 3).permute(0, 3, 1, 2), torch.randn(2, 3, 5, 8),
+                                        torch.randn(2, 3, 5, 8)), {}),
+    "query_expanded_batch": lambda: ((torch.randn(1, 3, 4, 8).expand(2, 3, 4, 8), torch.randn(2, 3, 5, 8),
+                                      torch.randn(2, 3, 5, 8)), {}),
+    "query_expanded_heads": lambda: ((torch.randn(2, 1, 4, 8).expand(2, 3, 4, 8), torch.randn(2, 3, 5, 8),
+                                      torch.randn(2, 3, 5, 8)), {}),
+    "no_keys": lambda: ((_bhle(2, 3, 4, 8), torch.randn(2, 3, 0, 8), torch.randn(2, 3, 0, 8)), {}),
+}
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("case", list(_LAYOUT_CASES))
+def test_sdpa_output_strides_like_torch(case, backend):
+    """The output's memory layout is torch's: code follows SDPA with views (``o.transpose(1, 2).view``
+    after a flash-style call, ``o.view(B, -1)`` after a math-style one) that need it."""
+    (q, k, v), kw = _LAYOUT_CASES[case]()
+    want = F.scaled_dot_product_attention(q, k, v, **kw)
+    if kw.get("dropout_p"):
+        kw = dict(kw, dropout_p=0.3)
+    got = SF.scaled_dot_product_attention(q, k, v, **kw, backend=backend)
+    assert got.shape == want.shape
+    assert got.stride() == want.stride()
+    if not kw.get("dropout_p"):
+        torch.testing.assert_close(got, want.detach())

@@ -661,7 +661,7 @@ def _sdpa_eager(q, k, v, dropout_p, is_causal, scale, enable_gqa, backend):
         out = _EagerSdpa.apply(q, k, v, None, 0.0, is_causal, sc, 0, "cpu", None, None, B.is_auto(backend))[0]
     else:
         out = _cpu_fwd(q, k, v, None, 0.0, is_causal, sc, 0)[0]
-    return out if q.is_contiguous() else _in_query_order(out, q)
+    return out if q.is_contiguous() or not _flash_layout(q, k, v, None, 0.0, False) else _in_query_order(out, q)
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -730,17 +730,61 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         else:
             out, _ = _FWD[name](q, k, v, mask, dropout_p, is_causal, sc, seed, cos, sin)
     out = out.reshape(out_shape)
-    if query.dim() == 4 and not query.is_contiguous():
+    if query.dim() == 4 and not query.is_contiguous() and _flash_layout(query, key, value, attn_mask, dropout_p,
+                                                                        enable_gqa):
         out = _in_query_order(out, query)
     return out
 
 
+def _flash_layout(query, key, value, attn_mask, dropout_p, enable_gqa) -> bool:
+    """Whether torch's CPU SDPA gives this call an output laid out like the query (see _in_query_order):
+    its flash kernel runs for 4-D q, k, v of one batch size, heads equal (or grouped with enable_gqa),
+    one head dim, last dims of stride 1, keys, no dropout and no 3-D or differentiable mask (measured,
+    torch 2.13). Every other call runs its math kernel, whose output is contiguous."""
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or dropout_p != 0 or key.shape[2] == 0:
+        return False
+    if not (query.shape[3] == key.shape[3] == value.shape[3] and query.shape[0] == key.shape[0] == value.shape[0]
+            and key.shape[1] == value.shape[1] and (query.shape[1] == key.shape[1] or enable_gqa)):
+        return False
+    if query.stride(3) != 1 or key.stride(3) != 1 or value.stride(3) != 1:
+        return False
+    return attn_mask is None or (attn_mask.dim() in (2, 4) and not attn_mask.requires_grad)
+
+
+def _layout_order(t: Tensor):
+    """t's dims from outermost to innermost in the dense layout ``torch.empty_like(t)`` gives it
+    (at::infer_dense_strides: an insertion sort by stride, larger size first on equal strides, a
+    stride 0 comparing with nothing, so broadcast dims keep their place in the row-major order)."""
+    sizes, strides = t.shape, t.stride()
+    perm = list(range(t.dim() - 1, -1, -1))  # innermost first
+
+    def after(d0, d1):  # 1: d0 is outside d1, -1: inside, 0: no order between them
+        s0, s1 = strides[d0], strides[d1]
+        if s0 == 0 or s1 == 0:
+            return 0
+        if s0 != s1:
+            return 1 if s0 > s1 else -1
+        return 1 if sizes[d0] > sizes[d1] else 0
+
+    for i in range(1, len(perm)):
+        d1 = i
+        for d0 in range(i - 1, -1, -1):
+            c = after(perm[d0], perm[d1])
+            if c > 0:
+                perm[d0], perm[d1] = perm[d1], perm[d0]
+                d1 = d0
+            elif c < 0:
+                break
+    return perm[::-1]
+
+
 def _in_query_order(out, query):
-    """out (B, H, L, Ev) laid out in the 4-D query's memory order of (B, H, L), as torch does: a
-    (B, H, L, E) view of (B, L, H, E) projections gives (B, L, H, Ev) memory, and code may follow with
+    """out (B, H, L, Ev) laid out in the 4-D query's memory order, as torch does when _flash_layout
+    holds (its flash kernel's output is ``torch.empty_like(query)``): a (B, H, L, E) view of
+    (B, L, H, E) projections gives (B, L, H, Ev) memory, and code may follow with
     o.transpose(1, 2).view(...). The copy here is the one that the caller's .contiguous() or reshape
     then skips."""
-    order = sorted(range(3), key=lambda d: -query.stride(d))
-    if order != [0, 1, 2]:
-        out = out.permute(*order, 3).contiguous().permute(*(order.index(d) for d in range(3)), 3)
+    order = _layout_order(query)
+    if order != [0, 1, 2, 3]:
+        out = out.permute(*order).contiguous().permute(*(order.index(d) for d in range(4)))
     return out
