@@ -163,3 +163,61 @@ def test_sdpa_output_strides_like_torch(case, backend):
     assert got.stride() == want.stride()
     if not kw.get("dropout_p"):
         torch.testing.assert_close(got, want.detach())
+
+
+# ---------------------------------------------------------------------------
+# SDPA: torch's exception types, GQA with different key and value heads
+# ---------------------------------------------------------------------------
+
+def _r(*s, dtype=torch.float32):
+    return torch.randn(*s, dtype=dtype)
+
+
+_SDPA_ERRORS = {
+    "gqa_heads_do_not_divide": lambda: ((_r(2, 5, 4, 8), _r(2, 2, 5, 8), _r(2, 2, 5, 8)), dict(enable_gqa=True)),
+    "gqa_more_key_heads": lambda: ((_r(2, 2, 4, 8), _r(2, 4, 5, 8), _r(2, 4, 5, 8)), dict(enable_gqa=True)),
+    "heads_differ_without_gqa": lambda: ((_r(2, 6, 4, 8), _r(2, 2, 5, 8), _r(2, 2, 5, 8)), {}),
+    "batch_mismatch": lambda: ((_r(2, 3, 4, 8), _r(3, 3, 5, 8), _r(3, 3, 5, 8)), {}),
+    "embed_dim_mismatch": lambda: ((_r(2, 3, 4, 8), _r(2, 3, 5, 7), _r(2, 3, 5, 8)), {}),
+    "seq_len_mismatch": lambda: ((_r(2, 3, 4, 8), _r(2, 3, 5, 8), _r(2, 3, 6, 6)), {}),  # E == Ev: torch says nothing
+    "one_dim": lambda: ((_r(8), _r(8), _r(8)), {}),
+    "dtype_mismatch": lambda: ((_r(2, 3, 4, 8, dtype=F64), _r(2, 3, 5, 8), _r(2, 3, 5, 8, dtype=F64)), {}),
+    "integer_query": lambda: ((torch.ones(2, 3, 4, 8, dtype=torch.long), _r(2, 3, 5, 8), _r(2, 3, 5, 8)), {}),
+    "mask_dtype": lambda: ((_r(2, 3, 4, 8), _r(2, 3, 5, 8), _r(2, 3, 5, 8)),
+                           dict(attn_mask=torch.ones(4, 5, dtype=torch.long))),
+    "mask_shape": lambda: ((_r(2, 3, 4, 8), _r(2, 3, 5, 8), _r(2, 3, 5, 8)),
+                           dict(attn_mask=torch.ones(3, 5, dtype=torch.bool))),
+    "mask_rank_5": lambda: ((_r(2, 3, 4, 8), _r(2, 3, 5, 8), _r(2, 3, 5, 8)),
+                            dict(attn_mask=torch.ones(1, 1, 1, 4, 5, dtype=torch.bool))),
+    "dropout_over_1": lambda: ((_r(2, 3, 4, 8), _r(2, 3, 5, 8), _r(2, 3, 5, 8)), dict(dropout_p=1.5)),
+    "scale_str": lambda: ((_r(2, 3, 4, 8), _r(2, 3, 5, 8), _r(2, 3, 5, 8)), dict(scale="a")),
+    "is_causal_int": lambda: ((_r(2, 3, 4, 8), _r(2, 3, 5, 8), _r(2, 3, 5, 8)), dict(is_causal=1)),
+}
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("case", list(_SDPA_ERRORS))
+def test_sdpa_errors_are_torchs_exception_types(case, backend):
+    """What torch raises (RuntimeError for shapes and dtypes, TypeError for argument kinds), so
+    code written for torch catches it; still a ValueError/TypeError naming the argument (DESIGN)."""
+    args, kw = _SDPA_ERRORS[case]()
+    with pytest.raises(Exception) as want:
+        F.scaled_dot_product_attention(*args, **kw)
+    with pytest.raises(type(want.value)) as got:
+        SF.scaled_dot_product_attention(*args, **kw, backend=backend)
+    assert isinstance(got.value, (ValueError, TypeError))
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("heads", [(6, 2, 3), (6, 3, 1), (4, 1, 2)])
+def test_sdpa_gqa_with_different_key_and_value_heads_like_torch(heads, backend):
+    """torch's enable_gqa repeats key and value to the query's heads separately, so their head counts
+    need only divide the query's."""
+    Hq, Hk, Hv = heads
+    q, k, v = _leaves((2, Hq, 4, 8), (2, Hk, 5, 8), (2, Hv, 5, 6), seed=6)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    got = SF.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend=backend)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        torch.testing.assert_close(a, b)

@@ -7,7 +7,11 @@ q: (..., Hq, L, E), k: (..., Hk, S, E), v: (..., Hk, S, Ev); leading dims broadc
 torch. ``attn_mask``: bool (True = takes part) or additive float of q's dtype or float32
 (torch's rule), broadcastable to (..., Hq, L, S). ``is_causal``: query i sees keys j <= i
 (top-left alignment when L != S, as torch); given with ``attn_mask``, both apply, as in torch's
-default CPU (flash) and CUDA (memory-efficient) kernels (only its math fallback refuses the pair). ``enable_gqa``: Hq a multiple of Hk, query head h reads key/value head h // (Hq/Hk).
+default CPU (flash) and CUDA (memory-efficient) kernels (only its math fallback refuses the pair).
+``enable_gqa``: Hq a multiple of Hk, query head h reads key/value head h // (Hq/Hk) (key and value
+heads may differ, as in torch, each dividing Hq: both are then repeated to Hq). Bad input raises
+``InputError`` (a ValueError) or ``InputTypeError`` (a TypeError), each also the RuntimeError torch
+raises for it.
 
 Differences from torch, on purpose (DESIGN.md "Numerics"): a row that every mask entry
 excludes gives output 0 and gradient 0 (torch gives NaN).
@@ -88,6 +92,16 @@ def dropout_keep(seed: int, BH: int, L: int, S: int, device=None) -> Tensor:
 # validation and canonical form (B, H, L, E)
 # ---------------------------------------------------------------------------
 
+class InputError(ValueError, RuntimeError):
+    """Bad shapes, ranks, devices or values: a ValueError by seqkern's rule, and the RuntimeError
+    torch's scaled_dot_product_attention raises for the same call, so ``except``/``pytest.raises``
+    written for either catches it."""
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """A wrong or mismatched tensor dtype: a TypeError by seqkern's rule, and torch's RuntimeError."""
+
+
 def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, torch.Tensor):
@@ -96,31 +110,32 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
             raise TypeError(f"{name} is a nested tensor, which seqkern's attention does not take: pad the "
                             "sequences and pass an attn_mask that excludes the padding")
         if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+            raise InputTypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
         if t.dim() < 2:
-            raise ValueError(f"{name} must have shape (..., L, E) with at least 2 dims, got {tuple(t.shape)}")
+            raise InputError(f"{name} must have shape (..., L, E) with at least 2 dims, got {tuple(t.shape)}")
     for name, t in (("key", k), ("value", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but query has dtype {q.dtype}")
+            raise InputTypeError(f"{name} has dtype {t.dtype} but query has dtype {q.dtype}")
         if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {q.device}")
+            raise InputError(f"{name} is on {t.device} but query is on {q.device}")
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"key must have the embedding size E={q.shape[-1]} of query, got {tuple(k.shape)}")
+        raise InputError(f"key must have the embedding size E={q.shape[-1]} of query, got {tuple(k.shape)}")
     if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"value must have the sequence length S={k.shape[-2]} of key, got {tuple(v.shape)}")
+        raise InputError(f"value must have the sequence length S={k.shape[-2]} of key, got {tuple(v.shape)}")
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
         # torch's rule: a float32 mask goes with any query dtype (masks are often built in the
         # default dtype, e.g. nn.Transformer.generate_square_subsequent_mask, for fp64/fp16 models)
         if attn_mask.dtype not in (torch.bool, q.dtype, torch.float32):
-            raise TypeError(f"attn_mask must be bool, float32 or have query's dtype {q.dtype}, got {attn_mask.dtype}")
+            raise InputTypeError(f"attn_mask must be bool, float32 or have query's dtype {q.dtype}, "
+                                 f"got {attn_mask.dtype}")
         if attn_mask.device != q.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {q.device}")
+            raise InputError(f"attn_mask is on {attn_mask.device} but query is on {q.device}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+        raise InputError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
@@ -187,19 +202,22 @@ def _canonical(q, k, v, attn_mask, enable_gqa):
     try:
         batch = _broadcast(q3.shape[:-3], k3.shape[:-3], v3.shape[:-3])
     except RuntimeError:
-        raise ValueError(f"the batch dims of query {tuple(q.shape)}, key {tuple(k.shape)} and value "
+        raise InputError(f"the batch dims of query {tuple(q.shape)}, key {tuple(k.shape)} and value "
                          f"{tuple(v.shape)} do not broadcast") from None
     Hq, Hk, Hv = q3.shape[-3], k3.shape[-3], v3.shape[-3]
     if enable_gqa:
+        if Hk == 0 or Hv == 0 or Hq % Hk or Hq % Hv:
+            raise InputError(f"enable_gqa: query heads {Hq} must be a multiple of the key heads {Hk} and of the "
+                             f"value heads {Hv}")
         if Hk != Hv:
-            raise ValueError(f"enable_gqa: key and value must have the same number of heads, got {Hk} and {Hv}")
-        if Hk == 0 or Hq % Hk:
-            raise ValueError(f"enable_gqa: query heads {Hq} must be a multiple of key/value heads {Hk}")
+            # torch repeats key and value to the query's heads separately: nothing left to share
+            k3, v3 = k3.repeat_interleave(Hq // Hk, -3), v3.repeat_interleave(Hq // Hv, -3)
+            Hk = Hq
     else:
         try:
             H = _broadcast((Hq,), (Hk,), (Hv,))[0]
         except RuntimeError:
-            raise ValueError(f"the head dims of query ({Hq}), key ({Hk}) and value ({Hv}) differ "
+            raise InputError(f"the head dims of query ({Hq}), key ({Hk}) and value ({Hv}) differ "
                              "(pass enable_gqa=True for grouped-query attention)") from None
         Hq = Hk = H
     Bf = math.prod(batch)
@@ -217,7 +235,7 @@ def _canonical(q, k, v, attn_mask, enable_gqa):
             if len(attn_mask.shape) > len(full):
                 raise RuntimeError
         except RuntimeError:
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+            raise InputError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                              f"(..., L, S) = {full}") from None
         m = _additive(attn_mask, q)
         m = m.reshape((1,) * (len(full) - m.dim()) + tuple(m.shape))
