@@ -221,3 +221,22 @@ def test_sdpa_gqa_with_different_key_and_value_heads_like_torch(heads, backend):
     g = torch.randn_like(want)
     for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------
+# recurrent layers
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["RNN", "LSTM", "GRU"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_layer_input_dtype_error_is_torchs_type(mode, packed):
+    """An fp64 input to an fp32 layer: torch raises ValueError for a tensor and RuntimeError (its
+    matmul's) for a PackedSequence; seqkern's error is both, naming the dtypes either way."""
+    t, s = getattr(nn, mode)(3, 4), getattr(snn, mode)(3, 4)
+    x = torch.randn(5, 2, 3, dtype=F64)
+    if packed:
+        x = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3]))
+    with pytest.raises(Exception) as want:
+        t(x)
+    with pytest.raises(type(want.value), match="float64"):
+        s(x)
