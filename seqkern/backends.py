@@ -287,6 +287,47 @@ def last_backend(op) -> str | None:
     return _LAST.get(_ALIASES.get(op, op))
 
 
+def is_auto(backend) -> bool:
+    """Whether :func:`select` chooses the backend itself for this ``backend`` argument (None and no
+    ``SEQKERN_BACKEND``): an automatically chosen fused backend lets a create_graph backward fall
+    back to the reference's differentiable recomputation, as torch's own ops differentiate twice."""
+    return backend is None and not os.environ.get("SEQKERN_BACKEND", "").strip()
+
+
+def wants_graph() -> bool:
+    """Inside a backward: whether it runs with create_graph (grad mode on), eagerly."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def reference_grads(fn, ins, need, grad_outputs, create_graph: bool = True):
+    """Gradients of ``ins`` (those ``need`` asks for, zeros when unused, None for the others) by
+    autograd of ``fn(*ins)`` (a reference implementation returning a tuple of outputs) recomputed
+    against ``grad_outputs``. With ``create_graph`` the recomputation hangs off aliases of the inputs
+    themselves, so the gradients stay in the caller's graph (a create_graph backward differentiates
+    them again) and each is its input's own partial derivative, not also the paths through other
+    inputs computed from it; without, off detached copies."""
+    with torch.enable_grad():
+        if create_graph:
+            leaves = [None if t is None else t.view_as(t) for t in ins]
+        else:
+            leaves = [None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip(ins, need)]
+        outs = fn(*leaves)
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if o is not None and g is not None and o.requires_grad]
+        wrt = [t for t, n in zip(leaves, need) if n and t is not None]
+        got = [None] * len(wrt)
+        if wrt and pairs:
+            got = list(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True,
+                                           create_graph=create_graph))
+    res = []
+    for t, n in zip(leaves, need):
+        if n and t is not None:
+            g = got.pop(0)
+            res.append(torch.zeros_like(t) if g is None else g)
+        else:
+            res.append(None)
+    return res
+
+
 def check_no_double_backward(op: str, backend: str) -> None:
     """Called at the top of a fused backend's backward: that backward is a kernel, not a
     graph of differentiable ops, so higher-order gradients must come from the reference."""

@@ -56,6 +56,11 @@ class StateTypeError(TypeError, RuntimeError):
     deep inside their kernels), so ``except``/``pytest.raises`` written for either catches it."""
 
 
+class InputDtypeError(ValueError, RuntimeError):
+    """An input whose dtype is not the weights': the ValueError torch.nn's layers raise for a tensor
+    input, and the RuntimeError (from their matmul) they raise for a PackedSequence's."""
+
+
 class NonlinearityError(ValueError, RuntimeError):
     """An RNNCell whose ``nonlinearity`` is neither tanh nor relu: a ValueError by seqkern's rule, and
     the RuntimeError torch.nn.RNNCell raises for it."""
@@ -184,7 +189,7 @@ class _SeqMixin:
 
     def _check_input(self, x: Tensor, w_dtype: torch.dtype, ac_dtype, expected_dim: int) -> None:
         if ac_dtype is None and x.dtype != w_dtype:
-            raise ValueError(
+            raise InputDtypeError(
                 f"RNN input dtype ({x.dtype}) does not match weight dtype ({w_dtype}). "
                 f"Convert input: input.to({w_dtype}), or convert model: model.to({x.dtype})")
         if x.dim() != expected_dim:

@@ -7,7 +7,11 @@ q: (..., Hq, L, E), k: (..., Hk, S, E), v: (..., Hk, S, Ev); leading dims broadc
 torch. ``attn_mask``: bool (True = takes part) or additive float of q's dtype or float32
 (torch's rule), broadcastable to (..., Hq, L, S). ``is_causal``: query i sees keys j <= i
 (top-left alignment when L != S, as torch); given with ``attn_mask``, both apply, as in torch's
-default CPU (flash) and CUDA (memory-efficient) kernels (only its math fallback refuses the pair). ``enable_gqa``: Hq a multiple of Hk, query head h reads key/value head h // (Hq/Hk).
+default CPU (flash) and CUDA (memory-efficient) kernels (only its math fallback refuses the pair).
+``enable_gqa``: Hq a multiple of Hk, query head h reads key/value head h // (Hq/Hk) (key and value
+heads may differ, as in torch, each dividing Hq: both are then repeated to Hq). Bad input raises
+``InputError`` (a ValueError) or ``InputTypeError`` (a TypeError), each also the RuntimeError torch
+raises for it.
 
 Differences from torch, on purpose (DESIGN.md "Numerics"): a row that every mask entry
 excludes gives output 0 and gradient 0 (torch gives NaN).
@@ -88,6 +92,16 @@ def dropout_keep(seed: int, BH: int, L: int, S: int, device=None) -> Tensor:
 # validation and canonical form (B, H, L, E)
 # ---------------------------------------------------------------------------
 
+class InputError(ValueError, RuntimeError):
+    """Bad shapes, ranks, devices or values: a ValueError by seqkern's rule, and the RuntimeError
+    torch's scaled_dot_product_attention raises for the same call, so ``except``/``pytest.raises``
+    written for either catches it."""
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """A wrong or mismatched tensor dtype: a TypeError by seqkern's rule, and torch's RuntimeError."""
+
+
 def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, torch.Tensor):
@@ -96,31 +110,32 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
             raise TypeError(f"{name} is a nested tensor, which seqkern's attention does not take: pad the "
                             "sequences and pass an attn_mask that excludes the padding")
         if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+            raise InputTypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
         if t.dim() < 2:
-            raise ValueError(f"{name} must have shape (..., L, E) with at least 2 dims, got {tuple(t.shape)}")
+            raise InputError(f"{name} must have shape (..., L, E) with at least 2 dims, got {tuple(t.shape)}")
     for name, t in (("key", k), ("value", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but query has dtype {q.dtype}")
+            raise InputTypeError(f"{name} has dtype {t.dtype} but query has dtype {q.dtype}")
         if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {q.device}")
+            raise InputError(f"{name} is on {t.device} but query is on {q.device}")
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"key must have the embedding size E={q.shape[-1]} of query, got {tuple(k.shape)}")
+        raise InputError(f"key must have the embedding size E={q.shape[-1]} of query, got {tuple(k.shape)}")
     if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"value must have the sequence length S={k.shape[-2]} of key, got {tuple(v.shape)}")
+        raise InputError(f"value must have the sequence length S={k.shape[-2]} of key, got {tuple(v.shape)}")
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
         # torch's rule: a float32 mask goes with any query dtype (masks are often built in the
         # default dtype, e.g. nn.Transformer.generate_square_subsequent_mask, for fp64/fp16 models)
         if attn_mask.dtype not in (torch.bool, q.dtype, torch.float32):
-            raise TypeError(f"attn_mask must be bool, float32 or have query's dtype {q.dtype}, got {attn_mask.dtype}")
+            raise InputTypeError(f"attn_mask must be bool, float32 or have query's dtype {q.dtype}, "
+                                 f"got {attn_mask.dtype}")
         if attn_mask.device != q.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {q.device}")
+            raise InputError(f"attn_mask is on {attn_mask.device} but query is on {q.device}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+        raise InputError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
@@ -187,19 +202,22 @@ def _canonical(q, k, v, attn_mask, enable_gqa):
     try:
         batch = _broadcast(q3.shape[:-3], k3.shape[:-3], v3.shape[:-3])
     except RuntimeError:
-        raise ValueError(f"the batch dims of query {tuple(q.shape)}, key {tuple(k.shape)} and value "
+        raise InputError(f"the batch dims of query {tuple(q.shape)}, key {tuple(k.shape)} and value "
                          f"{tuple(v.shape)} do not broadcast") from None
     Hq, Hk, Hv = q3.shape[-3], k3.shape[-3], v3.shape[-3]
     if enable_gqa:
+        if Hk == 0 or Hv == 0 or Hq % Hk or Hq % Hv:
+            raise InputError(f"enable_gqa: query heads {Hq} must be a multiple of the key heads {Hk} and of the "
+                             f"value heads {Hv}")
         if Hk != Hv:
-            raise ValueError(f"enable_gqa: key and value must have the same number of heads, got {Hk} and {Hv}")
-        if Hk == 0 or Hq % Hk:
-            raise ValueError(f"enable_gqa: query heads {Hq} must be a multiple of key/value heads {Hk}")
+            # torch repeats key and value to the query's heads separately: nothing left to share
+            k3, v3 = k3.repeat_interleave(Hq // Hk, -3), v3.repeat_interleave(Hq // Hv, -3)
+            Hk = Hq
     else:
         try:
             H = _broadcast((Hq,), (Hk,), (Hv,))[0]
         except RuntimeError:
-            raise ValueError(f"the head dims of query ({Hq}), key ({Hk}) and value ({Hv}) differ "
+            raise InputError(f"the head dims of query ({Hq}), key ({Hk}) and value ({Hv}) differ "
                              "(pass enable_gqa=True for grouped-query attention)") from None
         Hq = Hk = H
     Bf = math.prod(batch)
@@ -217,7 +235,7 @@ def _canonical(q, k, v, attn_mask, enable_gqa):
             if len(attn_mask.shape) > len(full):
                 raise RuntimeError
         except RuntimeError:
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+            raise InputError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                              f"(..., L, S) = {full}") from None
         m = _additive(attn_mask, q)
         m = m.reshape((1,) * (len(full) - m.dim()) + tuple(m.shape))
@@ -415,13 +433,15 @@ _BWD = {"reference": _ref_bwd, "cpu": _cpu_bwd, "cuda": _cpu_bwd, "triton": _tri
 @torch.library.custom_op("seqkern::sdpa_forward", mutates_args=())
 def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool,
                   scale: float, seed: int, backend: str, cos: Optional[Tensor] = None,
-                  sin: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                  sin: Optional[Tensor] = None, auto: bool = False) -> Tuple[Tensor, Tensor]:
+    # auto: the backend was chosen automatically (not named by the caller), which lets a
+    # create_graph backward fall back to the reference's differentiable recomputation
     out, lse = _FWD[backend](q, k, v, mask, dropout_p, is_causal, scale, seed, cos, sin)
     return out, lse
 
 
 @_sdpa_forward.register_fake
-def _(q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos=None, sin=None):
+def _(q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos=None, sin=None, auto=False):
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], 2, dtype=_acc_dtype(q.dtype))
     return out, lse
@@ -456,15 +476,33 @@ def _plain_eager(*tensors) -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin = inputs
+    q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin, auto = inputs
     out, lse = output
     ctx.args = (dropout_p, is_causal, scale, seed, backend)
+    ctx.auto = auto
     ctx.save_for_backward(q, k, v, mask, out, lse, cos, sin)
+
+
+def _reference_grads(need, dout, q, k, v, mask, cos, sin, dropout_p, is_causal, scale, seed):
+    """Gradients of q, k, v, mask (those ``need`` asks for) by autograd of the reference recomputed
+    from aliases of the inputs, kept in the graph: a create_graph backward (gradient penalties, MAML)
+    differentiates them again, as torch's SDPA allows. The dropout mask is the forward's (same seed)."""
+    def fn(q, k, v, mask):
+        if cos is not None:
+            q, k = _rotate(q, k, cos, sin)
+        return sdpa_reference_canonical(q, k, v, mask, dropout_p, is_causal, scale, seed)[:1]
+
+    return B.reference_grads(fn, (q, k, v, mask), need, (dout,))
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, mask, out, lse, cos, sin = ctx.saved_tensors
     dropout_p, is_causal, scale, seed, backend = ctx.args
+    if backend != "reference" and ctx.auto and B.wants_graph():
+        dout = torch.zeros_like(out) if dout is None else dout
+        need = list(ctx.needs_input_grad[:4])
+        return (*_reference_grads(need, dout, q, k, v, mask, cos, sin, dropout_p, is_causal, scale, seed),
+                None, None, None, None, None, None, None, None)
     if backend != "reference":
         B.check_no_double_backward(OP, backend)
     if dout is None:
@@ -484,7 +522,7 @@ def _backward(ctx, dout, dlse):
                                         need_dmask=True)[3]
     # cos/sin are constants of the fused rotary (scaled_dot_product_attention takes the separate,
     # differentiable rotary pass when they require grad)
-    return dq, dk, dv, dmask, None, None, None, None, None, None, None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
 
 
 _sdpa_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -511,9 +549,9 @@ class _EagerSdpa(torch.autograd.Function):
     (see _plain_eager): same setup_context, same backward, same inputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin):
+    def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin, auto):
         out, lse = _FWD[backend](q, k, v, mask, dropout_p, is_causal, scale, seed, cos, sin)
-        _setup_context(ctx, (q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin), (out, lse))
+        _setup_context(ctx, (q, k, v, mask, dropout_p, is_causal, scale, seed, backend, cos, sin, auto), (out, lse))
         return out, lse
 
     @staticmethod
@@ -645,10 +683,10 @@ def _sdpa_eager(q, k, v, dropout_p, is_causal, scale, enable_gqa, backend):
     sc = _scale(scale, E)
     B._LAST[OP] = "cpu"
     if torch.is_grad_enabled() and _any_requires_grad(q, k, v):
-        out = _EagerSdpa.apply(q, k, v, None, 0.0, is_causal, sc, 0, "cpu", None, None)[0]
+        out = _EagerSdpa.apply(q, k, v, None, 0.0, is_causal, sc, 0, "cpu", None, None, B.is_auto(backend))[0]
     else:
         out = _cpu_fwd(q, k, v, None, 0.0, is_causal, sc, 0)[0]
-    return out if q.is_contiguous() else _in_query_order(out, q)
+    return out if q.is_contiguous() or not _flash_layout(q, k, v, None, 0.0, False) else _in_query_order(out, q)
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -710,23 +748,68 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         out, _ = sdpa_reference_canonical(q, k, v, mask, dropout_p, is_causal, sc, seed)
     else:
         if not _plain_eager(q, k, v, mask, cos, sin):
-            out, _ = _sdpa_forward(q, k, v, mask, dropout_p, is_causal, sc, seed, name, cos, sin)
+            out, _ = _sdpa_forward(q, k, v, mask, dropout_p, is_causal, sc, seed, name, cos, sin, B.is_auto(backend))
         elif torch.is_grad_enabled() and torch._C._any_requires_grad(q, k, v, mask, cos, sin):
-            out, _ = _EagerSdpa.apply(q, k, v, mask, dropout_p, is_causal, sc, seed, name, cos, sin)
+            out, _ = _EagerSdpa.apply(q, k, v, mask, dropout_p, is_causal, sc, seed, name, cos, sin,
+                                      B.is_auto(backend))
         else:
             out, _ = _FWD[name](q, k, v, mask, dropout_p, is_causal, sc, seed, cos, sin)
     out = out.reshape(out_shape)
-    if query.dim() == 4 and not query.is_contiguous():
+    if query.dim() == 4 and not query.is_contiguous() and _flash_layout(query, key, value, attn_mask, dropout_p,
+                                                                        enable_gqa):
         out = _in_query_order(out, query)
     return out
 
 
+def _flash_layout(query, key, value, attn_mask, dropout_p, enable_gqa) -> bool:
+    """Whether torch's CPU SDPA gives this call an output laid out like the query (see _in_query_order):
+    its flash kernel runs for 4-D q, k, v of one batch size, heads equal (or grouped with enable_gqa),
+    one head dim, last dims of stride 1, keys, no dropout and no 3-D or differentiable mask (measured,
+    torch 2.13). Every other call runs its math kernel, whose output is contiguous."""
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or dropout_p != 0 or key.shape[2] == 0:
+        return False
+    if not (query.shape[3] == key.shape[3] == value.shape[3] and query.shape[0] == key.shape[0] == value.shape[0]
+            and key.shape[1] == value.shape[1] and (query.shape[1] == key.shape[1] or enable_gqa)):
+        return False
+    if query.stride(3) != 1 or key.stride(3) != 1 or value.stride(3) != 1:
+        return False
+    return attn_mask is None or (attn_mask.dim() in (2, 4) and not attn_mask.requires_grad)
+
+
+def _layout_order(t: Tensor):
+    """t's dims from outermost to innermost in the dense layout ``torch.empty_like(t)`` gives it
+    (at::infer_dense_strides: an insertion sort by stride, larger size first on equal strides, a
+    stride 0 comparing with nothing, so broadcast dims keep their place in the row-major order)."""
+    sizes, strides = t.shape, t.stride()
+    perm = list(range(t.dim() - 1, -1, -1))  # innermost first
+
+    def after(d0, d1):  # 1: d0 is outside d1, -1: inside, 0: no order between them
+        s0, s1 = strides[d0], strides[d1]
+        if s0 == 0 or s1 == 0:
+            return 0
+        if s0 != s1:
+            return 1 if s0 > s1 else -1
+        return 1 if sizes[d0] > sizes[d1] else 0
+
+    for i in range(1, len(perm)):
+        d1 = i
+        for d0 in range(i - 1, -1, -1):
+            c = after(perm[d0], perm[d1])
+            if c > 0:
+                perm[d0], perm[d1] = perm[d1], perm[d0]
+                d1 = d0
+            elif c < 0:
+                break
+    return perm[::-1]
+
+
 def _in_query_order(out, query):
-    """out (B, H, L, Ev) laid out in the 4-D query's memory order of (B, H, L), as torch does: a
-    (B, H, L, E) view of (B, L, H, E) projections gives (B, L, H, Ev) memory, and code may follow with
+    """out (B, H, L, Ev) laid out in the 4-D query's memory order, as torch does when _flash_layout
+    holds (its flash kernel's output is ``torch.empty_like(query)``): a (B, H, L, E) view of
+    (B, L, H, E) projections gives (B, L, H, Ev) memory, and code may follow with
     o.transpose(1, 2).view(...). The copy here is the one that the caller's .contiguous() or reshape
     then skips."""
-    order = sorted(range(3), key=lambda d: -query.stride(d))
-    if order != [0, 1, 2]:
-        out = out.permute(*order, 3).contiguous().permute(*(order.index(d) for d in range(3)), 3)
+    order = _layout_order(query)
+    if order != [0, 1, 2, 3]:
+        out = out.permute(*order).contiguous().permute(*(order.index(d) for d in range(4)))
     return out

@@ -26,7 +26,6 @@ ones) are exactly the time indices ``t < L_b``: every backend uses it.
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -242,30 +241,10 @@ def _reference_grads(mode, dy, dh, dc, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
     autograd formula (not inside an op: below the autograd key nothing would be recorded).
     With ``create_graph`` the recomputation hangs off the inputs themselves (not detached
     copies), so the gradients it returns can be differentiated again."""
-    ins = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
-    with torch.enable_grad():
-        if create_graph:
-            # aliases of the inputs: the grad taken with respect to each is its own partial
-            # derivative, not also the paths through other inputs computed from it (c0 = f(h0))
-            leaves = [None if t is None else t.view_as(t) for t in ins]
-        else:
-            leaves = [None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip(ins, need)]
-        yo, ho, co = reference(mode, *leaves, lengths, reverse)
-        pairs = [(o, g) for o, g in ((yo, dy), (ho, dh), (co, dc))
-                 if o is not None and g is not None and o.requires_grad]
-        wrt = [t for t, n in zip(leaves, need) if n and t is not None]
-        got = [None] * len(wrt)
-        if wrt and pairs:
-            got = list(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True,
-                                           create_graph=create_graph))
-    res = []
-    for t, n in zip(leaves, need):
-        if n and t is not None:
-            g = got.pop(0)
-            res.append(torch.zeros_like(t) if g is None else g)
-        else:
-            res.append(None)
-    return res
+    def fn(*leaves):
+        return reference(mode, *leaves, lengths, reverse)
+
+    return B.reference_grads(fn, [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr], need, (dy, dh, dc), create_graph)
 
 
 def _cpu_fwd(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
@@ -393,9 +372,7 @@ B.register_flops(torch.ops.seqkern.rnn_forward, _rnn_flops)
 B.register_flops(torch.ops.seqkern.rnn_backward, _rnn_backward_flops)
 
 
-def _wants_graph() -> bool:
-    """Inside a backward: whether it runs with create_graph (grad mode on), eagerly."""
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+_wants_graph = B.wants_graph
 
 
 _reference_only = B.reference_only  # torch.func / forward-mode AD: see there
@@ -504,9 +481,7 @@ def _run(op, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ba
     return y, h, (c if mode == "lstm" else None)
 
 
-def _is_auto(backend) -> bool:
-    """Whether B.select chose the backend itself (no argument, no SEQKERN_BACKEND)."""
-    return backend is None and not os.environ.get("SEQKERN_BACKEND", "").strip()
+_is_auto = B.is_auto  # whether B.select chose the backend itself (no argument, no SEQKERN_BACKEND)
 
 
 def _save_activations(tensors) -> bool:

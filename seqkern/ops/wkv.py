@@ -208,13 +208,15 @@ _BWD = {"reference": _reference_backward, "cpu": _c_backward, "cuda": _c_backwar
 
 @torch.library.custom_op("seqkern::wkv4", mutates_args=())
 def _wkv4_op(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state: Tensor,
-             backend: str) -> Tuple[Tensor, Tensor]:
+             backend: str, auto: bool = False) -> Tuple[Tensor, Tensor]:
+    # auto: the backend was chosen automatically (not named by the caller), which lets a
+    # create_graph backward fall back to the reference's differentiable recomputation
     y, st = _FWD[backend](time_decay, time_first, k, v, state)
     return y, st
 
 
 @_wkv4_op.register_fake
-def _(time_decay, time_first, k, v, state, backend):
+def _(time_decay, time_first, k, v, state, backend, auto=False):
     return (torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(state, memory_format=torch.contiguous_format))
 
@@ -233,19 +235,22 @@ def _(time_decay, time_first, k, v, state, gy, gstate, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    time_decay, time_first, k, v, state, backend = inputs
-    ctx.backend = backend
+    time_decay, time_first, k, v, state, backend, auto = inputs
+    ctx.backend, ctx.auto = backend, auto
     ctx.save_for_backward(time_decay, time_first, k, v, state)
 
 
 def _backward(ctx, gy, gstate):
-    if ctx.backend != "reference":
-        B.check_no_double_backward(OP, ctx.backend)
     time_decay, time_first, k, v, state = ctx.saved_tensors
     gy = torch.zeros_like(k) if gy is None else gy
     gstate = torch.zeros_like(state) if gstate is None else gstate
+    if ctx.backend != "reference":
+        if ctx.auto and B.wants_graph():  # torch-style double backward with the automatic backend
+            return (*B.reference_grads(wkv4_reference, ctx.saved_tensors, ctx.needs_input_grad[:5], (gy, gstate)),
+                    None, None)
+        B.check_no_double_backward(OP, ctx.backend)
     gw, gu, gk, gv, gs = _wkv4_backward_op(time_decay, time_first, k, v, state, gy, gstate, ctx.backend)
-    return gw, gu, gk, gv, gs, None
+    return gw, gu, gk, gv, gs, None, None
 
 
 _wkv4_op.register_autograd(_backward, setup_context=_setup_context)
@@ -302,4 +307,4 @@ def wkv4(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state: Op
     acc = acc_dtype(k.dtype)
     if state is None:
         state = wkv4_initial_state(k.shape[0], k.shape[2], dtype=k.dtype, device=k.device)
-    return _wkv4_op(time_decay, time_first, k, v, state.to(acc), name)
+    return _wkv4_op(time_decay, time_first, k, v, state.to(acc), name, B.is_auto(backend))
