@@ -397,6 +397,35 @@ def test_cpu_cell_gradients_every_batch_path(kind, Bsz, bias, dc_only):
         else:
             torch.testing.assert_close(b, a)
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_cell_fp32_forward_on_the_tiles_every_block_shape(kind):
+    """From 8 batch rows the cell forward runs on the register tiles, x and h packed in 16-row blocks
+    and the result transposed back by 16 x 16 blocks (fp32, AVX-512): full and partial batch blocks,
+    segments and gate columns not multiples of 16 (I = 21, H = 37; I = 130, H = 200, where the step's
+    gate rows are split over 2 threads). Against the fp64 reference, and bitwise the same on 1 and 2
+    threads."""
+    require("cpu")
+    G = {"lstm": 4, "gru": 3}.get(kind, 1)
+    threads = torch.get_num_threads()
+    try:
+        for Bsz, I, H in [(b, 21, 37) for b in (8, 13, 16, 17, 32, 40)] + [(b, 130, 200) for b in (17, 32, 40)]:
+            g = torch.Generator().manual_seed(Bsz)
+            rnd = lambda *s: torch.randn(*s, generator=g) * 0.5  # noqa: E731
+            x, h, c = rnd(Bsz, I), rnd(Bsz, H), rnd(Bsz, H)
+            w = [rnd(G * H, I), rnd(G * H, H), rnd(G * H), rnd(G * H)]
+            want = _cell_call(kind, x.double(), h.double(), c.double(), [t.double() for t in w], "reference")
+            got = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                with torch.no_grad():
+                    got.append(_cell_call(kind, x, h, c, w, "cpu"))
+            for a, b, r in zip(*got, want):
+                assert torch.equal(a, b), (Bsz, "1 vs 2 threads")
+                torch.testing.assert_close(a, r.float(), **TOL[torch.float32])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_initial_state_none_means_zeros():
     x, h0, c0, w = make_inputs("lstm", 4, 2, 3, 5, proj=2, requires_grad=False)
     a = SF.lstm(x, None, *w[:4], w[4], backend="reference")

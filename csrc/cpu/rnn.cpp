@@ -1387,6 +1387,23 @@ void cell_gemm_rows(const CellGemm<T>& g, int64_t B, int64_t j0, int64_t j1) {
     blk.push_back({g.xp + q * g.xps, g.preT + j0 * g.ldt + q * kLanes, nullptr,
                    int(std::min(kLanes, B - q * kLanes))});
   tiles<T>(Lhs<T>{g.w1 + j0 * g.k1, g.k1, g.k1, g.w2 ? g.w2 + j0 * g.k2 : g.w1, g.k2, g.k2}, j1 - j0, blk, g.ldt);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {  // back to batch rows by 16 x 16 transposes (reads 128 B apart else)
+    for (int64_t q = 0; q < nbb; ++q)
+      for (int64_t jc = j0; jc < j1; jc += kLanes) {
+        const int n = static_cast<int>(std::min(kLanes, j1 - jc));
+        const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i)
+          r[i] = i < n ? _mm512_loadu_ps(g.preT + (jc + i) * g.ldt + q * kLanes) : _mm512_setzero_ps();
+        transpose16(r);
+        const __m512 bv = g.bias ? _mm512_maskz_loadu_ps(m, g.bias + jc) : _mm512_setzero_ps();
+        for (int l = 0; l < 16 && q * kLanes + l < B; ++l)
+          _mm512_mask_storeu_ps(g.pre + (q * kLanes + l) * g.ldp + jc, m, g.bias ? _mm512_add_ps(r[l], bv) : r[l]);
+      }
+    return;
+  }
+#endif
   for (int64_t b = 0; b < B; ++b)
     for (int64_t j = j0; j < j1; ++j) g.pre[b * g.ldp + j] = g.bias ? g.preT[j * g.ldt + b] + g.bias[j]
                                                                      : g.preT[j * g.ldt + b];
@@ -1396,6 +1413,16 @@ void cell_gemm_rows(const CellGemm<T>& g, int64_t B, int64_t j0, int64_t j1) {
 template <typename T>
 void cell_pack(const T* a1, int64_t k1, const T* a2, int64_t k2, int64_t B, T* xp) {
   const int64_t K = k1 + k2, nbb = (B + kLanes - 1) / kLanes;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {  // by 16 x 16 transposes (one strided store per element else)
+    for (int64_t q = 0; q < nbb; ++q) {
+      const int64_t rows = std::min(kLanes, B - q * kLanes);
+      pack_block(a1 + q * kLanes * k1, k1, rows, k1, xp + q * K * kLanes, kLanes);
+      if (k2 > 0) pack_block(a2 + q * kLanes * k2, k2, rows, k2, xp + (q * K + k1) * kLanes, kLanes);
+    }
+    return;
+  }
+#endif
   for (int64_t q = 0; q < nbb; ++q)
     for (int64_t l = 0; l < kLanes; ++l) {
       const int64_t b = q * kLanes + l;
