@@ -8,7 +8,9 @@ state continues the sequence, so running T tokens one by one equals one call on 
 States are tensors in the accumulation dtype (fp32, fp64 for fp64 models):
 - ``RWKV4TimeMix``: (B, 4, C) = (previous input for the token shift, WKV aa, bb, pp);
 - ``RWKV4ChannelMix``: (B, 1, C) = (previous input for the token shift);
-- ``RWKV4Block``: (B, 5, C), the two concatenated (the layout of ChatRWKV's per-layer state).
+- ``RWKV4Block``: (B, 5, C), the two concatenated: (att_xx, aa, bb, pp, ffn_xx), the order of the
+  per-layer RWKV-4 state of the ``rwkv`` package (ChatRWKV's ``rwkv/model.py``, pp starting at -1e30
+  there, -1e38 here: both mean "no terms"); the older single-file RWKV_in_150_lines puts ffn_xx first.
 ``state=None`` is the start of a sequence (a zero token-shift input and the empty WKV state).
 """
 from __future__ import annotations
