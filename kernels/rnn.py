@@ -210,7 +210,8 @@ def _bwd_step(dgs_ptr, dgi_ptr, dhh_ptr, dhT_ptr, dy_ptr, dhc_ptr, dcc_ptr, len_
         dn = tl.where(a, dn, 0.0)
         tl.store(dsrow, dr.to(ty), mask=m)
         tl.store(dsrow + H, dz.to(ty), mask=m)
-        tl.store(dsrow + 2 * H, (dn * r).to(ty), mask=m)
+        # r of a step past the row's end came from its padding (NaN there must not reach dW_hh)
+        tl.store(dsrow + 2 * H, tl.where(a, dn * r, 0.0).to(ty), mask=m)
         tl.store(dtrow, dr.to(ty), mask=m)
         tl.store(dtrow + H, dz.to(ty), mask=m)
         tl.store(dtrow + 2 * H, dn.to(ty), mask=m)
@@ -532,7 +533,13 @@ def rnn_backward(mode, dy, dhT, dcT, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, le
     if need[3]:
         out[3] = dgi2.t() @ x.reshape(T * B, I)
     if need[4]:
-        out[4] = dgh2.t() @ v["h"][:T].reshape(T * B, P)
+        hs = v["h"][:T]
+        if lengths is not None:
+            # the state a step past a row's end reads is not used (its gate gradients are 0): as the
+            # reference, it must not reach dW_hh either, where a NaN/inf there would give 0 * NaN
+            act = torch.arange(T, device=x.device)[:, None] < lengths[None, :]
+            hs = torch.where(act[..., None], hs, 0.0)
+        out[4] = dgh2.t() @ hs.reshape(T * B, P)
     if need[5] and b_ih is not None:
         out[5] = dgi2.sum(0)
     if need[6] and b_hh is not None:
